@@ -1,0 +1,199 @@
+"""The one place that turns a validated :class:`Config` into Composer objects."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from composer import Trainer
+from composer.algorithms import EMA, ChannelsLast, ProgressiveResizing
+from composer.callbacks import LRMonitor, SpeedMonitor
+from composer.core import Algorithm, Callback, DataSpec
+from composer.loggers import LoggerDestination
+from composer.utils import dist, reproducibility
+from timm.data import resolve_data_config
+from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix
+
+from usi_composer.config import Config
+from usi_composer.data import DeviceNormalize, build_transform, folder_dataloader
+from usi_composer.models import USIClassifier, create_backbone
+from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
+from usi_composer.teacher import build_teacher
+
+__all__ = ["build_algorithms", "build_model", "build_trainer", "ema_smoothing", "scaled_lr"]
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: Config) -> USIClassifier:
+    m = cfg.model
+    backbone = create_backbone(
+        m.name,
+        cfg.data.num_classes,
+        checkpoint=m.checkpoint,
+        pretrained=m.pretrained,
+        drop_path_rate=m.drop_path_rate,
+        **m.kwargs,
+    )
+    return USIClassifier(backbone, num_classes=cfg.data.num_classes)
+
+
+def student_normalization(cfg: Config, backbone: torch.nn.Module) -> tuple[list[float], list[float]]:
+    """The student's input mean/std: the config's, else the backbone's own (timm's data config)."""
+    resolved = resolve_data_config({}, model=backbone)
+    return list(cfg.data.mean or resolved["mean"]), list(cfg.data.std or resolved["std"])
+
+
+def ema_smoothing(decay: float, reference_batch_size: int, global_batch_size: int) -> float:
+    """Per-step EMA smoothing equivalent to ``decay`` per step at ``reference_batch_size``.
+
+    Keeps the half-life constant in samples: ``decay ** (global_batch / reference_batch)``.
+    USI: 0.99996 per step at global batch 1024, a half-life of about 17.3k steps (17.7M samples).
+    """
+    return decay ** (global_batch_size / reference_batch_size)
+
+
+def scaled_lr(cfg: Config) -> float:
+    """The linear scaling rule: ``lr * global_batch / reference_batch``."""
+    o = cfg.optimizer
+    return o.lr * cfg.trainer.global_batch_size / o.reference_batch_size
+
+
+def build_algorithms(cfg: Config, mean: list[float], std: list[float]) -> list[Algorithm]:
+    a = cfg.algorithms
+    algorithms: list[Algorithm] = []
+    if a.mixup_cutmix.enabled:
+        mc = a.mixup_cutmix
+        algorithms.append(
+            MixUpCutMix(
+                cfg.data.num_classes,
+                mixup_alpha=mc.mixup_alpha,
+                cutmix_alpha=mc.cutmix_alpha,
+                switch_prob=mc.switch_prob,
+                prob=mc.prob,
+                label_smoothing=mc.label_smoothing,
+            )
+        )
+    if a.distillation.enabled:
+        t = cfg.teacher
+        assert t.name is not None  # validated
+        teacher = build_teacher(
+            t.name,
+            cfg.data.num_classes,
+            mean,
+            std,
+            checkpoint=t.checkpoint,
+            pretrained=t.pretrained,
+            fold_bn=t.fold_bn,
+            channels_last=t.channels_last,
+            **t.kwargs,
+        )
+        kd = a.distillation
+        algorithms.append(
+            KnowledgeDistillation(teacher, alpha=kd.alpha, temperature=kd.temperature, ce_weight=kd.ce_weight)
+        )
+    if a.ema.enabled:
+        smoothing = ema_smoothing(a.ema.decay, a.ema.reference_batch_size, cfg.trainer.global_batch_size)
+        algorithms.append(EMA(half_life=None, smoothing=smoothing, update_interval="1ba"))
+    if a.channels_last:
+        algorithms.append(ChannelsLast())
+    if a.progressive_resizing:
+        algorithms.append(ProgressiveResizing())
+    return algorithms
+
+
+def build_dataloaders(cfg: Config, mean: list[float], std: list[float]) -> tuple[DataSpec, DataSpec | None]:
+    d, t = cfg.data, cfg.trainer
+    per_device = t.global_batch_size // dist.get_world_size()
+    normalize = DeviceNormalize(mean, std, channels_last=cfg.algorithms.channels_last)
+    common: dict[str, Any] = dict(
+        num_workers=d.num_workers, pin_memory=d.pin_memory, persistent_workers=d.persistent_workers, seed=t.seed
+    )
+    transform_args: dict[str, Any] = dict(crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean)
+    train = folder_dataloader(
+        d.train_dir,
+        build_transform(
+            d.image_size,
+            True,
+            scale=d.scale,
+            ratio=d.ratio,
+            hflip=d.hflip,
+            auto_augment=d.auto_augment,
+            **transform_args,
+        ),
+        per_device,
+        shuffle=True,
+        drop_last=True,
+        **common,
+    )
+    train_spec = DataSpec(train, microbatch_transforms=normalize)
+    if d.val_dir is None:
+        return train_spec, None
+    val = folder_dataloader(
+        d.val_dir,
+        build_transform(d.image_size, False, **transform_args),
+        t.eval_batch_size or per_device,
+        shuffle=False,
+        drop_last=False,
+        **common,
+    )
+    return train_spec, DataSpec(val, microbatch_transforms=normalize)
+
+
+def resolve_device_and_precision(cfg: Config) -> tuple[str, str]:
+    """``gpu`` where there is one; mixed precision on GPUs, fp32 on the CPU (Composer trains
+    on the CPU in fp32 only), so one yaml serves both."""
+    device = cfg.trainer.device or ("gpu" if torch.cuda.is_available() else "cpu")
+    precision = cfg.trainer.precision or ("amp_bf16" if device == "gpu" else "fp32")
+    if device == "cpu" and precision != "fp32":
+        log.warning("trainer.precision=%s needs a GPU: training in fp32 on the CPU", precision)
+        precision = "fp32"
+    return device, precision
+
+
+def build_trainer(
+    cfg: Config,
+    loggers: list[LoggerDestination] | None = None,
+    callbacks: list[Callback] | None = None,
+) -> Trainer:
+    """Model, teacher, algorithms, data, optimizer, schedule and checkpointing -> a ready Trainer."""
+    t = cfg.trainer
+    reproducibility.seed_all(t.seed)
+    model = build_model(cfg)
+    mean, std = student_normalization(cfg, model.module)
+    train_spec, eval_spec = build_dataloaders(cfg, mean, std)
+    lr = scaled_lr(cfg)
+    o, s = cfg.optimizer, cfg.scheduler
+    optimizer = build_optimizer(model.module, lr, o.weight_decay, (o.betas[0], o.betas[1]), o.eps)
+    scheduler = CosineWithWarmupFrom(s.warmup, alpha_i=min(1.0, s.warmup_lr / lr), alpha_f=min(1.0, s.min_lr / lr))
+    device, precision = resolve_device_and_precision(cfg)
+    return Trainer(
+        model=model,
+        train_dataloader=train_spec,
+        eval_dataloader=eval_spec,
+        max_duration=t.max_duration,
+        eval_interval=t.eval_interval if eval_spec is not None else 1,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        step_schedulers_every_batch=True,
+        algorithms=build_algorithms(cfg, mean, std),
+        device=device,
+        precision=precision,
+        device_train_microbatch_size=t.microbatch_size,
+        seed=t.seed,
+        run_name=t.run_name,
+        save_folder=t.save_folder,
+        save_interval=t.save_interval,
+        save_num_checkpoints_to_keep=t.save_num_checkpoints_to_keep,
+        save_overwrite=t.save_overwrite,
+        autoresume=t.autoresume,
+        load_path=t.load_path,
+        progress_bar=t.progress_bar,
+        log_to_console=t.log_to_console,
+        console_log_interval=t.console_log_interval,
+        train_subset_num_batches=t.train_subset_num_batches,
+        eval_subset_num_batches=t.eval_subset_num_batches,
+        loggers=loggers,
+        callbacks=[LRMonitor(), SpeedMonitor(window_size=50), *(callbacks or [])],
+    )

@@ -1,0 +1,1 @@
+"""Console scripts: ``usi-train`` (= ``train.py``), ``usi-demo``."""

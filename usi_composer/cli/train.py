@@ -1,0 +1,62 @@
+"""``composer train.py YAML [key=value ...]``: train a timm backbone with the USI scheme.
+
+Also ``python train.py ...`` (one process) and the ``usi-train`` console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from usi_composer.config import Config, dump_config, load_config
+from usi_composer.errors import UsiError
+
+__all__ = ["main", "train"]
+
+
+def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
+    """Build the trainer for ``cfg``, fit it, return it (metrics are in ``trainer.state.eval_metrics``)."""
+    from usi_composer.builders import build_trainer  # heavy imports only when training
+
+    trainer = build_trainer(cfg, **build_kwargs)  # type: ignore[arg-type]
+    trainer.fit()
+    return trainer
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train any timm backbone with the USI scheme (knowledge distillation, EMA, "
+        "MixUp/CutMix). Overrides use dot paths, e.g. model.name=resnet50 trainer.max_duration=100ep.",
+    )
+    parser.add_argument("config", help="YAML config, e.g. yamls/usi.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied in order")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config, print it resolved as YAML and exit (builds nothing)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except UsiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    try:
+        train(cfg)
+    except UsiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""User-facing errors: the command-line tools print them as one line, without a traceback."""
+
+
+class UsiError(Exception):
+    """Base of the errors a user can fix (bad config, missing data, weights that need network)."""
+
+
+class SetupError(UsiError, RuntimeError):
+    """Something the config points to cannot be built: missing data, unreachable weights."""

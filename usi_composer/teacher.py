@@ -1,0 +1,142 @@
+"""The USI teacher: a timm model by name, frozen, BN-folded, re-normalized to the student's inputs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from usi_composer.models import create_backbone
+
+__all__ = ["Renormalize", "build_teacher", "fold_batchnorm"]
+
+log = logging.getLogger(__name__)
+
+
+class Renormalize(nn.Module):
+    """Feeds ``model`` the student's normalized batch, re-normalized to the model's own mean/std.
+
+    ``x_t = (x_s * std_s + mean_s - mean_t) / std_t``, folded into one multiply-add. (The
+    official USI code forgets to divide the mean shift by ``std_t``; this does not.)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        student_mean: Sequence[float],
+        student_std: Sequence[float],
+        teacher_mean: Sequence[float],
+        teacher_std: Sequence[float],
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.channels_last = channels_last
+        mean_s, std_s, mean_t, std_t = (
+            torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+            for v in (student_mean, student_std, teacher_mean, teacher_std)
+        )
+        self.identity = bool(torch.equal(mean_s, mean_t) and torch.equal(std_s, std_t))
+        self.register_buffer("scale", std_s / std_t, persistent=False)
+        self.register_buffer("shift", (mean_s - mean_t) / std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.identity:
+            x = torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold each BatchNorm into the convolution before it, where that is exact.
+
+    Exact means the model is in eval mode (running statistics) and the convolution's output
+    feeds the BatchNorm alone. Handles timm's ``BatchNormAct2d`` (BN + activation in one
+    module, used by most timm CNNs, TResNet included), which ``torch.fx``'s own ``fuse`` does
+    not: its activation stays, as a module after the folded convolution. A model that
+    ``torch.fx`` cannot trace (e.g. attention with data-dependent flags) is returned unchanged,
+    with a warning: that costs speed, never correctness.
+    """
+    from timm.layers import BatchNormAct2d
+    from torch.fx import GraphModule, Tracer
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    class _Tracer(Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, BatchNormAct2d) or super().is_leaf_module(m, qualname)
+
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model.eval()  # nothing to fold (transformers, MLP-only nets)
+    model = copy.deepcopy(model).eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _Tracer().trace(model)
+    except Exception as e:  # torch.fx raises many error types on untraceable code
+        log.warning(
+            "teacher: BatchNorm not folded (%s cannot be traced by torch.fx: %s)",
+            type(model).__name__,
+            str(e).splitlines()[0][:200],
+        )
+        return model
+    modules = dict(model.named_modules())
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        conv_node = node.args[0]
+        if (
+            not isinstance(conv_node, torch.fx.Node)
+            or conv_node.op != "call_module"
+            or type(modules[conv_node.target]) is not nn.Conv2d
+            or len(conv_node.users) != 1
+        ):
+            continue
+        bn = modules[node.target]
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue
+        _set_submodule(model, conv_node.target, fuse_conv_bn_eval(modules[conv_node.target], bn))
+        if isinstance(bn, BatchNormAct2d):  # keep what follows the normalization
+            _set_submodule(model, node.target, nn.Sequential(bn.drop, bn.act))
+        else:
+            node.replace_all_uses_with(conv_node)
+            graph.erase_node(node)
+        folded += 1
+    log.info("teacher: folded %d BatchNorm layers into convolutions", folded)
+    return GraphModule(model, graph, class_name=type(model).__name__) if folded else model
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def build_teacher(
+    name: str,
+    num_classes: int,
+    student_mean: Sequence[float],
+    student_std: Sequence[float],
+    checkpoint: str | None = None,
+    pretrained: bool = False,
+    fold_bn: bool = True,
+    channels_last: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
+    """A ready teacher for ``KnowledgeDistillation``: eval mode, no gradients, BN folded,
+    channels-last, taking the student's normalized inputs."""
+    model = create_backbone(name, num_classes, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    teacher_mean, teacher_std = cfg.get("mean", student_mean), cfg.get("std", student_std)
+    model = model.eval().requires_grad_(False)
+    if fold_bn:
+        model = fold_batchnorm(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    teacher = Renormalize(model, student_mean, student_std, teacher_mean, teacher_std, channels_last)
+    return teacher.eval().requires_grad_(False)
