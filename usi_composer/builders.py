@@ -20,6 +20,7 @@ from usi_composer.data import DeviceNormalize, build_transform, folder_dataloade
 from usi_composer.models import USIClassifier, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
 from usi_composer.teacher import build_teacher
+from usi_composer.tracking import build_wandb_logger
 
 __all__ = ["build_algorithms", "build_model", "build_trainer", "ema_smoothing", "scaled_lr"]
 
@@ -157,8 +158,11 @@ def build_trainer(
     loggers: list[LoggerDestination] | None = None,
     callbacks: list[Callback] | None = None,
 ) -> Trainer:
-    """Model, teacher, algorithms, data, optimizer, schedule and checkpointing -> a ready Trainer."""
+    """Model, teacher, algorithms, data, optimizer, schedule, checkpointing and the configured
+    loggers (``loggers.wandb``), plus ``loggers``/``callbacks`` given here -> a ready Trainer."""
     t = cfg.trainer
+    wandb_logger = build_wandb_logger(cfg)
+    loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
     reproducibility.seed_all(t.seed)
     model = build_model(cfg)
     mean, std = student_normalization(cfg, model.module)
@@ -194,6 +198,6 @@ def build_trainer(
         console_log_interval=t.console_log_interval,
         train_subset_num_batches=t.train_subset_num_batches,
         eval_subset_num_batches=t.eval_subset_num_batches,
-        loggers=loggers,
+        loggers=loggers or None,
         callbacks=[LRMonitor(), SpeedMonitor(window_size=50), *(callbacks or [])],
     )

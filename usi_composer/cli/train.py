@@ -6,13 +6,16 @@ Also ``python train.py ...`` (one process) and the ``usi-train`` console script.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from usi_composer.config import Config, dump_config, load_config
 from usi_composer.errors import UsiError
 
-__all__ = ["main", "train"]
+__all__ = ["final_metrics", "main", "train"]
 
 
 def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
@@ -22,6 +25,22 @@ def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
     trainer = build_trainer(cfg, **build_kwargs)  # type: ignore[arg-type]
     trainer.fit()
     return trainer
+
+
+def final_metrics(trainer: Any) -> dict[str, Any]:
+    """The last evaluation's metrics under their logged names (``metrics/eval/top1``, ...), plus
+    ``wandb_run_dir`` where a W&B run was written."""
+    from composer.loggers import WandBLogger
+
+    result: dict[str, Any] = {
+        f"metrics/{label}/{name}": float(metric.compute())
+        for label, metrics in trainer.state.eval_metrics.items()
+        for name, metric in metrics.items()
+    }
+    wandb = next((d for d in trainer.logger.destinations if isinstance(d, WandBLogger)), None)
+    if wandb is not None and wandb.run_dir:
+        result["wandb_run_dir"] = str(Path(wandb.run_dir).parent)  # run_dir is the run's files/ folder
+    return result
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -37,6 +56,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="validate the config, print it resolved as YAML and exit (builds nothing)",
     )
+    parser.add_argument(
+        "--metrics-out",
+        type=Path,
+        metavar="JSON",
+        help="after training, write the final eval metrics (metrics/eval/top1, ...) to this JSON file",
+    )
     return parser.parse_args(argv)
 
 
@@ -51,10 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
     try:
-        train(cfg)
+        trainer = train(cfg)
     except UsiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    metrics = final_metrics(trainer)
+    trainer.close()  # finishes the W&B run (its summary and files) before we report success
+    if args.metrics_out is not None:
+        args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics_out.write_text(json.dumps(metrics, indent=1) + "\n")
     return 0
 
 
