@@ -167,7 +167,7 @@ class WandBConfig:
 
 @dataclass
 class LoggersConfig:
-    wandb: WandBConfig | None = None  # null (the default): no W&B
+    wandb: WandBConfig | None = None  # null (the default): no W&B, except under `wandb agent` (W&B's defaults)
 
 
 @dataclass

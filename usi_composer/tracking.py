@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from usi_composer.config import Config, config_to_dict
+from usi_composer.config import Config, WandBConfig, config_to_dict
 
 __all__ = ["REDACTED", "build_wandb_logger", "iter_wandb_records", "loggable_config", "read_wandb_run", "redact"]
 
@@ -71,8 +71,15 @@ def loggable_config(cfg: Config, environ: dict[str, str] | None = None) -> dict[
 
 
 def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None
-    """Composer's ``WandBLogger`` as ``loggers.wandb`` says, or None when it is null."""
+    """Composer's ``WandBLogger`` as ``loggers.wandb`` says, or None when it is null.
+
+    A run started by ``wandb agent`` (``WANDB_SWEEP_ID`` set) always logs, with W&B's defaults
+    where ``loggers.wandb`` is null: the sweep reads its metric from the run, so the sweep files
+    in yamls/sweeps/ work with the plain yamls/usi.yaml.
+    """
     w = cfg.loggers.wandb
+    if w is None and os.environ.get("WANDB_SWEEP_ID"):
+        w = WandBConfig()
     if w is None:
         return None
     from composer.loggers import WandBLogger
