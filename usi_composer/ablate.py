@@ -29,7 +29,7 @@ import yaml
 from usi_composer.config import load_config
 from usi_composer.errors import UsiError
 
-__all__ = ["Sweep", "SweepError", "grid", "load_sweep", "plot", "point_args", "run_sweep", "table"]
+__all__ = ["Sweep", "SweepError", "grid", "load_sweep", "plot", "point_args", "replace_values", "run_sweep", "table"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED_KEY = "trainer.seed"
@@ -92,6 +92,20 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         parameters=parameters,
         base=base,
     )
+
+
+def replace_values(sweep: Sweep, assignments: Sequence[str]) -> Sweep:
+    """``key=v1,v2,...`` replaces a swept parameter's values (each value read as YAML), e.g. a
+    short epochs grid on the demo: ``trainer.max_duration=3ep,6ep,12ep``."""
+    parameters = dict(sweep.parameters)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not text.strip():
+            raise SweepError(f"--values '{assignment}': expected key=v1,v2,...")
+        if key not in parameters:
+            raise SweepError(f"--values '{assignment}': '{key}' is not swept by {sweep.path} ({', '.join(parameters)})")
+        parameters[key] = [yaml.safe_load(v) for v in text.split(",") if v.strip()]
+    return Sweep(sweep.name, sweep.path, sweep.metric, sweep.goal, parameters, sweep.base)
 
 
 def grid(parameters: dict[str, list[Any]]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from usi_composer.ablate import REPO_ROOT, load_sweep, plot, run_sweep, table
+from usi_composer.ablate import REPO_ROOT, load_sweep, plot, replace_values, run_sweep, table
 from usi_composer.errors import UsiError
 
 __all__ = ["main"]
@@ -63,13 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every point")
     parser.add_argument("--base", type=Path, help="training yaml (default: the one in the sweep's command)")
     parser.add_argument("--out", type=Path, help="output folder (default: runs/ablations/<sweep file name>)")
+    parser.add_argument(
+        "--values",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="replace a swept parameter's values (repeatable), e.g. trainer.max_duration=3ep,6ep,12ep",
+    )
     parser.add_argument("--seeds", type=_seeds, default=[], help="repeat each point with these trainer.seed values")
     parser.add_argument(
         "--demo-workdir", type=Path, default=Path(".cache/usi-demo"), help="demo data and teacher (base demo.yaml)"
     )
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     try:
-        sweep = load_sweep(args.sweep)
+        sweep = replace_values(load_sweep(args.sweep), args.values)
         base = _resolve_base(args.base, sweep.base)
         overrides = [*_demo_overrides(base, args.demo_workdir), *args.overrides]
         out = args.out or Path("runs/ablations") / args.sweep.stem
