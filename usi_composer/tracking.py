@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from usi_composer.config import Config, WandBConfig, config_to_dict
 
-__all__ = ["REDACTED", "build_wandb_logger", "iter_wandb_records", "loggable_config", "read_wandb_run", "redact"]
+__all__ = [
+    "REDACTED",
+    "build_wandb_logger",
+    "iter_wandb_records",
+    "loggable_config",
+    "read_wandb_run",
+    "redact",
+    "redact_argv",
+]
 
 REDACTED = "<redacted>"
 
@@ -70,6 +79,20 @@ def loggable_config(cfg: Config, environ: dict[str, str] | None = None) -> dict[
     return redact(config_to_dict(cfg), environ)
 
 
+def redact_argv(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
+    """Command-line arguments with secrets redacted (``key=value`` overrides as :func:`redact` would)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and _SECRET_NAME.search(key.rsplit(".", 1)[-1]) and value:
+            out.append(f"{key}={REDACTED}")
+        elif sep:
+            out.append(f"{key}={redact(value, environ)}")
+        else:
+            out.append(redact(arg, environ))
+    return out
+
+
 def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None
     """Composer's ``WandBLogger`` as ``loggers.wandb`` says, or None when it is null.
 
@@ -84,16 +107,28 @@ def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None
         return None
     from composer.loggers import WandBLogger
 
+    class _WandBLogger(WandBLogger):
+        """Composer's logger; wandb also records the command line (its run metadata), so the
+        arguments it sees at ``wandb.init`` are redacted like the config."""
+
+        def init(self, state: Any, logger: Any) -> None:
+            argv = sys.argv
+            sys.argv = [argv[0], *redact_argv(argv[1:])]
+            try:
+                super().init(state, logger)
+            finally:
+                sys.argv = argv
+
     _patch_wandb_run_get_url()
     init_kwargs: dict[str, Any] = {"config": loggable_config(cfg)}
     if w.notes is not None:
-        init_kwargs["notes"] = w.notes
+        init_kwargs["notes"] = redact(w.notes)
     if w.mode is not None:
         init_kwargs["mode"] = w.mode
     if w.dir is not None:
         Path(w.dir).mkdir(parents=True, exist_ok=True)
         init_kwargs["dir"] = w.dir
-    return WandBLogger(
+    return _WandBLogger(
         project=w.project,
         group=w.group,
         name=w.name,
