@@ -28,7 +28,7 @@ REDACTED = "<redacted>"
 
 # Names of keys (in the config) and environment variables whose values are secrets.
 _SECRET_NAME = re.compile(
-    r"(api[_-]?key|secret|token|passw(or)?d|passwd|credential|private[_-]?key|access[_-]?key|signature|auth|(^|_)key$)",
+    r"(api[_-]?key|secret|token|passw(or)?d|passwd|credential|private[_-]?key|access[_-]?key|signature|authorization|(^|_)key$)",
     re.IGNORECASE,
 )
 _MIN_SECRET_LEN = 6  # shorter environment values are too likely to occur by chance in paths and names
@@ -61,7 +61,7 @@ def redact(value: Any, environ: dict[str, str] | None = None, *, _env_secrets: l
     value of a secret-looking environment variable (``WANDB_API_KEY``, ``AWS_SECRET_ACCESS_KEY``,
     ``AWS_SESSION_TOKEN``, ``HF_TOKEN``, ...) inside any string.
     """
-    env_secrets = _env_secrets if _env_secrets is not None else _secret_env_values(dict(environ or os.environ))
+    env_secrets = _env_secrets if _env_secrets is not None else _secret_env_values(dict(os.environ if environ is None else environ))
     if isinstance(value, dict):
         return {
             k: REDACTED if _SECRET_NAME.search(str(k)) and v not in (None, "") else redact(v, _env_secrets=env_secrets)
