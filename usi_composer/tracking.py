@@ -61,7 +61,9 @@ def redact(value: Any, environ: dict[str, str] | None = None, *, _env_secrets: l
     value of a secret-looking environment variable (``WANDB_API_KEY``, ``AWS_SECRET_ACCESS_KEY``,
     ``AWS_SESSION_TOKEN``, ``HF_TOKEN``, ...) inside any string.
     """
-    env_secrets = _env_secrets if _env_secrets is not None else _secret_env_values(dict(os.environ if environ is None else environ))
+    if _env_secrets is None:
+        _env_secrets = _secret_env_values(dict(os.environ if environ is None else environ))
+    env_secrets = _env_secrets
     if isinstance(value, dict):
         return {
             k: REDACTED if _SECRET_NAME.search(str(k)) and v not in (None, "") else redact(v, _env_secrets=env_secrets)
