@@ -58,7 +58,9 @@ def _seeds(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="usi-ablate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="usi-ablate", description="Run a W&B sweep file's grid locally, one training run per point, no W&B server."
+    )
     parser.add_argument("sweep", type=Path, help="W&B sweep file, e.g. yamls/sweeps/temperature.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every point")
     parser.add_argument("--base", type=Path, help="training yaml (default: the one in the sweep's command)")
@@ -84,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished points are in results.jsonl; rerun the same command to resume", file=sys.stderr)
+        return 130
     report = table(sweep, rows)
     (out / f"{args.sweep.stem}.md").write_text(f"# {sweep.name}\n\n{report}\n")
     png = plot(sweep, rows, out / f"{args.sweep.stem}.png")
