@@ -7,21 +7,36 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from usi_composer.config import Config, dump_config, load_config
 from usi_composer.errors import UsiError
 
-__all__ = ["main", "train"]
+__all__ = ["final_top1", "main", "train"]
 
 
 def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
     """Build the trainer for ``cfg``, fit it, return it (metrics are in ``trainer.state.eval_metrics``)."""
     from usi_composer.builders import build_trainer  # heavy imports only when training
 
+    # Composer warns on every batch about things that are expected here: MixUp/CutMix targets
+    # sum to 1 only up to float rounding, and the last eval batch is smaller than the others.
+    warnings.filterwarnings("ignore", message="Some targets have less than 1 total probability")
+    warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     trainer = build_trainer(cfg, **build_kwargs)  # type: ignore[arg-type]
     trainer.fit()
     return trainer
+
+
+def final_top1(trainer, label: str = "eval") -> float:  # trainer: composer.Trainer
+    """Top-1 of the last evaluation: of the better of EMA and raw weights where both were validated."""
+    from usi_composer.algorithms import BestOfEMAAndRaw
+
+    best = next((c for c in trainer.state.callbacks if isinstance(c, BestOfEMAAndRaw)), None)
+    if best is not None and label in best.scores:
+        return max(best.scores[label].values())
+    return float(trainer.state.eval_metrics[label]["top1"].compute())
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -37,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="validate the config, print it resolved as YAML and exit (builds nothing)",
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may sit among the key=value overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
