@@ -4,7 +4,8 @@ They depend on torch, composer and timm only (never on the recipe glue in ``usi_
 EMA and channels-last are Composer's own (``composer.algorithms.EMA``, ``ChannelsLast``).
 """
 
+from .best_of_ema import BestOfEMAAndRaw
 from .knowledge_distillation import KnowledgeDistillation, kd_loss
 from .mixup_cutmix import MixUpCutMix
 
-__all__ = ["KnowledgeDistillation", "MixUpCutMix", "kd_loss"]
+__all__ = ["BestOfEMAAndRaw", "KnowledgeDistillation", "MixUpCutMix", "kd_loss"]

@@ -52,7 +52,9 @@ class KnowledgeDistillation(Algorithm):
     training on NaN.
 
     The teacher is held by the algorithm, not by the model: DDP/FSDP never wrap it, the
-    optimizer never sees it and checkpoints do not store it again.
+    optimizer never sees it and checkpoints do not store it again (the algorithm's
+    ``state_dict()`` is only its ``repr``: it has no state of its own, and hyper-parameters
+    come from the constructor, so a resumed run uses the config it is given).
 
     Args:
         teacher: any ``nn.Module`` mapping the student's input batch to logits of the same
@@ -83,16 +85,6 @@ class KnowledgeDistillation(Algorithm):
             f"{type(self).__name__}(teacher=teacher, alpha={self.alpha}, "
             f"temperature={self.temperature}, ce_weight={self.ce_weight})"
         )
-
-    def state_dict(self) -> dict:
-        # Only the hyper-parameters: the teacher is an input, never trained, and not
-        # worth a copy in every checkpoint.
-        return {"repr": repr(self), "alpha": self.alpha, "temperature": self.temperature, "ce_weight": self.ce_weight}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("alpha", "temperature", "ce_weight"):
-            if key in state:
-                setattr(self, key, float(state[key]))
 
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.AFTER_LOSS)

@@ -54,6 +54,12 @@ def test_top1_is_the_best_finished_run_per_model_from_every_source(tmp_path: Pat
     rows = [
         {"status": "ok", "model": "lcnet_050", "point": "a", "metrics": {"metrics/eval/top1": 0.5}},
         {"status": "ok", "model": "lcnet_050", "point": "b", "metrics": {"metrics/eval/top1": 0.6}},
+        {  # USI's better-of-EMA-and-raw top-1 is preferred when a run has it
+            "status": "ok",
+            "model": "lcnet_050",
+            "point": "e",
+            "metrics": {"metrics/eval/top1": 0.9, "metrics/eval_best/top1": 0.62},
+        },
         {"status": "failed", "model": "lcnet_050", "point": "c", "metrics": {}},
         {"status": "ok", "model": "resnet10t", "point": "d", "metrics": {"metrics/eval/top1": 0.7}},
     ]
@@ -61,7 +67,7 @@ def test_top1_is_the_best_finished_run_per_model_from_every_source(tmp_path: Pat
     table = tmp_path / "t.csv"
     table.write_text("model,top1\nmobilenetv3_small_050,0.55\nlcnet_050,0.58\n")
     top1 = load_top1([results], [wandb_run_dir], [table])
-    assert {m: v for m, (v, _) in top1.items()} == {"lcnet_050": 0.6, "resnet10t": 0.75, "mobilenetv3_small_050": 0.55}
+    assert {m: v for m, (v, _) in top1.items()} == {"lcnet_050": 0.62, "resnet10t": 0.75, "mobilenetv3_small_050": 0.55}
     assert top1["resnet10t"][1].startswith("W&B run")  # the W&B run's last logged top-1 beat the runner's 0.7
 
 

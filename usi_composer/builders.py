@@ -13,8 +13,8 @@ from composer.core import Algorithm, Callback, DataSpec
 from composer.loggers import LoggerDestination
 from composer.utils import dist, reproducibility
 from timm.data import resolve_data_config
-from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix
 
+from usi_composer.algorithms import BestOfEMAAndRaw, KnowledgeDistillation, MixUpCutMix
 from usi_composer.config import Config
 from usi_composer.data import DeviceNormalize, build_transform, folder_dataloader
 from usi_composer.models import USIClassifier, create_backbone
@@ -86,6 +86,8 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float]) -> list[A
             std,
             checkpoint=t.checkpoint,
             pretrained=t.pretrained,
+            teacher_mean=t.mean,
+            teacher_std=t.std,
             fold_bn=t.fold_bn,
             channels_last=t.channels_last,
             **t.kwargs,
@@ -109,7 +111,10 @@ def build_dataloaders(cfg: Config, mean: list[float], std: list[float]) -> tuple
     per_device = t.global_batch_size // dist.get_world_size()
     normalize = DeviceNormalize(mean, std, channels_last=cfg.algorithms.channels_last)
     common: dict[str, Any] = dict(
-        num_workers=d.num_workers, pin_memory=d.pin_memory, persistent_workers=d.persistent_workers, seed=t.seed
+        num_workers=d.num_workers,
+        pin_memory=d.pin_memory and torch.cuda.is_available(),
+        persistent_workers=d.persistent_workers,
+        seed=t.seed,
     )
     transform_args: dict[str, Any] = dict(crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean)
     train = folder_dataloader(
@@ -140,6 +145,13 @@ def build_dataloaders(cfg: Config, mean: list[float], std: list[float]) -> tuple
         **common,
     )
     return train_spec, DataSpec(val, microbatch_transforms=normalize)
+
+
+def build_callbacks(cfg: Config, evaluates: bool) -> list[Callback]:
+    callbacks: list[Callback] = [LRMonitor(), SpeedMonitor(window_size=50)]
+    if cfg.algorithms.ema.enabled and cfg.algorithms.ema.best_of_raw and evaluates:
+        callbacks.append(BestOfEMAAndRaw("top1"))
+    return callbacks
 
 
 def resolve_device_and_precision(cfg: Config) -> tuple[str, str]:
@@ -198,6 +210,7 @@ def build_trainer(
         console_log_interval=t.console_log_interval,
         train_subset_num_batches=t.train_subset_num_batches,
         eval_subset_num_batches=t.eval_subset_num_batches,
+        parallelism_config={"fsdp": dict(t.fsdp)} if t.fsdp is not None else None,
         loggers=loggers or None,
-        callbacks=[LRMonitor(), SpeedMonitor(window_size=50), *(callbacks or [])],
+        callbacks=[*build_callbacks(cfg, eval_spec is not None), *(callbacks or [])],
     )

@@ -53,6 +53,8 @@ class TeacherConfig:
     checkpoint: str | None = None  # weights: local path or object-store URI (s3://, gs://, ...)
     pretrained: bool = False  # timm's pretrained weights instead (needs network)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    mean: list[float] | None = None  # the inputs the teacher was trained on; None: its timm pretrained_cfg
+    std: list[float] | None = None
     fold_bn: bool = True  # fold BatchNorm into the preceding conv where that is exact
     channels_last: bool = True
 
@@ -99,6 +101,7 @@ class EMAConfig:
     enabled: bool = True
     decay: float = 0.99996  # per optimizer step ...
     reference_batch_size: int = 1024  # ... at this global batch; rescaled to keep the half-life in samples
+    best_of_raw: bool = True  # also validate the raw weights; keep the better (official USI)
 
 
 @dataclass
@@ -148,6 +151,7 @@ class TrainerConfig:
     console_log_interval: str = "1ep"
     train_subset_num_batches: int = -1
     eval_subset_num_batches: int = -1
+    fsdp: dict[str, Any] | None = None  # Composer FSDP (v1) options, e.g. {sharding_strategy: FULL_SHARD}; GPUs only
 
 
 @dataclass
@@ -302,9 +306,10 @@ def _validate(cfg: Config, source_of: Any) -> None:
         f"must be [min, max] with 0 < min <= max, got {d.ratio}",
     )
     check("data.hflip", 0 <= d.hflip <= 1, f"must be in [0, 1], got {d.hflip}")
-    for key, value in (("data.mean", d.mean), ("data.std", d.std)):
-        check(key, value is None or len(value) == 3, f"must be 3 numbers (RGB) or null, got {value}")
-    check("data.std", d.std is None or all(s > 0 for s in d.std), f"must be > 0, got {d.std}")
+    for section, mean, std in (("data", d.mean, d.std), ("teacher", cfg.teacher.mean, cfg.teacher.std)):
+        for key, value in ((f"{section}.mean", mean), (f"{section}.std", std)):
+            check(key, value is None or len(value) == 3, f"must be 3 numbers (RGB) or null, got {value}")
+        check(f"{section}.std", std is None or all(s > 0 for s in std), f"must be > 0, got {std}")
     check("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}")
     if d.auto_augment:
         check(
@@ -408,6 +413,11 @@ def _validate(cfg: Config, source_of: Any) -> None:
         t.eval_batch_size is None or t.eval_batch_size > 0,
         f"must be > 0, got {t.eval_batch_size}",
     )
+    if t.fsdp is not None:
+        unknown = sorted(set(t.fsdp) - set(_fsdp_keys()))
+        if unknown:
+            fail(f"trainer.fsdp.{unknown[0]}", f"not a Composer FSDP option{_suggest(unknown[0], _fsdp_keys())}")
+        check("trainer.fsdp", t.device != "cpu", "FSDP runs on GPUs only (Composer); use DDP on CPUs")
     if t.autoresume:
         check("trainer.run_name", bool(t.run_name), "autoresume needs a fixed run_name")
         check("trainer.save_folder", bool(t.save_folder), "autoresume needs a save_folder")
@@ -426,6 +436,12 @@ def _validate(cfg: Config, source_of: Any) -> None:
             all(0 < len(tag) <= 64 for tag in w.tags),
             f"each tag must have 1 to 64 characters (W&B's limit), got {list(w.tags)}",
         )
+
+
+def _fsdp_keys() -> list[str]:
+    from composer.utils.parallelism import FSDPConfig
+
+    return [f.name for f in fields(FSDPConfig) if not f.name.startswith("_")]
 
 
 def _check_time(key: str, value: str, fail: Any) -> None:

@@ -7,7 +7,7 @@ import contextlib
 import csv
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ __all__ = [
     "throughput_json",
 ]
 
+DEFAULT_METRICS = ("metrics/eval_best/top1", "metrics/eval/top1")
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -126,15 +127,21 @@ def load_top1(
     results: Iterable[str | os.PathLike] = (),
     wandb_dirs: Iterable[str | os.PathLike] = (),
     csvs: Iterable[str | os.PathLike] = (),
-    metric: str = "metrics/eval/top1",
+    metrics: Sequence[str] = DEFAULT_METRICS,
 ) -> dict[str, tuple[float, str]]:
-    """Best ``metric`` per model name over finished runs: model -> (value, where it came from).
+    """Best top-1 per model name over finished runs: model -> (value, where it came from).
+
+    A run's top-1 is the first of ``metrics`` it has (by default USI's better-of-EMA-and-raw
+    ``metrics/eval_best/top1``, else ``metrics/eval/top1``).
 
     ``results``: the local runner's results.jsonl files; ``wandb_dirs``: W&B run directories or
     folders holding them (offline or synced runs; the model is the logged ``model.name``);
-    ``csvs``: files with a ``model`` column and a ``top1`` (or ``metric``) column.
+    ``csvs``: files with a ``model`` column and a ``top1`` column.
     """
     best: dict[str, tuple[float, str]] = {}
+
+    def pick(values: dict[str, Any]) -> Any:
+        return next((values[m] for m in metrics if values.get(m) is not None), None)
 
     def offer(model: str | None, value: Any, source: str) -> None:
         if model and isinstance(value, int | float) and (model not in best or value > best[model][0]):
@@ -146,7 +153,7 @@ def load_top1(
         for line in path.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
             if row.get("status") == "ok":
-                offer(row.get("model"), row.get("metrics", {}).get(metric), f"{path}: {row.get('point')}")
+                offer(row.get("model"), pick(row.get("metrics", {})), f"{path}: {row.get('point')}")
     for root in map(Path, wandb_dirs):
         if not root.exists():
             raise UsiError(f"{root}: no such W&B folder")
@@ -154,17 +161,16 @@ def load_top1(
 
         for run_dir in _wandb_runs(root):
             run = read_wandb_run(run_dir)
-            offer(run["config"].get("model", {}).get("name"), run["summary"].get(metric), f"W&B run {run.get('id')}")
+            offer(run["config"].get("model", {}).get("name"), pick(run["summary"]), f"W&B run {run.get('id')}")
     for path in map(Path, csvs):
         if not path.is_file():
             raise UsiError(f"{path}: no such CSV file")
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
-            column = "top1" if "top1" in (reader.fieldnames or []) else metric
-            if "model" not in (reader.fieldnames or []) or column not in (reader.fieldnames or []):
-                raise UsiError(f"{path}: needs columns 'model' and 'top1' (or '{metric}'), has {reader.fieldnames}")
+            if not {"model", "top1"} <= set(reader.fieldnames or []):
+                raise UsiError(f"{path}: needs columns 'model' and 'top1', has {reader.fieldnames}")
             for row in reader:
-                offer(row["model"], float(row[column]), str(path))
+                offer(row["model"], float(row["top1"]), str(path))
     return best
 
 
@@ -203,7 +209,9 @@ def markdown_table(speeds: list[Throughput], top1: dict[str, tuple[float, str]])
     return "\n".join(lines)
 
 
-def plot_pareto(speeds: list[Throughput], top1: dict[str, tuple[float, str]], path: Path, metric: str) -> Path:
+def plot_pareto(
+    speeds: list[Throughput], top1: dict[str, tuple[float, str]], path: Path, metric: str = "top-1"
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

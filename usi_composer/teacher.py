@@ -37,8 +37,9 @@ class Renormalize(nn.Module):
         super().__init__()
         self.model = model
         self.channels_last = channels_last
+        # float64 buffers (cast to the input dtype on use) keep the fold exact up to rounding.
         mean_s, std_s, mean_t, std_t = (
-            torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+            torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1)
             for v in (student_mean, student_std, teacher_mean, teacher_std)
         )
         self.identity = bool(torch.equal(mean_s, mean_t) and torch.equal(std_s, std_t))
@@ -124,15 +125,22 @@ def build_teacher(
     student_std: Sequence[float],
     checkpoint: str | None = None,
     pretrained: bool = False,
+    teacher_mean: Sequence[float] | None = None,
+    teacher_std: Sequence[float] | None = None,
     fold_bn: bool = True,
     channels_last: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """A ready teacher for ``KnowledgeDistillation``: eval mode, no gradients, BN folded,
-    channels-last, taking the student's normalized inputs."""
+    channels-last, taking the student's normalized inputs.
+
+    ``teacher_mean``/``teacher_std``: the normalization the teacher was trained with; by default
+    its timm ``pretrained_cfg`` (right for timm's weights, not for a teacher trained with others).
+    """
     model = create_backbone(name, num_classes, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    teacher_mean, teacher_std = cfg.get("mean", student_mean), cfg.get("std", student_std)
+    teacher_mean = teacher_mean or cfg.get("mean", student_mean)
+    teacher_std = teacher_std or cfg.get("std", student_std)
     model = model.eval().requires_grad_(False)
     if fold_bn:
         model = fold_batchnorm(model)

@@ -21,6 +21,7 @@ import torch
 from usi_composer.errors import UsiError
 from usi_composer.pareto import (
     AMP_DTYPES,
+    DEFAULT_METRICS,
     load_top1,
     markdown_table,
     measure_throughput,
@@ -37,7 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", action="append", default=[], help="usi-ablate results.jsonl (repeatable)")
     parser.add_argument("--wandb-dir", action="append", default=[], help="W&B run folder(s), e.g. wandb/ (repeatable)")
     parser.add_argument("--csv", action="append", default=[], help="CSV with columns model,top1 (repeatable)")
-    parser.add_argument("--metric", default="metrics/eval/top1", help="accuracy metric to read from the runs")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        help="accuracy metric to read from the runs (repeatable: the first a run has wins; default: "
+        + " then ".join(DEFAULT_METRICS)
+        + ")",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224, help="input resolution (pixels)")
     parser.add_argument("--num-classes", type=int, default=1000)
@@ -52,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.batch_size < 1 or args.image_size < 8 or args.warmup < 0 or args.min_run_time <= 0:
             raise UsiError("--batch-size >= 1, --image-size >= 8, --warmup >= 0 and --min-run-time > 0, please")
-        top1 = load_top1(args.results, args.wandb_dir, args.csv, args.metric)
+        metrics = args.metric or list(DEFAULT_METRICS)
+        top1 = load_top1(args.results, args.wandb_dir, args.csv, metrics)
         models = args.models or sorted(top1)
         if not models:
             raise UsiError("no models: name some, or point --results/--wandb-dir/--csv at finished runs")
@@ -77,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / "throughput.json").write_text(throughput_json(speeds) + "\n")
         report = markdown_table(speeds, top1)
         (args.out / "pareto.md").write_text(f"# Speed-accuracy Pareto\n\n{report}\n")
-        png = plot_pareto(speeds, top1, args.out / "pareto.png", args.metric)
+        png = plot_pareto(speeds, top1, args.out / "pareto.png", "top-1 (" + " or ".join(metrics) + ")")
     except UsiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

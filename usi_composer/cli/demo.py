@@ -48,11 +48,11 @@ class DemoResult:
 
 def train_and_score(cfg: Config, save_to: Path | None = None) -> float:
     """Train ``cfg`` through the recipe's ``train()``; return the final held-out top-1."""
-    from usi_composer.cli.train import train
+    from usi_composer.cli.train import final_top1, train
     from usi_composer.models import save_weights
 
     trainer = train(cfg)
-    top1 = float(trainer.state.eval_metrics["eval"]["top1"].compute())
+    top1 = final_top1(trainer)
     if save_to is not None:
         save_weights(trainer, save_to)
     trainer.close()
@@ -108,6 +108,7 @@ def _score_checkpoint(cfg: Config, checkpoint: Path) -> float:
     cfg.trainer.max_duration = "0ba"
     from usi_composer.builders import build_trainer
 
+    cfg.algorithms.ema.enabled = False  # plain weights: score the checkpoint as it is
     trainer = build_trainer(cfg)
     trainer.eval()
     top1 = float(trainer.state.eval_metrics["eval"]["top1"].compute())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,20 +16,35 @@ from typing import Any
 from usi_composer.config import Config, dump_config, load_config
 from usi_composer.errors import UsiError
 
-__all__ = ["final_metrics", "main", "train"]
+__all__ = ["final_metrics", "final_top1", "main", "train"]
 
 
 def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
     """Build the trainer for ``cfg``, fit it, return it (metrics are in ``trainer.state.eval_metrics``)."""
     from usi_composer.builders import build_trainer  # heavy imports only when training
 
+    # Composer warns on every batch about things that are expected here: MixUp/CutMix targets
+    # sum to 1 only up to float rounding, and the last eval batch is smaller than the others.
+    warnings.filterwarnings("ignore", message="Some targets have less than 1 total probability")
+    warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     trainer = build_trainer(cfg, **build_kwargs)  # type: ignore[arg-type]
     trainer.fit()
     return trainer
 
 
+def final_top1(trainer, label: str = "eval") -> float:  # trainer: composer.Trainer
+    """Top-1 of the last evaluation: of the better of EMA and raw weights where both were validated."""
+    from usi_composer.algorithms import BestOfEMAAndRaw
+
+    best = next((c for c in trainer.state.callbacks if isinstance(c, BestOfEMAAndRaw)), None)
+    if best is not None and label in best.scores:
+        return max(best.scores[label].values())
+    return float(trainer.state.eval_metrics[label]["top1"].compute())
+
+
 def final_metrics(trainer: Any) -> dict[str, Any]:
-    """The last evaluation's metrics under their logged names (``metrics/eval/top1``, ...), plus
+    """The last evaluation's metrics under their logged names (``metrics/eval/top1``, ...; the
+    EMA weights' where EMA ran), ``metrics/eval_best/top1`` (:func:`final_top1`) and
     ``wandb_run_dir`` where a W&B run was written."""
     from composer.loggers import WandBLogger
 
@@ -37,6 +53,8 @@ def final_metrics(trainer: Any) -> dict[str, Any]:
         for label, metrics in trainer.state.eval_metrics.items()
         for name, metric in metrics.items()
     }
+    for label in trainer.state.eval_metrics:  # USI's number: the better of the EMA and raw weights
+        result[f"metrics/{label}_best/top1"] = final_top1(trainer, label)
     wandb = next((d for d in trainer.logger.destinations if isinstance(d, WandBLogger)), None)
     if wandb is not None and wandb.run_dir:
         result["wandb_run_dir"] = str(Path(wandb.run_dir).parent)  # run_dir is the run's files/ folder
@@ -62,7 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="JSON",
         help="after training, write the final eval metrics (metrics/eval/top1, ...) to this JSON file",
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may sit among the key=value overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,60 @@
+"""Shared fixtures: real data (the shipped digits, ../shared's ImageNet sample) and saved weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGENET_SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample() -> Path:
+    """1000 real ImageNet JPEGs, one per class (``../shared/data/imagenet-sample``)."""
+    train = IMAGENET_SAMPLE / "train"
+    assert train.is_dir(), f"missing {train}: CI clones the repo with shared/ beside it"
+    return train
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's digits in the ImageNet folder layout (root with train/ and val/)."""
+    from usi_composer.data import export_digits
+
+    return export_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def saved_teacher(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: a timm model's freshly initialised weights saved to a file (tests' own weights)."""
+    cache: dict[tuple[str, int], Path] = {}
+
+    def make(name: str = "resnet10t", num_classes: int = 1000) -> Path:
+        if (name, num_classes) not in cache:
+            import timm
+
+            torch.manual_seed(0)
+            path = tmp_path_factory.mktemp("teacher") / f"{name}-{num_classes}.pt"
+            torch.save(timm.create_model(name, num_classes=num_classes).state_dict(), path)
+            cache[(name, num_classes)] = path
+        return cache[(name, num_classes)]
+
+    return make
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command in the repo with the test's Python, capturing text output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, *args] if args[0].endswith(".py") or args[0] == "-m" else list(args)
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

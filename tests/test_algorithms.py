@@ -1,0 +1,135 @@
+"""USI's algorithms inside a real Composer Trainer: ordering, loss composition, freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from composer import Trainer
+from composer.models import ComposerClassifier
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix, kd_loss
+
+NUM_CLASSES = 5
+
+
+class Recorder(nn.Module):
+    """A tiny conv classifier that keeps every input it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, NUM_CLASSES))
+        self.seen: list[torch.Tensor] = []
+        self.num_classes = NUM_CLASSES
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.net(x)
+
+
+def _loader(n: int = 16, batch_size: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g))
+    return DataLoader(data, batch_size=batch_size)
+
+
+def _trainer(student: nn.Module, algorithms: list, **kwargs) -> Trainer:
+    return Trainer(
+        model=ComposerClassifier(student, num_classes=NUM_CLASSES),
+        train_dataloader=_loader(),
+        max_duration="2ba",
+        algorithms=algorithms,
+        device="cpu",
+        progress_bar=False,
+        seed=0,
+        **kwargs,
+    )
+
+
+def test_teacher_sees_the_mixed_batch_the_student_sees() -> None:
+    student, teacher = Recorder(), Recorder()
+    loader_inputs = torch.cat([x for x, _ in _loader()])
+    algorithms = [KnowledgeDistillation(teacher, alpha=5.0), MixUpCutMix(NUM_CLASSES)]  # order given must not matter
+    _trainer(student, algorithms).fit()
+    assert len(student.seen) == len(teacher.seen) == 2
+    for s, t in zip(student.seen, teacher.seen, strict=True):
+        torch.testing.assert_close(t, s, rtol=0, atol=0)
+    seen = torch.cat(student.seen)
+    assert not torch.allclose(seen, loader_inputs), "the batch was mixed before the forward pass"
+
+
+def test_kd_sets_total_ce_and_kd_losses() -> None:
+    captured: dict[str, torch.Tensor] = {}
+    teacher = Recorder()
+
+    class Capture(KnowledgeDistillation):
+        def apply(self, event, state, logger):
+            super().apply(event, state, logger)
+            if isinstance(state.loss, dict):
+                captured.update({k: v.detach().clone() for k, v in state.loss.items()})
+                captured["outputs"] = state.outputs.detach().clone()
+                captured["batch"] = state.batch_get_item(0).detach().clone()
+
+    _trainer(Recorder(), [Capture(teacher, alpha=2.5, temperature=2.0, ce_weight=0.5)]).fit()
+    with torch.no_grad():
+        expected_kd = kd_loss(captured["outputs"], teacher.net(captured["batch"]), 2.0)
+    torch.testing.assert_close(captured["kd"], expected_kd)
+    torch.testing.assert_close(captured["total"], 0.5 * captured["ce"] + 2.5 * captured["kd"])
+
+
+def test_teacher_is_frozen_and_never_trained() -> None:
+    teacher = Recorder().train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    trainer = _trainer(Recorder(), [KnowledgeDistillation(teacher)])
+    trainer.fit()
+    assert not teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    optimized = {id(p) for group in trainer.state.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()}
+
+
+def test_non_finite_loss_stops_with_the_batch_number() -> None:
+    class NaNTeacher(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((x.shape[0], NUM_CLASSES), float("nan"))
+
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at batch 0"):
+        _trainer(Recorder(), [KnowledgeDistillation(NaNTeacher())]).fit()
+
+
+def test_mixup_cutmix_needs_even_microbatches() -> None:
+    trainer = Trainer(
+        model=ComposerClassifier(Recorder(), num_classes=NUM_CLASSES),
+        train_dataloader=_loader(n=6, batch_size=3),
+        max_duration="1ba",
+        algorithms=[MixUpCutMix(NUM_CLASSES)],
+        device="cpu",
+        progress_bar=False,
+    )
+    with pytest.raises(ValueError, match="even microbatch size"):
+        trainer.fit()
+
+
+def test_mixup_cutmix_targets_are_distributions() -> None:
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        seen.append(targets.detach().clone())
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    model = ComposerClassifier(Recorder(), num_classes=NUM_CLASSES, loss_fn=loss_fn)
+    Trainer(
+        model=model,
+        train_dataloader=_loader(),
+        max_duration="2ba",
+        algorithms=[MixUpCutMix(NUM_CLASSES)],
+        device="cpu",
+        progress_bar=False,
+    ).fit()
+    for targets in seen:
+        assert targets.shape == (8, NUM_CLASSES)
+        torch.testing.assert_close(targets.sum(1), torch.ones(8))
+        assert (targets.max(1).values < 1).any(), "mixed targets are soft"

@@ -1,0 +1,89 @@
+"""yamls/usi.yaml end to end, shrunk by overrides only: four backbone families, and DDP over gloo."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from composer.loggers import InMemoryLogger
+
+from conftest import run_cli
+from usi_composer.cli.train import train
+from usi_composer.config import load_config
+
+
+def shrink(data: Path, teacher: Path, *extra: str) -> list[str]:
+    """Overrides that turn the ImageNet recipe into a seconds-long CPU run on the real JPEG sample."""
+    return [
+        f"data.train_dir={data}",
+        "data.val_dir=null",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "teacher.name=resnet10t",
+        "teacher.pretrained=false",
+        f"teacher.checkpoint={teacher}",
+        "trainer.global_batch_size=4",
+        "trainer.max_duration=2ba",
+        "trainer.progress_bar=false",
+        *extra,
+    ]
+
+
+FAMILIES = {
+    "cnn": ["model.name=resnet18"],
+    "vision-transformer": ["model.name=deit_tiny_patch16_224", "model.kwargs.img_size=32"],
+    "mobile": ["model.name=mobilenetv3_small_050"],
+    "mlp-only": ["model.name=mixer_s16_224", "model.kwargs.img_size=32"],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_usi_yaml_trains_every_backbone_family(family: str, imagenet_sample: Path, saved_teacher) -> None:
+    cfg = load_config("yamls/usi.yaml", shrink(imagenet_sample, saved_teacher(), *FAMILIES[family]))
+    logger = InMemoryLogger()
+    trainer = train(cfg, loggers=[logger])
+    assert int(trainer.state.timestamp.batch) == 2
+    names = [type(a).__name__ for a in trainer.state.algorithms]
+    assert names == ["MixUpCutMix", "KnowledgeDistillation", "EMA", "ChannelsLast"]
+    for key in ("loss/train/total", "loss/train/ce", "loss/train/kd"):
+        values = [float(v) for _, v in logger.data[key]]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), key
+    ce, kd, total = (float(logger.data[f"loss/train/{k}"][-1][1]) for k in ("ce", "kd", "total"))
+    assert total == pytest.approx(ce + 5.0 * kd, rel=1e-4)
+    trainer.close()
+
+
+def test_composer_launcher_ddp_on_cpu(imagenet_sample: Path, saved_teacher, tmp_path: Path) -> None:
+    composer = shutil.which("composer", path=str(Path(torch.__file__).parents[4] / "bin")) or "composer"
+    save = tmp_path / "ckpt"
+    result = run_cli(
+        composer,
+        "-n",
+        "2",
+        "--stdout",
+        str(tmp_path / "rank{rank}.out"),
+        "--stderr",
+        str(tmp_path / "rank{rank}.err"),
+        "train.py",
+        "yamls/usi.yaml",
+        *shrink(
+            imagenet_sample,
+            saved_teacher(),
+            "model.name=resnet10t",
+            f"trainer.save_folder={save}",
+            "trainer.save_interval=2ba",
+            "trainer.run_name=ddp",
+        ),
+        timeout=600,
+    )
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.*")))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs[-3000:]
+    checkpoint = torch.load(save / "ep0-ba2-rank0.pt", map_location="cpu", weights_only=False)
+    timestamp = checkpoint["state"]["timestamp"]["Timestamp"]
+    assert (timestamp["batch"], timestamp["sample"]) == (2, 8), "2 batches of 2 samples on each of 2 ranks"
+    assert len(checkpoint["rng"]) == 2, "both ranks took part"
+    kd_state = dict(checkpoint["state"]["algorithms"])["KnowledgeDistillation"]
+    assert kd_state == {"repr": "KnowledgeDistillation(teacher=teacher, alpha=5.0, temperature=1.0, ce_weight=1.0)"}

@@ -1,0 +1,85 @@
+"""Composer's algorithm checks, applied to ours: resumption (world size 1 and 2), repeated fit, repr, state."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from composer.algorithms import EMA
+from resumption import ALGORITHM_SETS, NUM_CLASSES, _net, _trainer, differences, run_pair
+
+import usi_composer.algorithms as usi_algorithms
+from conftest import run_cli
+from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix
+
+
+@pytest.mark.parametrize("name", list(ALGORITHM_SETS))
+def test_resumption_is_equivalent(name: str, tmp_path: Path) -> None:
+    first, resumed = run_pair(name, tmp_path)
+    assert differences(first, resumed) == []
+
+
+def test_resumption_check_can_fail(tmp_path: Path) -> None:
+    first, resumed = run_pair("usi", tmp_path)
+    checkpoint = torch.load(resumed, weights_only=False)
+    key = next(iter(checkpoint["state"]["model"]))
+    checkpoint["state"]["model"][key] += 1
+    torch.save(checkpoint, resumed)
+    assert differences(first, resumed) == [f"state.model.{key}"]
+
+
+def test_resumption_is_equivalent_on_two_processes(tmp_path: Path) -> None:
+    composer = shutil.which("composer", path=str(Path(torch.__file__).parents[4] / "bin")) or "composer"
+    result = run_cli(
+        composer,
+        "-n",
+        "2",
+        "--stdout",
+        str(tmp_path / "rank{rank}.out"),
+        "--stderr",
+        str(tmp_path / "rank{rank}.err"),
+        "tests/resumption.py",
+        str(tmp_path),
+        timeout=600,
+    )
+    logs = "".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("rank*.*")))
+    assert result.returncode == 0, result.stderr[-2000:] + logs
+    report = (tmp_path / "report.txt").read_text().splitlines()
+    assert report == [f"{name}: equal, 2 ranks" for name in ALGORITHM_SETS], report
+
+
+@pytest.mark.parametrize("name", list(ALGORITHM_SETS))
+def test_repeated_fit(name: str, tmp_path: Path) -> None:
+    trainer = _trainer(name, tmp_path)
+    trainer.fit()
+    trainer.fit(duration="2ba")
+    assert int(trainer.state.timestamp.batch) == 4
+
+
+def test_repr_round_trips_through_eval() -> None:
+    teacher = _net(1)
+    namespace = {**vars(usi_algorithms), "teacher": teacher}
+    for algorithm in (
+        MixUpCutMix(NUM_CLASSES, mixup_alpha=0.3, switch_prob=0.2),
+        KnowledgeDistillation(teacher, alpha=2.5, temperature=4.0, ce_weight=0.0),
+    ):
+        again = eval(repr(algorithm), namespace)
+        assert type(again) is type(algorithm) and repr(again) == repr(algorithm)
+
+
+def test_state_dict_round_trips() -> None:
+    teacher = _net(1)
+    for make in (
+        lambda: KnowledgeDistillation(teacher, alpha=1.5, temperature=2.0),
+        lambda: MixUpCutMix(NUM_CLASSES, mixup_alpha=0.3),
+    ):
+        original, fresh = make(), make()
+        fresh.load_state_dict(original.state_dict())
+        assert fresh.state_dict() == original.state_dict()
+        assert not any(isinstance(v, torch.Tensor | torch.nn.Module) for v in original.state_dict().values())
+
+
+def test_ema_is_composers_own() -> None:
+    assert any(isinstance(a, EMA) for a in ALGORITHM_SETS["usi"]())
