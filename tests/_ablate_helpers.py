@@ -1,18 +1,16 @@
-"""Shared helpers for the W&B, ablation and Pareto tests: a tiny image folder, a teacher with
-random weights and the overrides that make yamls/demo.yaml train for two batches in seconds."""
+"""Shared helpers for the W&B, ablation and Pareto tests: a tiny image folder and the overrides
+that make yamls/demo.yaml train for two batches in seconds (the teacher's weights come from
+conftest's ``saved_teacher``)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import timm
-import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 DEMO_YAML = REPO / "yamls" / "demo.yaml"
 STUDENT = "mobilenetv3_small_050"  # tiny timm models, fixed here so the tests do not follow demo tuning
 TEACHER = "resnet10t"
@@ -30,12 +28,6 @@ def tiny_image_folder(root: Path, per_class: int = 4, size: int = 16, seed: int 
                 pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
-
-
-def random_teacher(path: Path) -> Path:
-    torch.manual_seed(0)
-    torch.save(timm.create_model(TEACHER, num_classes=NUM_CLASSES).state_dict(), path)
-    return path
 
 
 def tiny_overrides(data_root: Path, teacher: Path) -> list[str]:
@@ -58,10 +50,3 @@ def tiny_overrides(data_root: Path, teacher: Path) -> list[str]:
         "trainer.device=cpu",
         "trainer.precision=fp32",
     ]
-
-
-def run_train(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    """``train.py`` as a user runs it, in a fresh process."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
-    )

@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import yaml
-from _ablate_helpers import DEMO_YAML, REPO, random_teacher, tiny_image_folder, tiny_overrides
+from _ablate_helpers import DEMO_YAML, NUM_CLASSES, REPO, TEACHER, tiny_image_folder, tiny_overrides
 
 from usi_composer.ablate import Sweep, grid, load_sweep, plot, point_args, run_sweep, table
 from usi_composer.cli import ablate as ablate_cli
@@ -93,10 +93,10 @@ def test_bad_sweeps_stop_with_one_line_and_exit_2(
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def tiny(tmp_path_factory: pytest.TempPathFactory, saved_teacher) -> dict:
     tmp = tmp_path_factory.mktemp("ablate")
     data = tiny_image_folder(tmp / "data")
-    return {"tmp": tmp, "data": data, "teacher": random_teacher(tmp / "teacher.pt")}
+    return {"tmp": tmp, "data": data, "teacher": saved_teacher(TEACHER, NUM_CLASSES)}
 
 
 def test_two_point_grid_runs_logs_to_wandb_and_is_skipped_when_rerun(
@@ -218,3 +218,21 @@ def test_table_and_plot_average_over_seeds(tmp_path: Path) -> None:
     assert "| 5.0 | 0.9000 | 1 | 1 |" in md
     image = matplotlib.image.imread(plot(sweep, rows, tmp_path / "p.png"))
     assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_report_only_tables_the_finished_points_without_running(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [
+        {"point": "p1", "params": {"algorithms.distillation.alpha": 1.0}, "status": "failed", "metrics": {}},
+        {"point": "p1", "params": {"algorithms.distillation.alpha": 1.0}, "status": "ok", "metrics": {}},
+        {"point": "p2", "params": {"algorithms.distillation.alpha": 5.0}, "status": "ok", "metrics": {}},
+    ]
+    rows[1]["metrics"]["metrics/eval_best/top1"] = 0.25
+    rows[2]["metrics"]["metrics/eval_best/top1"] = 0.75
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ablate_cli.main([str(SWEEPS / "alpha.yaml"), "--out", str(out), "--report-only"]) == 0
+    md = (out / "alpha.md").read_text()
+    assert "| 1.0 | 0.2500 | 1 | 0 |" in md and "| 5.0 | 0.7500 | 1 | 0 |" in md  # the retried point counts once
+    assert (out / "alpha.png").is_file() and ": running" not in capsys.readouterr().out
+    assert ablate_cli.main([str(SWEEPS / "temperature.yaml"), "--out", str(out), "--report-only"]) == 2

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _ablate_helpers import DEMO_YAML, random_teacher, run_train, tiny_image_folder, tiny_overrides
+from _ablate_helpers import DEMO_YAML, NUM_CLASSES, TEACHER, tiny_image_folder, tiny_overrides
 
+from conftest import run_cli
 from usi_composer.config import ConfigError, load_config
 from usi_composer.tracking import REDACTED, build_wandb_logger, read_wandb_run, redact, redact_argv
 
@@ -20,11 +21,11 @@ AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
 
 @pytest.fixture(scope="module")
-def offline_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def offline_run(tmp_path_factory: pytest.TempPathFactory, saved_teacher) -> dict:
     """One real two-batch training run logged to W&B offline, as a user starts it."""
     tmp = tmp_path_factory.mktemp("wandb-run")
     data = tiny_image_folder(tmp / "data")
-    teacher = random_teacher(tmp / "teacher.pt")
+    teacher = saved_teacher(TEACHER, NUM_CLASSES)
     env = {
         **os.environ,
         "WANDB_MODE": "offline",
@@ -44,7 +45,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "--metrics-out",
         str(tmp / "metrics.json"),
     ]
-    done = run_train(args, env, cwd=tmp)
+    done = run_cli("train.py", *args, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dirs = sorted((tmp / "wb" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
@@ -150,8 +151,8 @@ def test_loggers_wandb_is_optional_and_validated(tmp_path: Path) -> None:
         _cfg("loggers.wandb.mode=cloud")
 
 
-def test_bad_wandb_key_on_the_command_line_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    done = run_train([str(DEMO_YAML), "loggers.wandb.entitty=me", "--dry-run"], dict(os.environ), cwd=tmp_path)
+def test_bad_wandb_key_on_the_command_line_is_one_line_and_exit_2() -> None:
+    done = run_cli("train.py", str(DEMO_YAML), "loggers.wandb.entitty=me", "--dry-run", timeout=600)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "did you mean 'entity'" in done.stderr
 

@@ -29,7 +29,18 @@ import yaml
 from usi_composer.config import load_config
 from usi_composer.errors import UsiError
 
-__all__ = ["Sweep", "SweepError", "grid", "load_sweep", "plot", "point_args", "replace_values", "run_sweep", "table"]
+__all__ = [
+    "Sweep",
+    "SweepError",
+    "finished_rows",
+    "grid",
+    "load_sweep",
+    "plot",
+    "point_args",
+    "replace_values",
+    "run_sweep",
+    "table",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED_KEY = "trainer.seed"
@@ -235,6 +246,14 @@ def run_sweep(
         _append_row(results, row)
         rows.append(row)
     return rows
+
+
+def finished_rows(sweep: Sweep, out_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``out_dir/results.jsonl`` for ``sweep``'s parameters, the latest per point."""
+    rows = [r for r in _read_rows(out_dir / "results.jsonl") if set(_swept(sweep)) <= set(r.get("params", {}))]
+    if not rows:
+        raise SweepError(f"{out_dir / 'results.jsonl'}: no finished points of {sweep.path} to report")
+    return list({r["point"]: r for r in rows}.values())
 
 
 def _fmt(row: dict[str, Any], metric: str) -> str:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from usi_composer.ablate import REPO_ROOT, load_sweep, plot, replace_values, run_sweep, table
+from usi_composer.ablate import REPO_ROOT, finished_rows, load_sweep, plot, replace_values, run_sweep, table
 from usi_composer.errors import UsiError
 
 __all__ = ["main"]
@@ -74,15 +74,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=_seeds, default=[], help="repeat each point with these trainer.seed values")
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the table and plot from the points already in results.jsonl",
+    )
+    parser.add_argument(
         "--demo-workdir", type=Path, default=Path(".cache/usi-demo"), help="demo data and teacher (base demo.yaml)"
     )
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     try:
         sweep = replace_values(load_sweep(args.sweep), args.values)
         base = _resolve_base(args.base, sweep.base)
-        overrides = [*_demo_overrides(base, args.demo_workdir), *args.overrides]
         out = args.out or Path("runs/ablations") / args.sweep.stem
-        rows = run_sweep(sweep, base, overrides, out, seeds=args.seeds)
+        if args.report_only:
+            rows = finished_rows(sweep, out)
+        else:
+            overrides = [*_demo_overrides(base, args.demo_workdir), *args.overrides]
+            rows = run_sweep(sweep, base, overrides, out, seeds=args.seeds)
     except UsiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
