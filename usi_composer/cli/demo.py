@@ -18,7 +18,7 @@ from pathlib import Path
 from usi_composer.config import Config, load_config
 from usi_composer.errors import UsiError
 
-__all__ = ["DemoResult", "main", "prepare_teacher", "run_demo", "train_and_score"]
+__all__ = ["DemoResult", "main", "prepare_teacher", "run_demo", "teacher_checkpoint", "train_and_score"]
 
 REPO_YAMLS = Path(__file__).resolve().parents[2] / "yamls"
 
@@ -63,6 +63,10 @@ def _data_overrides(data_root: Path) -> list[str]:
     return [f"data.train_dir={data_root / 'train'}", f"data.val_dir={data_root / 'val'}"]
 
 
+def teacher_checkpoint(workdir: Path, seed: int) -> Path:
+    return workdir / f"teacher-seed{seed}.pt"
+
+
 def prepare_teacher(
     workdir: Path, yamls: Path = REPO_YAMLS, seed: int = 0, overrides: Sequence[str] = ()
 ) -> tuple[Path, Path, float | None]:
@@ -73,7 +77,7 @@ def prepare_teacher(
     from usi_composer.data import export_digits
 
     data_root = export_digits(workdir / "digits")
-    checkpoint = workdir / f"teacher-seed{seed}.pt"
+    checkpoint = teacher_checkpoint(workdir, seed)
     if checkpoint.is_file():
         return data_root, checkpoint, None
     cfg = load_config(yamls / "demo_teacher.yaml", [*_data_overrides(data_root), f"trainer.seed={seed}", *overrides])
@@ -86,17 +90,22 @@ def prepare_teacher(
 def run_demo(workdir: Path, yamls: Path = REPO_YAMLS, seed: int = 0, overrides: Sequence[str] = ()) -> DemoResult:
     """Teacher, baseline student, USI student; ``overrides`` apply to the student runs."""
     start = time.perf_counter()
-    _banner("1/3 teacher (yamls/demo_teacher.yaml)")
-    data_root, checkpoint, teacher_top1 = prepare_teacher(workdir, yamls, seed)
-    teacher_cfg = load_config(yamls / "demo_teacher.yaml", _data_overrides(data_root))
-    if teacher_top1 is None:  # reused: score it again, cheaply, without training
-        teacher_top1 = _score_checkpoint(teacher_cfg, checkpoint)
+    data_root = workdir / "digits"
+    checkpoint = teacher_checkpoint(workdir, seed)
     student_args = [*_data_overrides(data_root), f"trainer.seed={seed}", f"teacher.checkpoint={checkpoint}"]
-    _banner("2/3 student baseline (yamls/demo.yaml, algorithms.distillation.enabled=false)")
+    # Validate every config before the minutes of training start.
+    teacher_cfg = load_config(yamls / "demo_teacher.yaml", _data_overrides(data_root))
     baseline = load_config(yamls / "demo.yaml", [*student_args, "algorithms.distillation.enabled=false", *overrides])
+    usi = load_config(yamls / "demo.yaml", [*student_args, *overrides])
+
+    _banner("1/3 teacher (yamls/demo_teacher.yaml)")
+    _, _, teacher_top1 = prepare_teacher(workdir, yamls, seed)
+    if teacher_top1 is None:  # reused: score it again, cheaply, without training
+        print(f"reusing {checkpoint}", flush=True)
+        teacher_top1 = _score_checkpoint(teacher_cfg, checkpoint)
+    _banner("2/3 student baseline (yamls/demo.yaml, algorithms.distillation.enabled=false)")
     baseline_top1 = train_and_score(baseline)
     _banner("3/3 student + USI distillation (yamls/demo.yaml)")
-    usi = load_config(yamls / "demo.yaml", [*student_args, *overrides])
     usi_top1 = train_and_score(usi)
     return DemoResult(
         teacher_top1, baseline_top1, usi_top1, teacher_cfg.model.name, usi.model.name, time.perf_counter() - start
