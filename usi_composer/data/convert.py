@@ -148,8 +148,15 @@ def _split_complete(out: str) -> bool:
 def _write_classes(out: str, classes: list[str]) -> None:
     from timm.data import ImageNetInfo
 
-    info = ImageNetInfo()
-    names = [info.label_name_to_description(c) if c.startswith("n") and c[1:].isdigit() else c for c in classes]
+    info = ImageNetInfo()  # ImageNet-21k synsets; a folder name it does not know is its own name
+
+    def describe(wnid: str) -> str:
+        try:
+            return info.label_name_to_description(wnid)
+        except KeyError:
+            return wnid
+
+    names = [describe(c) for c in classes]
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "classes.json").write_text(json.dumps({"wnids": classes, "names": names}, indent=1))
         if _is_remote(out):

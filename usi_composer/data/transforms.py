@@ -106,7 +106,7 @@ class BytesTransform:
       DCT scale (1/2, 1/4, 1/8, PIL ``draft``) at which the box still has at least the output
       resolution in both directions, and crop + resize happen in one ``Image.resize(box=...)``
       call. The rest (flip, RandAugment, to-tensor) is timm's transform unchanged.
-    * eval: the JPEG is decoded at the smallest DCT scale that still covers the resize target,
+    * eval: the JPEG is decoded at the smallest DCT scale that still covers twice the resize target,
       then timm's eval transform runs unchanged.
 
     timm has no transform that starts from undecoded bytes, hence this class; everything it
@@ -134,7 +134,9 @@ class BytesTransform:
             return self.rest(self.random_resized_crop(data))
         img = Image.open(io.BytesIO(data))
         if self.eval_size is not None and img.format == "JPEG":
-            img.draft(None, (self.eval_size, self.eval_size))  # both sides stay >= the resize target
+            # Both sides stay >= twice the resize target: the eval image is the reference, so the
+            # bicubic antialiasing does the last 2x (at 1x the DCT scaling's aliasing shows).
+            img.draft(None, (2 * self.eval_size, 2 * self.eval_size))
         return self.transform(img.convert("RGB"))
 
     def random_resized_crop(self, data: bytes) -> Image.Image:
