@@ -141,6 +141,8 @@ def _split_complete(out: str) -> bool:
         except FileNotFoundError:
             return False
         except Exception as e:
+            if "not found" in str(e).lower():  # streaming's S3 client reports a missing key as ClientError
+                return False
             raise SetupError(f"cannot reach {out}: {type(e).__name__}: {str(e).strip()[:200]}") from e
     return True
 

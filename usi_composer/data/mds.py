@@ -87,6 +87,7 @@ class ImageNetMDS(StreamingDataset):
             raise error from e
 
     def __iter__(self) -> Iterator[Any]:
+        self._shard_error = None
         try:
             yield from super().__iter__()
         except RuntimeError:
@@ -95,6 +96,10 @@ class ImageNetMDS(StreamingDataset):
             if self._shard_error is not None:
                 raise self._shard_error from None
             raise
+        # streaming's iterator can also just stop early once its download thread failed: an
+        # epoch must never end silently short.
+        if self._shard_error is not None:
+            raise self._shard_error
 
 
 def _reason(e: BaseException) -> str:
