@@ -182,7 +182,8 @@ def test_server_stopped_mid_epoch_is_a_clear_error_not_a_hang(bucket: str, tmp_p
             next(it)
             other.stop()
             start = time.monotonic()
-            with pytest.raises(StreamingDataError, match=r"cannot read shard 'shard\.\d+\.mds' of s3://stopping/mds/train: "):
+            expected = r"cannot read shard 'shard\.\d+\.mds' of s3://stopping/mds/train: "
+            with pytest.raises(StreamingDataError, match=expected):
                 for _ in it:
                     pass
             assert time.monotonic() - start < BOUND_S

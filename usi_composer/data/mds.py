@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +29,6 @@ __all__ = [
     "ImageNetMDS",
     "StreamingDataError",
     "default_cache_dir",
-    "release_stale_shared_memory",
     "streaming_dataloader",
 ]
 
@@ -109,58 +107,6 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def release_stale_shared_memory(local_dirs: list[str]) -> int:
-    """Free streaming shared memory left behind by killed runs that used one of ``local_dirs``.
-
-    streaming refuses to reuse a local directory registered in shared memory ("Reused local
-    directory") and its ``clean_stale_shared_memory()`` unlinks every streaming job's shared
-    memory on the host, live ones included. Here only registrations naming one of our local
-    directories and mapped by no live process (Linux ``/proc/*/maps``) are removed.
-    Returns how many registrations were freed.
-    """
-    if not sys.platform.startswith("linux"):
-        return 0
-    from multiprocessing.shared_memory import SharedMemory
-
-    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
-    from streaming.base.shared.prefix import _get_path, _unpack_locals
-
-    ours = {os.path.abspath(d) for d in local_dirs}
-    live = _mapped_shared_memory()
-    freed = 0
-    for prefix in range(10_000):
-        name = _get_path(prefix, LOCALS)
-        try:
-            shm = SharedMemory(name, create=False)
-        except FileNotFoundError:
-            break  # streaming allocates prefixes from 0 up and stops at the first free one too
-        except PermissionError:
-            continue
-        try:
-            their_locals, _ = _unpack_locals(bytes(shm.buf))
-        finally:
-            shm.close()
-        if not ours.intersection(their_locals) or name in live:
-            continue
-        for shm_name in SHM_TO_CLEAN:
-            path = Path("/dev/shm") / _get_path(prefix, shm_name)
-            path.unlink(missing_ok=True)
-        freed += 1
-        log.warning("freed stale streaming shared memory of a killed run (prefix %d, %s)", prefix, their_locals)
-    return freed
-
-
-def _mapped_shared_memory() -> set[str]:
-    names: set[str] = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            text = maps.read_text()
-        except OSError:  # process gone or not ours
-            continue
-        names.update(line.rsplit("/dev/shm/", 1)[1].split()[0] for line in text.splitlines() if "/dev/shm/" in line)
-    return names
-
-
 def default_cache_dir(remote: str) -> str:
     """Where shards of ``remote`` are cached when ``data.local`` is not set: stable across runs, so
     a restarted run reuses what it downloaded (streaming's own default must not exist yet)."""
@@ -194,8 +140,10 @@ def streaming_dataloader(
                 f"no MDS dataset at {where} (missing {where}/index.json; convert one with usi-convert-imagenet)"
             )
     else:
+        # A killed run leaves streaming's shared memory behind; streaming itself skips such
+        # registrations (their file locks remain), so a restarted run needs no cleanup here
+        # (tests/test_streaming_s3.py kills a run with SIGKILL and starts the next one).
         local = local or default_cache_dir(remote)
-        release_stale_shared_memory([os.path.join(local, split)])
     try:
         dataset = ImageNetMDS(
             transform=transform,
