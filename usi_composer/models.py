@@ -112,3 +112,21 @@ def _model_state_dict(state: dict) -> dict:
     if state and all(k.startswith(prefix) for k in state):
         state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
+
+
+def save_weights(trainer: Any, path: str | os.PathLike) -> None:
+    """Save the trained backbone's state dict (the EMA weights where EMA ran) to ``path``.
+
+    The file loads with ``load_weights`` / ``model.checkpoint`` / ``teacher.checkpoint``.
+    Reads the EMA copy without swapping it into the model (Composer's ``get_ema_model``
+    overwrites the training weights).
+    """
+    from composer.algorithms import EMA
+
+    model = trainer.state.model
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    ema = next((a for a in trainer.state.algorithms if isinstance(a, EMA)), None)
+    if ema is not None and ema.ema_model is not None and not ema.ema_weights_active:
+        averaged = {**ema.ema_model.named_parameters_dict, **ema.ema_model.named_buffers_dict}
+        state.update({k: v.detach().cpu().clone() for k, v in averaged.items() if k in state})
+    torch.save(_model_state_dict(state), path)
