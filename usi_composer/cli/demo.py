@@ -60,7 +60,12 @@ def train_and_score(cfg: Config, save_to: Path | None = None) -> float:
 
 
 def _data_overrides(data_root: Path) -> list[str]:
-    return [f"data.train_dir={data_root / 'train'}", f"data.val_dir={data_root / 'val'}"]
+    """The digits go through the same MDS path as ImageNet from object storage (usi-convert-imagenet)."""
+    from usi_composer.data.convert import convert_imagenet
+
+    mds = data_root.with_name(f"{data_root.name}-mds")
+    convert_imagenet(data_root, str(mds), workers=1, progress=False)  # complete splits are reused
+    return [f"data.local={mds}"]
 
 
 def prepare_teacher(
