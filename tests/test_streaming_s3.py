@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from streaming_fixtures import REPO, TINY_TRAIN, MotoServer, run, sample_root
+from streaming_fixtures import REPO, TINY_TRAIN, MotoServer, make_imagenet, run, sample_root
 
 from usi_composer.data.mds import StreamingDataError, streaming_dataloader
 from usi_composer.data.transforms import build_bytes_transform
@@ -157,18 +157,17 @@ def test_server_stopped_mid_epoch_is_a_clear_error_not_a_hang(bucket: str, tmp_p
     try:
         env = other.env()
         other.client().create_bucket(Bucket="stopping")
+        src = make_imagenet(tmp_path / "src", n_classes=40)  # 40 real JPEGs, ~10 shards
         proc = run(
             [
                 sys.executable,
                 "-m",
                 "usi_composer.data.convert",
-                str(sample_root()),
+                str(src),
                 "s3://stopping/mds",
                 "--shard-size",
-                "8mb",
+                "256kb",
                 "--no-progress",
-                "--splits",
-                "train",
             ],
             env=env,
             timeout=150,
