@@ -60,7 +60,12 @@ def train_and_score(cfg: Config, save_to: Path | None = None) -> float:
 
 
 def _data_overrides(data_root: Path) -> list[str]:
-    return [f"data.train_dir={data_root / 'train'}", f"data.val_dir={data_root / 'val'}"]
+    """The digits go through the same MDS path as ImageNet from object storage (usi-convert-imagenet)."""
+    from usi_composer.data.convert import convert_imagenet
+
+    mds = data_root.with_name(f"{data_root.name}-mds")
+    convert_imagenet(data_root, str(mds), workers=1, progress=False)  # complete splits are reused
+    return [f"data.local={mds}"]
 
 
 def teacher_checkpoint(workdir: Path, seed: int) -> Path:
@@ -89,12 +94,14 @@ def prepare_teacher(
 
 def run_demo(workdir: Path, yamls: Path = REPO_YAMLS, seed: int = 0, overrides: Sequence[str] = ()) -> DemoResult:
     """Teacher, baseline student, USI student; ``overrides`` apply to the student runs."""
+    from usi_composer.data import export_digits
+
     start = time.perf_counter()
-    data_root = workdir / "digits"
+    data_args = _data_overrides(export_digits(workdir / "digits"))
     checkpoint = teacher_checkpoint(workdir, seed)
-    student_args = [*_data_overrides(data_root), f"trainer.seed={seed}", f"teacher.checkpoint={checkpoint}"]
+    student_args = [*data_args, f"trainer.seed={seed}", f"teacher.checkpoint={checkpoint}"]
     # Validate every config before the minutes of training start.
-    teacher_cfg = load_config(yamls / "demo_teacher.yaml", _data_overrides(data_root))
+    teacher_cfg = load_config(yamls / "demo_teacher.yaml", data_args)
     baseline = load_config(yamls / "demo.yaml", [*student_args, "algorithms.distillation.enabled=false", *overrides])
     usi = load_config(yamls / "demo.yaml", [*student_args, *overrides])
 
