@@ -10,8 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / ".." / "shared" / "data" / "imagenet-sample"
+from conftest import IMAGENET_SAMPLE as SAMPLE
+from conftest import REPO, run
+
+__all__ = ["REPO", "TINY_TRAIN", "MotoServer", "free_port", "make_imagenet", "run", "sample_files", "sample_root"]
+
 PYTHON = sys.executable
 
 
@@ -47,7 +50,9 @@ def free_port() -> int:
 class MotoServer:
     """moto's standalone S3 server in a subprocess on 127.0.0.1 (a real HTTP S3 endpoint)."""
 
-    def __init__(self) -> None:
+    def __init__(self, free_requests: int | None = None) -> None:
+        # With free_requests=N, moto checks credentials (IAM) on every request after the first N.
+        self.free_requests = free_requests
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -57,6 +62,10 @@ class MotoServer:
         cmd = [str(moto_server)] if moto_server.exists() else [PYTHON, "-m", "moto.server"]
         self.proc = subprocess.Popen(
             [*cmd, "-H", "127.0.0.1", "-p", str(self.port)],
+            env={
+                **os.environ,
+                **({"INITIAL_NO_AUTH_ACTION_COUNT": str(self.free_requests)} if self.free_requests is not None else {}),
+            },
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -97,11 +106,6 @@ class MotoServer:
             aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
             region_name=env["AWS_DEFAULT_REGION"],
         )
-
-
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 TINY_TRAIN = [

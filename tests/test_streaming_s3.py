@@ -114,6 +114,27 @@ def test_wrong_bucket_is_a_clear_error(s3: MotoServer, tmp_path: Path) -> None:
     assert time.monotonic() - start < BOUND_S
 
 
+def test_wrong_credentials_are_a_clear_error(tmp_path: Path) -> None:
+    strict = MotoServer(free_requests=2).start()  # then rejects keys that its IAM does not know
+    strict.client().create_bucket(Bucket="private")
+    strict.client().put_object(Bucket="private", Key="mds/train/index.json", Body=b'{"version": 2, "shards": []}')
+    saved = {k: os.environ.get(k) for k in strict.env()}
+    os.environ.update(strict.env())
+    try:
+        with pytest.raises(SetupError) as e:
+            _loader("s3://private/mds", tmp_path / "cache")
+        message = str(e.value)
+        assert message.startswith("cannot open the MDS dataset at s3://private/mds/train: "), message
+        assert "permission" in message and "\n" not in message, message
+    finally:
+        strict.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _copy_dataset(s3: MotoServer, src: str, dst: str) -> None:
     c = s3.client()
     for o in c.list_objects_v2(Bucket="imagenet-sample", Prefix=f"{src}/")["Contents"]:
