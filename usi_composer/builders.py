@@ -21,6 +21,7 @@ from usi_composer.data.mds import streaming_dataloader
 from usi_composer.models import USIClassifier, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
 from usi_composer.teacher import build_teacher
+from usi_composer.tracking import build_wandb_logger
 
 __all__ = ["build_algorithms", "build_model", "build_trainer", "ema_smoothing", "scaled_lr"]
 
@@ -205,8 +206,11 @@ def build_trainer(
     loggers: list[LoggerDestination] | None = None,
     callbacks: list[Callback] | None = None,
 ) -> Trainer:
-    """Model, teacher, algorithms, data, optimizer, schedule and checkpointing -> a ready Trainer."""
+    """Model, teacher, algorithms, data, optimizer, schedule, checkpointing and the configured
+    loggers (``loggers.wandb``), plus ``loggers``/``callbacks`` given here -> a ready Trainer."""
     t = cfg.trainer
+    wandb_logger = build_wandb_logger(cfg)
+    loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
     reproducibility.seed_all(t.seed)
     model = build_model(cfg)
     mean, std = student_normalization(cfg, model.module)
@@ -243,6 +247,6 @@ def build_trainer(
         train_subset_num_batches=t.train_subset_num_batches,
         eval_subset_num_batches=t.eval_subset_num_batches,
         parallelism_config={"fsdp": dict(t.fsdp)} if t.fsdp is not None else None,
-        loggers=loggers,
+        loggers=loggers or None,
         callbacks=[*build_callbacks(cfg, eval_spec is not None), *(callbacks or [])],
     )

@@ -176,6 +176,26 @@ class TrainerConfig:
 
 
 @dataclass
+class WandBConfig:
+    """Composer's ``WandBLogger``; the mode (online/offline) follows ``WANDB_MODE`` unless set here."""
+
+    project: str | None = None  # None: W&B's default (WANDB_PROJECT, else 'uncategorized')
+    entity: str | None = None  # None: your default entity
+    group: str | None = None  # e.g. one ablation's name, to compare its runs side by side
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None  # run name; None: Composer's run name (trainer.run_name)
+    notes: str | None = None
+    mode: str | None = None  # online | offline | disabled; None: WANDB_MODE, else online
+    dir: str | None = None  # parent of the wandb/ run directories; None: WANDB_DIR, else the working directory
+    log_artifacts: bool = False  # upload checkpoints as W&B artifacts
+
+
+@dataclass
+class LoggersConfig:
+    wandb: WandBConfig | None = None  # null (the default): no W&B, except under `wandb agent` (W&B's defaults)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -184,6 +204,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -429,6 +450,21 @@ def _validate(cfg: Config, source_of: Any) -> None:
     if t.autoresume:
         check("trainer.run_name", bool(t.run_name), "autoresume needs a fixed run_name")
         check("trainer.save_folder", bool(t.save_folder), "autoresume needs a save_folder")
+
+    w = cfg.loggers.wandb
+    if w is not None:
+        check(
+            "loggers.wandb.mode",
+            w.mode in (None, "online", "offline", "disabled"),
+            f"must be online, offline or disabled, got '{w.mode}'",
+        )
+        for key, value in (("project", w.project), ("entity", w.entity), ("group", w.group), ("name", w.name)):
+            check(f"loggers.wandb.{key}", value is None or value.strip() != "", "must be a non-empty string or null")
+        check(
+            "loggers.wandb.tags",
+            all(0 < len(tag) <= 64 for tag in w.tags),
+            f"each tag must have 1 to 64 characters (W&B's limit), got {list(w.tags)}",
+        )
 
 
 def _fsdp_keys() -> list[str]:

@@ -6,14 +6,17 @@ Also ``python train.py ...`` (one process) and the ``usi-train`` console script.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from usi_composer.config import Config, dump_config, load_config
 from usi_composer.errors import UsiError
 
-__all__ = ["final_top1", "main", "train"]
+__all__ = ["final_metrics", "final_top1", "main", "train"]
 
 
 def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
@@ -39,6 +42,25 @@ def final_top1(trainer, label: str = "eval") -> float:  # trainer: composer.Trai
     return float(trainer.state.eval_metrics[label]["top1"].compute())
 
 
+def final_metrics(trainer: Any) -> dict[str, Any]:
+    """The last evaluation's metrics under their logged names (``metrics/eval/top1``, ...; the
+    EMA weights' where EMA ran), ``metrics/eval_best/top1`` (:func:`final_top1`) and
+    ``wandb_run_dir`` where a W&B run was written."""
+    from composer.loggers import WandBLogger
+
+    result: dict[str, Any] = {
+        f"metrics/{label}/{name}": float(metric.compute())
+        for label, metrics in trainer.state.eval_metrics.items()
+        for name, metric in metrics.items()
+    }
+    for label in trainer.state.eval_metrics:  # USI's number: the better of the EMA and raw weights
+        result[f"metrics/{label}_best/top1"] = final_top1(trainer, label)
+    wandb = next((d for d in trainer.logger.destinations if isinstance(d, WandBLogger)), None)
+    if wandb is not None and wandb.run_dir:
+        result["wandb_run_dir"] = str(Path(wandb.run_dir).parent)  # run_dir is the run's files/ folder
+    return result
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="train.py",
@@ -51,6 +73,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dry-run",
         action="store_true",
         help="validate the config, print it resolved as YAML and exit (builds nothing)",
+    )
+    parser.add_argument(
+        "--metrics-out",
+        type=Path,
+        metavar="JSON",
+        help="after training, write the final eval metrics (metrics/eval/top1, ...) to this JSON file",
     )
     return parser.parse_intermixed_args(argv)  # options may sit among the key=value overrides
 
@@ -66,10 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
     try:
-        train(cfg)
+        trainer = train(cfg)
     except UsiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    metrics = final_metrics(trainer)
+    trainer.close()  # finishes the W&B run (its summary and files) before we report success
+    if args.metrics_out is not None:
+        args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics_out.write_text(json.dumps(metrics, indent=1) + "\n")
     return 0
 
 

@@ -1,0 +1,111 @@
+"""``usi-ablate SWEEP.yaml [--base YAML] [key=value ...]``: run a W&B sweep's grid locally.
+
+    usi-ablate yamls/sweeps/temperature.yaml --base yamls/demo.yaml --seeds 0,1,2
+
+One training run per grid point, one after another; results are appended to
+``<out>/results.jsonl`` as each point finishes (rerun to resume: finished points are skipped,
+failed ones retried), then a markdown table and a PNG plot of the sweep's metric against the
+swept value are written next to it. With the embedded demo's yaml as base (``yamls/demo.yaml``),
+the demo's data and teacher are prepared first (reused when present), as ``usi-demo`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from usi_composer.ablate import REPO_ROOT, finished_rows, load_sweep, plot, replace_values, run_sweep, table
+from usi_composer.errors import UsiError
+
+__all__ = ["main"]
+
+
+def _resolve_base(base: Path | None, sweep_base: Path | None) -> Path:
+    path = base or sweep_base
+    if path is None:
+        raise UsiError("the sweep's command names no yaml: pass --base YAML")
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path  # the sweep files name repo paths (yamls/usi.yaml)
+    if not path.is_file():
+        raise UsiError(f"{path}: no such base config")
+    return path
+
+
+def _demo_overrides(base: Path, workdir: Path, echo=print) -> list[str]:
+    """Data and teacher for the embedded demo's student yaml; none for any other base."""
+    if base.name != "demo.yaml" or not (base.parent / "demo_teacher.yaml").is_file():
+        return []
+    from usi_composer.cli.demo import prepare_teacher
+
+    echo(f"demo: preparing the digits and the teacher in {workdir} (reused when present)")
+    data_root, checkpoint, top1 = prepare_teacher(workdir, base.parent)
+    if top1 is not None:
+        echo(f"demo: teacher trained, top-1 {top1:.4f}")
+    return [
+        f"data.train_dir={data_root / 'train'}",
+        f"data.val_dir={data_root / 'val'}",
+        f"teacher.checkpoint={checkpoint}",
+    ]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="usi-ablate", description="Run a W&B sweep file's grid locally, one training run per point, no W&B server."
+    )
+    parser.add_argument("sweep", type=Path, help="W&B sweep file, e.g. yamls/sweeps/temperature.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every point")
+    parser.add_argument("--base", type=Path, help="training yaml (default: the one in the sweep's command)")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/ablations/<sweep file name>)")
+    parser.add_argument(
+        "--values",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="replace a swept parameter's values (repeatable), e.g. trainer.max_duration=3ep,6ep,12ep",
+    )
+    parser.add_argument("--seeds", type=_seeds, default=[], help="repeat each point with these trainer.seed values")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the table and plot from the points already in results.jsonl",
+    )
+    parser.add_argument(
+        "--demo-workdir", type=Path, default=Path(".cache/usi-demo"), help="demo data and teacher (base demo.yaml)"
+    )
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    try:
+        sweep = replace_values(load_sweep(args.sweep), args.values)
+        base = _resolve_base(args.base, sweep.base)
+        out = args.out or Path("runs/ablations") / args.sweep.stem
+        if args.report_only:
+            rows = finished_rows(sweep, out)
+        else:
+            overrides = [*_demo_overrides(base, args.demo_workdir), *args.overrides]
+            rows = run_sweep(sweep, base, overrides, out, seeds=args.seeds)
+    except UsiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished points are in results.jsonl; rerun the same command to resume", file=sys.stderr)
+        return 130
+    report = table(sweep, rows)
+    (out / f"{args.sweep.stem}.md").write_text(f"# {sweep.name}\n\n{report}\n")
+    png = plot(sweep, rows, out / f"{args.sweep.stem}.png")
+    print(f"\n{report}\n\ntable: {out / (args.sweep.stem + '.md')}\nplot:  {png}")
+    failed = sum(r.get("status") != "ok" for r in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} points failed (see the logs; rerun to retry them)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The speed-accuracy Pareto comparison: inference throughput of timm backbones (BatchNorm folded,
+as the paper measures), joined with top-1 from finished runs, drawn with the frontier marked."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from usi_composer.errors import UsiError
+
+__all__ = [
+    "Throughput",
+    "load_top1",
+    "markdown_table",
+    "measure_throughput",
+    "pareto_front",
+    "plot_pareto",
+    "throughput_json",
+]
+
+DEFAULT_METRICS = ("metrics/eval_best/top1", "metrics/eval/top1")
+AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Throughput:
+    model: str
+    images_per_s: float  # batch_size / median seconds per batch
+    median_ms: float  # per batch
+    iqr_ms: float
+    runs: int  # timed blocks the median is over
+    batch_size: int
+    image_size: int
+    device: str
+    amp: str
+    channels_last: bool
+    bn_folded: int  # BatchNorm layers folded into convolutions
+    params_m: float
+
+
+def _count_bn(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def measure_throughput(
+    name: str,
+    *,
+    batch_size: int = 64,
+    image_size: int = 224,
+    num_classes: int = 1000,
+    device: str = "cpu",
+    amp: str = "none",
+    channels_last: bool = True,
+    fold_bn: bool = True,
+    warmup: int = 5,
+    min_run_time: float = 2.0,
+) -> Throughput:
+    """Images per second of timm's ``name`` (random weights: speed does not depend on them) in
+    eval mode, BN folded, after ``warmup`` batches; the median over the blocks that
+    ``torch.utils.benchmark`` times in ``min_run_time`` seconds (it synchronizes CUDA)."""
+    import timm
+    from torch.utils import benchmark
+
+    from usi_composer.teacher import fold_batchnorm
+
+    if amp not in AMP_DTYPES:
+        raise UsiError(f"--amp: must be one of {', '.join(AMP_DTYPES)}, got '{amp}'")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise UsiError(f"{name}: {str(e).splitlines()[0]}") from None
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    before = _count_bn(model)
+    model = fold_batchnorm(model) if fold_bn else model.eval()
+    folded = before - _count_bn(model)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device).to(memory_format=memory_format)
+    dtype = AMP_DTYPES[amp]
+    device_type = torch.device(device).type
+
+    def step() -> torch.Tensor:
+        autocast = torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            return model(x)
+
+    for _ in range(warmup):
+        step()
+    m = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time
+    )
+    return Throughput(
+        model=name,
+        images_per_s=batch_size / m.median,
+        median_ms=m.median * 1e3,
+        iqr_ms=m.iqr * 1e3,
+        runs=len(m.times),
+        batch_size=batch_size,
+        image_size=image_size,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        bn_folded=folded,
+        params_m=params_m,
+    )
+
+
+# --------------------------------------------------------------------------- top-1 of finished runs
+
+
+def _wandb_runs(root: Path) -> Iterable[Path]:
+    if any(root.glob("run-*.wandb")):
+        yield root
+    else:
+        yield from sorted({p.parent for p in root.rglob("run-*.wandb")})
+
+
+def load_top1(
+    results: Iterable[str | os.PathLike] = (),
+    wandb_dirs: Iterable[str | os.PathLike] = (),
+    csvs: Iterable[str | os.PathLike] = (),
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> dict[str, tuple[float, str]]:
+    """Best top-1 per model name over finished runs: model -> (value, where it came from).
+
+    A run's top-1 is the first of ``metrics`` it has (by default USI's better-of-EMA-and-raw
+    ``metrics/eval_best/top1``, else ``metrics/eval/top1``).
+
+    ``results``: the local runner's results.jsonl files; ``wandb_dirs``: W&B run directories or
+    folders holding them (offline or synced runs; the model is the logged ``model.name``);
+    ``csvs``: files with a ``model`` column and a ``top1`` column.
+    """
+    best: dict[str, tuple[float, str]] = {}
+
+    def pick(values: dict[str, Any]) -> Any:
+        return next((values[m] for m in metrics if values.get(m) is not None), None)
+
+    def offer(model: str | None, value: Any, source: str) -> None:
+        if model and isinstance(value, int | float) and (model not in best or value > best[model][0]):
+            best[model] = (float(value), source)
+
+    for path in map(Path, results):
+        if not path.is_file():
+            raise UsiError(f"{path}: no such results file")
+        for line in path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("status") == "ok":
+                offer(row.get("model"), pick(row.get("metrics", {})), f"{path}: {row.get('point')}")
+    for root in map(Path, wandb_dirs):
+        if not root.exists():
+            raise UsiError(f"{root}: no such W&B folder")
+        from usi_composer.tracking import read_wandb_run
+
+        for run_dir in _wandb_runs(root):
+            run = read_wandb_run(run_dir)
+            offer(run["config"].get("model", {}).get("name"), pick(run["summary"]), f"W&B run {run.get('id')}")
+    for path in map(Path, csvs):
+        if not path.is_file():
+            raise UsiError(f"{path}: no such CSV file")
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if not {"model", "top1"} <= set(reader.fieldnames or []):
+                raise UsiError(f"{path}: needs columns 'model' and 'top1', has {reader.fieldnames}")
+            for row in reader:
+                offer(row["model"], float(row["top1"]), str(path))
+    return best
+
+
+# --------------------------------------------------------------------------- the frontier
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For (speed, accuracy) points, higher is better in both: True where no other point is at
+    least as good in both and better in one."""
+    return [
+        not any((sx >= x and sy >= y) and (sx > x or sy > y) for j, (sx, sy) in enumerate(points) if j != i)
+        for i, (x, y) in enumerate(points)
+    ]
+
+
+def markdown_table(speeds: list[Throughput], top1: dict[str, tuple[float, str]]) -> str:
+    joined = [s for s in speeds if s.model in top1]
+    front = dict(
+        zip([s.model for s in joined], pareto_front([(s.images_per_s, top1[s.model][0]) for s in joined]), strict=True)
+    )
+    lines = [
+        "| model | images/s | ms/batch (median, IQR) | params (M) | BN folded | top-1 | Pareto |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for s in sorted(speeds, key=lambda s: -s.images_per_s):
+        acc = f"{top1[s.model][0]:.4f}" if s.model in top1 else "no run"
+        lines.append(
+            f"| {s.model} | {s.images_per_s:.1f} | {s.median_ms:.2f} ± {s.iqr_ms:.2f} | {s.params_m:.2f} "
+            f"| {s.bn_folded} | {acc} | {'★' if front.get(s.model) else ''} |"
+        )
+    s0 = speeds[0]
+    lines.append(
+        f"\nThroughput: batch {s0.batch_size}, {s0.image_size}px, {s0.device}, amp={s0.amp}, "
+        f"channels_last={s0.channels_last}, BatchNorm folded; top-1: the best finished run per model."
+    )
+    return "\n".join(lines)
+
+
+def plot_pareto(
+    speeds: list[Throughput], top1: dict[str, tuple[float, str]], path: Path, metric: str = "top-1"
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    joined = [s for s in speeds if s.model in top1]
+    if not joined:
+        raise UsiError("no benchmarked model has a finished run with a top-1: nothing to plot")
+    xs = [s.images_per_s for s in joined]
+    ys = [top1[s.model][0] for s in joined]
+    front = pareto_front(list(zip(xs, ys, strict=True)))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    ax.scatter(xs, ys, color="tab:gray", zorder=2, label="backbone")
+    frontier = sorted((x, y) for x, y, f in zip(xs, ys, front, strict=True) if f)
+    ax.plot(*zip(*frontier, strict=True), "o-", color="tab:red", zorder=3, label="Pareto frontier")
+    for s, x, y in zip(joined, xs, ys, strict=True):
+        ax.annotate(s.model, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    s0 = joined[0]
+    ax.set_xlabel(
+        f"inference throughput (images/s; {s0.device}, batch {s0.batch_size}, {s0.image_size}px, amp={s0.amp})"
+    )
+    ax.set_ylabel(metric)
+    ax.set_title("speed-accuracy Pareto (BatchNorm folded)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def throughput_json(speeds: list[Throughput]) -> str:
+    return json.dumps([asdict(s) for s in speeds], indent=1)

@@ -1,0 +1,225 @@
+"""Experiment tracking: Composer's ``WandBLogger`` from ``loggers.wandb``, with the resolved config
+as the run's config (so two runs diff in the W&B UI) and secrets kept out of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from usi_composer.config import Config, WandBConfig, config_to_dict
+
+__all__ = [
+    "REDACTED",
+    "build_wandb_logger",
+    "iter_wandb_records",
+    "loggable_config",
+    "read_wandb_run",
+    "redact",
+    "redact_argv",
+]
+
+REDACTED = "<redacted>"
+
+# Names of keys (in the config) and environment variables whose values are secrets.
+_SECRET_NAME = re.compile(
+    r"(api[_-]?key|secret|token|passw(or)?d|passwd|credential|private[_-]?key|access[_-]?key|signature|authorization|(^|_)key$)",
+    re.IGNORECASE,
+)
+_MIN_SECRET_LEN = 6  # shorter environment values are too likely to occur by chance in paths and names
+
+
+def _secret_env_values(environ: dict[str, str]) -> list[str]:
+    values = {v for k, v in environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)  # longest first, so a secret containing another goes whole
+
+
+def _redact_string(text: str, env_secrets: list[str]) -> str:
+    for secret in env_secrets:
+        text = text.replace(secret, REDACTED)
+    if "://" in text:
+        # user:password@host and query strings (pre-signed URLs carry signatures and tokens there)
+        parts = urlsplit(text)
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+        query = REDACTED if parts.query else ""
+        text = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return text
+
+
+def redact(value: Any, environ: dict[str, str] | None = None, *, _env_secrets: list[str] | None = None) -> Any:
+    """A copy of ``value`` (nested dicts/lists) fit for logging.
+
+    Values under secret-looking keys (``*api_key``, ``*secret*``, ``*token*``, ``*password*``, ...)
+    become ``<redacted>``; so do URL credentials and query strings, and every occurrence of the
+    value of a secret-looking environment variable (``WANDB_API_KEY``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SESSION_TOKEN``, ``HF_TOKEN``, ...) inside any string.
+    """
+    if _env_secrets is None:
+        _env_secrets = _secret_env_values(dict(os.environ if environ is None else environ))
+    env_secrets = _env_secrets
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if _SECRET_NAME.search(str(k)) and v not in (None, "") else redact(v, _env_secrets=env_secrets)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(v, _env_secrets=env_secrets) for v in value]
+    if isinstance(value, str):
+        return _redact_string(value, env_secrets)
+    return value
+
+
+def loggable_config(cfg: Config, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The fully resolved config as a nested dict, secrets redacted (see :func:`redact`)."""
+    return redact(config_to_dict(cfg), environ)
+
+
+def redact_argv(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
+    """Command-line arguments with secrets redacted (``key=value`` overrides as :func:`redact` would)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and _SECRET_NAME.search(key.rsplit(".", 1)[-1]) and value:
+            out.append(f"{key}={REDACTED}")
+        elif sep:
+            out.append(f"{key}={redact(value, environ)}")
+        else:
+            out.append(redact(arg, environ))
+    return out
+
+
+def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None
+    """Composer's ``WandBLogger`` as ``loggers.wandb`` says, or None when it is null.
+
+    A run started by ``wandb agent`` (``WANDB_SWEEP_ID`` set) always logs, with W&B's defaults
+    where ``loggers.wandb`` is null: the sweep reads its metric from the run, so the sweep files
+    in yamls/sweeps/ work with the plain yamls/usi.yaml.
+    """
+    w = cfg.loggers.wandb
+    if w is None and os.environ.get("WANDB_SWEEP_ID"):
+        w = WandBConfig()
+    if w is None:
+        return None
+    from composer.loggers import WandBLogger
+
+    class _WandBLogger(WandBLogger):
+        """Composer's logger; wandb also records the command line (its run metadata), so the
+        arguments it sees at ``wandb.init`` are redacted like the config."""
+
+        def init(self, state: Any, logger: Any) -> None:
+            argv = sys.argv
+            sys.argv = [argv[0], *redact_argv(argv[1:])]
+            try:
+                super().init(state, logger)
+            finally:
+                sys.argv = argv
+
+    _patch_wandb_run_get_url()
+    init_kwargs: dict[str, Any] = {"config": loggable_config(cfg)}
+    if w.notes is not None:
+        init_kwargs["notes"] = redact(w.notes)
+    if w.mode is not None:
+        init_kwargs["mode"] = w.mode
+    if w.dir is not None:
+        Path(w.dir).mkdir(parents=True, exist_ok=True)
+        init_kwargs["dir"] = w.dir
+    return _WandBLogger(
+        project=w.project,
+        group=w.group,
+        name=w.name,
+        entity=w.entity,
+        tags=list(w.tags) or None,
+        log_artifacts=w.log_artifacts,
+        init_kwargs=init_kwargs,
+    )
+
+
+def _patch_wandb_run_get_url() -> None:
+    """Composer 0.32's ``WandBLogger.init`` calls ``wandb.run.get_url()``, which newer wandb
+    releases removed in favour of the ``Run.url`` property (same value). Restore the old name
+    where it is missing, so Composer's own logger works with either wandb."""
+    from wandb.sdk.wandb_run import Run
+
+    if not hasattr(Run, "get_url"):
+        Run.get_url = lambda self: self.url  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- reading runs back
+# wandb >= 0.2x writes offline runs only as a transaction log (run-<id>.wandb: wandb's protobuf
+# `Record`s in LevelDB's log framing) and no longer ships a Python reader for it, so the framing
+# is decoded here (the format is stable: `wandb sync` uploads exactly these files); the records
+# themselves are parsed by wandb's own protobuf classes.
+_WANDB_HEADER = b":W&B"
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def iter_wandb_records(path: str | os.PathLike) -> Iterator[Any]:
+    """The ``wandb.proto.wandb_internal_pb2.Record``s in a ``.wandb`` file, in order."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if not data.startswith(_WANDB_HEADER):
+        raise ValueError(f"{path}: not a W&B transaction log")
+    pos, pending = 7, b""  # header: ':W&B', uint16 magic, uint8 version
+    while pos + 7 <= len(data):
+        left_in_block = _BLOCK - pos % _BLOCK
+        if left_in_block < 7:  # block trailer: zero padding
+            pos += left_in_block
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:  # zeroed tail (preallocated, unwritten)
+            pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
+            continue
+        pending = chunk if kind in (_FULL, _FIRST) else pending + chunk
+        if kind in (_FULL, _LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def read_wandb_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A W&B run directory (offline or online) read back: ``{"id", "project", "name", "group",
+    "tags", "config", "summary", "history_keys"}``; config and summary as nested dicts with the
+    values the run logged last."""
+    files = sorted(Path(run_dir).glob("run-*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no run-*.wandb file (not a W&B run directory)")
+    run: dict[str, Any] = {"config": {}, "summary": {}, "history_keys": set(), "tags": []}
+
+    def apply(target: dict[str, Any], items: Any) -> None:
+        for item in items:
+            keys = list(item.nested_key) or [item.key]
+            node = target
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = json.loads(item.value_json)
+
+    for record in iter_wandb_records(files[-1]):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run.update(id=r.run_id, project=r.project, name=r.display_name, group=r.run_group, tags=list(r.tags))
+            apply(run["config"], r.config.update)
+        elif kind == "config":
+            apply(run["config"], record.config.update)
+        elif kind == "summary":
+            apply(run["summary"], record.summary.update)
+        elif kind == "history":
+            for item in record.history.item:
+                key = "/".join(item.nested_key) if item.nested_key else item.key
+                run["history_keys"].add(key)
+                if not key.startswith("_"):  # the summary defaults to each key's last logged value
+                    run["summary"][key] = json.loads(item.value_json)
+    return run
