@@ -18,7 +18,15 @@ from pathlib import Path
 from usi_composer.config import Config, load_config
 from usi_composer.errors import UsiError
 
-__all__ = ["DemoResult", "main", "prepare_teacher", "run_demo", "teacher_checkpoint", "train_and_score"]
+__all__ = [
+    "DemoResult",
+    "data_overrides",
+    "main",
+    "prepare_teacher",
+    "run_demo",
+    "teacher_checkpoint",
+    "train_and_score",
+]
 
 REPO_YAMLS = Path(__file__).resolve().parents[2] / "yamls"
 
@@ -59,7 +67,7 @@ def train_and_score(cfg: Config, save_to: Path | None = None) -> float:
     return top1
 
 
-def _data_overrides(data_root: Path) -> list[str]:
+def data_overrides(data_root: Path) -> list[str]:
     """The digits go through the same MDS path as ImageNet from object storage (usi-convert-imagenet)."""
     from usi_composer.data.convert import convert_imagenet
 
@@ -85,7 +93,7 @@ def prepare_teacher(
     checkpoint = teacher_checkpoint(workdir, seed)
     if checkpoint.is_file():
         return data_root, checkpoint, None
-    cfg = load_config(yamls / "demo_teacher.yaml", [*_data_overrides(data_root), f"trainer.seed={seed}", *overrides])
+    cfg = load_config(yamls / "demo_teacher.yaml", [*data_overrides(data_root), f"trainer.seed={seed}", *overrides])
     partial = checkpoint.with_suffix(".partial")
     top1 = train_and_score(cfg, save_to=partial)
     partial.rename(checkpoint)  # only a finished teacher is ever reused
@@ -97,7 +105,7 @@ def run_demo(workdir: Path, yamls: Path = REPO_YAMLS, seed: int = 0, overrides: 
     from usi_composer.data import export_digits
 
     start = time.perf_counter()
-    data_args = _data_overrides(export_digits(workdir / "digits"))
+    data_args = data_overrides(export_digits(workdir / "digits"))
     checkpoint = teacher_checkpoint(workdir, seed)
     student_args = [*data_args, f"trainer.seed={seed}", f"teacher.checkpoint={checkpoint}"]
     # Validate every config before the minutes of training start.
