@@ -36,6 +36,7 @@ def tiny_overrides(data_root: Path, teacher: Path) -> list[str]:
         f"model.name={STUDENT}",
         f"teacher.name={TEACHER}",
         f"teacher.checkpoint={teacher}",
+        "data.local=null",  # demo.yaml streams MDS; these tests use a folder
         f"data.train_dir={data_root / 'train'}",
         f"data.val_dir={data_root / 'val'}",
         f"data.num_classes={NUM_CLASSES}",

@@ -53,8 +53,13 @@ def saved_teacher(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a command in the repo with the test's Python, capturing text output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [sys.executable, *args] if args[0].endswith(".py") or args[0] == "-m" else list(args)
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in the repo (``env`` added to ours), capturing text output."""
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``run`` with the test's Python in front of a script (``x.py``) or ``-m module``."""
+    cmd = [sys.executable, *args] if args[0].endswith(".py") or args[0] == "-m" else list(args)
+    return run(cmd, env=env, timeout=timeout)

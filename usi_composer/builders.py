@@ -16,7 +16,8 @@ from timm.data import resolve_data_config
 
 from usi_composer.algorithms import BestOfEMAAndRaw, KnowledgeDistillation, MixUpCutMix
 from usi_composer.config import Config
-from usi_composer.data import DeviceNormalize, build_transform, folder_dataloader
+from usi_composer.data import DeviceNormalize, build_bytes_transform, build_transform, folder_dataloader
+from usi_composer.data.mds import streaming_dataloader
 from usi_composer.models import USIClassifier, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
 from usi_composer.teacher import build_teacher
@@ -107,44 +108,79 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float]) -> list[A
 
 
 def build_dataloaders(cfg: Config, mean: list[float], std: list[float]) -> tuple[DataSpec, DataSpec | None]:
+    """Train and eval ``DataSpec``s: MDS shards via streaming when ``data.remote`` or ``data.local``
+    is set, else ImageNet folders. Both yield uint8 images; normalization runs on the device."""
     d, t = cfg.data, cfg.trainer
     per_device = t.global_batch_size // dist.get_world_size()
+    eval_batch = t.eval_batch_size or per_device
     normalize = DeviceNormalize(mean, std, channels_last=cfg.algorithms.channels_last)
-    common: dict[str, Any] = dict(
+    loader_args: dict[str, Any] = dict(
         num_workers=d.num_workers,
         pin_memory=d.pin_memory and torch.cuda.is_available(),
         persistent_workers=d.persistent_workers,
-        seed=t.seed,
     )
     transform_args: dict[str, Any] = dict(crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean)
-    train = folder_dataloader(
-        d.train_dir,
-        build_transform(
-            d.image_size,
-            True,
-            scale=d.scale,
-            ratio=d.ratio,
-            hflip=d.hflip,
-            auto_augment=d.auto_augment,
-            **transform_args,
-        ),
-        per_device,
-        shuffle=True,
-        drop_last=True,
-        **common,
+    train_args: dict[str, Any] = dict(
+        scale=d.scale, ratio=d.ratio, hflip=d.hflip, auto_augment=d.auto_augment, **transform_args
     )
+    if d.remote or d.local:
+        s = d.streaming
+        knobs: dict[str, Any] = dict(
+            remote=d.remote,
+            local=d.local,
+            shuffle_algo=s.shuffle_algo,
+            shuffle_seed=t.seed if s.shuffle_seed is None else s.shuffle_seed,
+            shuffle_block_size=s.shuffle_block_size,
+            num_canonical_nodes=s.num_canonical_nodes,
+            predownload=s.predownload,
+            cache_limit=s.cache_limit,
+            download_timeout=s.download_timeout,
+            download_retry=s.download_retry,
+            validate_hash=s.validate_hash,
+            **loader_args,
+        )
+        train = streaming_dataloader(
+            split=s.train_split,
+            transform=build_bytes_transform(d.image_size, True, fast=s.fast_decode, **train_args),
+            batch_size=per_device,
+            shuffle=True,
+            drop_last=True,
+            **knobs,
+        )
+        val = None
+        if s.val_split is not None:
+            val = streaming_dataloader(
+                split=s.val_split,
+                transform=build_bytes_transform(d.image_size, False, fast=s.fast_decode, **transform_args),
+                batch_size=eval_batch,
+                shuffle=False,
+                drop_last=False,
+                **knobs,
+            )
+    else:
+        assert d.train_dir is not None  # validated
+        train = folder_dataloader(
+            d.train_dir,
+            build_transform(d.image_size, True, **train_args),
+            per_device,
+            shuffle=True,
+            drop_last=True,
+            seed=t.seed,
+            **loader_args,
+        )
+        val = None
+        if d.val_dir is not None:
+            val = folder_dataloader(
+                d.val_dir,
+                build_transform(d.image_size, False, **transform_args),
+                eval_batch,
+                shuffle=False,
+                drop_last=False,
+                seed=t.seed,
+                **loader_args,
+            )
     train_spec = DataSpec(train, microbatch_transforms=normalize)
-    if d.val_dir is None:
-        return train_spec, None
-    val = folder_dataloader(
-        d.val_dir,
-        build_transform(d.image_size, False, **transform_args),
-        t.eval_batch_size or per_device,
-        shuffle=False,
-        drop_last=False,
-        **common,
-    )
-    return train_spec, DataSpec(val, microbatch_transforms=normalize)
+    return train_spec, (DataSpec(val, microbatch_transforms=normalize) if val is not None else None)
 
 
 def build_callbacks(cfg: Config, evaluates: bool) -> list[Callback]:

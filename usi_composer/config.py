@@ -60,9 +60,30 @@ class TeacherConfig:
 
 
 @dataclass
+class StreamingConfig:
+    """mosaicml-streaming knobs for MDS data (``data.remote`` / ``data.local``); null = streaming's default."""
+
+    train_split: str = "train"  # <remote or local>/<split>/index.json, as written by usi-convert-imagenet
+    val_split: str | None = "val"  # None: no evaluation
+    shuffle_algo: str = "py1e"
+    shuffle_seed: int | None = None  # None: trainer.seed
+    shuffle_block_size: int | None = None
+    num_canonical_nodes: int | None = None  # fix it to keep the sample order when the node count changes
+    predownload: int | None = None  # samples to download ahead per worker
+    cache_limit: str | None = None  # e.g. 100gb: evict shards beyond this; None: keep all
+    download_timeout: float = 60.0  # seconds per shard
+    download_retry: int = 2
+    validate_hash: str | None = None  # e.g. sha1 (the converter stores sha1 per shard)
+    fast_decode: bool = True  # reduced-size JPEG decode + one-call crop/resize (same crop boxes)
+
+
+@dataclass
 class DataConfig:
-    train_dir: str = MISSING  # ImageNet layout: <train_dir>/<class>/<image>
+    train_dir: str | None = None  # ImageNet layout: <train_dir>/<class>/<image> (unused when streaming)
     val_dir: str | None = None  # same layout; None: no evaluation
+    remote: str | None = None  # MDS root (s3://bucket/imagenet, ...) from usi-convert-imagenet; set = streaming
+    local: str | None = None  # local cache of remote; without remote: a local MDS root
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
     num_classes: int = 1000
     image_size: int = 224
     crop_pct: float = 0.95  # eval: resize to image_size / crop_pct, center crop image_size
@@ -287,6 +308,14 @@ def _validate(cfg: Config, source_of: Any) -> None:
     )
 
     d = cfg.data
+    if d.remote or d.local:
+        _validate_streaming(d, fail, check)
+    else:
+        check(
+            "data.train_dir",
+            bool(d.train_dir),
+            "set data.train_dir (an ImageNet folder) or data.remote / data.local (MDS shards)",
+        )
     check("data.num_classes", d.num_classes >= 2, f"must be >= 2, got {d.num_classes}")
     check("data.image_size", d.image_size >= 8, f"must be >= 8 pixels, got {d.image_size}")
     check("data.crop_pct", 0 < d.crop_pct <= 1, f"must be in (0, 1], got {d.crop_pct}")
@@ -442,6 +471,51 @@ def _fsdp_keys() -> list[str]:
     from composer.utils.parallelism import FSDPConfig
 
     return [f.name for f in fields(FSDPConfig) if not f.name.startswith("_")]
+
+
+def _validate_streaming(d: DataConfig, fail: Any, check: Any) -> None:
+    from streaming.base.hashing import get_hashes
+    from streaming.base.shuffle import algos
+    from streaming.base.storage.download import DOWNLOADER_MAPPINGS
+    from streaming.base.util import bytes_to_int
+
+    if d.remote:
+        scheme = d.remote.split("://", 1)[0] if "://" in d.remote else ""
+        check(
+            "data.remote",
+            scheme in DOWNLOADER_MAPPINGS or scheme == "dbfs",
+            f"not a remote streaming can read: '{d.remote}' (e.g. s3://bucket/imagenet; "
+            "for a local copy set data.local instead)",
+        )
+    s = d.streaming
+    check("data.streaming.train_split", bool(s.train_split), "must name the training split (e.g. train)")
+    check(
+        "data.streaming.shuffle_algo",
+        s.shuffle_algo in algos,
+        f"unknown shuffle algorithm '{s.shuffle_algo}'{_suggest(s.shuffle_algo, sorted(algos))} "
+        f"(one of {', '.join(sorted(algos))})",
+    )
+    for name in ("shuffle_seed", "predownload"):
+        value = getattr(s, name)
+        check(f"data.streaming.{name}", value is None or value >= 0, f"must be >= 0 or null, got {value}")
+    for name in ("shuffle_block_size", "num_canonical_nodes"):
+        value = getattr(s, name)
+        check(f"data.streaming.{name}", value is None or value >= 1, f"must be >= 1 or null, got {value}")
+    check("data.streaming.download_timeout", s.download_timeout > 0, f"must be > 0 seconds, got {s.download_timeout}")
+    check("data.streaming.download_retry", s.download_retry >= 0, f"must be >= 0, got {s.download_retry}")
+    if s.cache_limit is not None:
+        try:
+            ok = bytes_to_int(s.cache_limit) > 0
+        except (ValueError, TypeError):
+            ok = False
+        check("data.streaming.cache_limit", ok, f"not a size: '{s.cache_limit}' (e.g. 100gb, or null for no limit)")
+    if s.validate_hash is not None:
+        hashes = sorted(get_hashes())
+        check(
+            "data.streaming.validate_hash",
+            s.validate_hash in hashes,
+            f"unknown hash '{s.validate_hash}' (one of {', '.join(hashes)}; the converter stores sha1)",
+        )
 
 
 def _check_time(key: str, value: str, fail: Any) -> None:

@@ -37,17 +37,13 @@ def _demo_overrides(base: Path, workdir: Path, echo=print) -> list[str]:
     """Data and teacher for the embedded demo's student yaml; none for any other base."""
     if base.name != "demo.yaml" or not (base.parent / "demo_teacher.yaml").is_file():
         return []
-    from usi_composer.cli.demo import prepare_teacher
+    from usi_composer.cli.demo import data_overrides, prepare_teacher
 
     echo(f"demo: preparing the digits and the teacher in {workdir} (reused when present)")
     data_root, checkpoint, top1 = prepare_teacher(workdir, base.parent)
     if top1 is not None:
         echo(f"demo: teacher trained, top-1 {top1:.4f}")
-    return [
-        f"data.train_dir={data_root / 'train'}",
-        f"data.val_dir={data_root / 'val'}",
-        f"teacher.checkpoint={checkpoint}",
-    ]
+    return [*data_overrides(data_root), f"teacher.checkpoint={checkpoint}"]
 
 
 def _seeds(text: str) -> list[int]:

@@ -18,7 +18,15 @@ from pathlib import Path
 from usi_composer.config import Config, load_config
 from usi_composer.errors import UsiError
 
-__all__ = ["DemoResult", "main", "prepare_teacher", "run_demo", "train_and_score"]
+__all__ = [
+    "DemoResult",
+    "data_overrides",
+    "main",
+    "prepare_teacher",
+    "run_demo",
+    "teacher_checkpoint",
+    "train_and_score",
+]
 
 REPO_YAMLS = Path(__file__).resolve().parents[2] / "yamls"
 
@@ -59,8 +67,17 @@ def train_and_score(cfg: Config, save_to: Path | None = None) -> float:
     return top1
 
 
-def _data_overrides(data_root: Path) -> list[str]:
-    return [f"data.train_dir={data_root / 'train'}", f"data.val_dir={data_root / 'val'}"]
+def data_overrides(data_root: Path) -> list[str]:
+    """The digits go through the same MDS path as ImageNet from object storage (usi-convert-imagenet)."""
+    from usi_composer.data.convert import convert_imagenet
+
+    mds = data_root.with_name(f"{data_root.name}-mds")
+    convert_imagenet(data_root, str(mds), workers=1, progress=False)  # complete splits are reused
+    return [f"data.local={mds}"]
+
+
+def teacher_checkpoint(workdir: Path, seed: int) -> Path:
+    return workdir / f"teacher-seed{seed}.pt"
 
 
 def prepare_teacher(
@@ -73,10 +90,10 @@ def prepare_teacher(
     from usi_composer.data import export_digits
 
     data_root = export_digits(workdir / "digits")
-    checkpoint = workdir / f"teacher-seed{seed}.pt"
+    checkpoint = teacher_checkpoint(workdir, seed)
     if checkpoint.is_file():
         return data_root, checkpoint, None
-    cfg = load_config(yamls / "demo_teacher.yaml", [*_data_overrides(data_root), f"trainer.seed={seed}", *overrides])
+    cfg = load_config(yamls / "demo_teacher.yaml", [*data_overrides(data_root), f"trainer.seed={seed}", *overrides])
     partial = checkpoint.with_suffix(".partial")
     top1 = train_and_score(cfg, save_to=partial)
     partial.rename(checkpoint)  # only a finished teacher is ever reused
@@ -85,18 +102,25 @@ def prepare_teacher(
 
 def run_demo(workdir: Path, yamls: Path = REPO_YAMLS, seed: int = 0, overrides: Sequence[str] = ()) -> DemoResult:
     """Teacher, baseline student, USI student; ``overrides`` apply to the student runs."""
+    from usi_composer.data import export_digits
+
     start = time.perf_counter()
-    _banner("1/3 teacher (yamls/demo_teacher.yaml)")
-    data_root, checkpoint, teacher_top1 = prepare_teacher(workdir, yamls, seed)
-    teacher_cfg = load_config(yamls / "demo_teacher.yaml", _data_overrides(data_root))
-    if teacher_top1 is None:  # reused: score it again, cheaply, without training
-        teacher_top1 = _score_checkpoint(teacher_cfg, checkpoint)
-    student_args = [*_data_overrides(data_root), f"trainer.seed={seed}", f"teacher.checkpoint={checkpoint}"]
-    _banner("2/3 student baseline (yamls/demo.yaml, algorithms.distillation.enabled=false)")
+    data_args = data_overrides(export_digits(workdir / "digits"))
+    checkpoint = teacher_checkpoint(workdir, seed)
+    student_args = [*data_args, f"trainer.seed={seed}", f"teacher.checkpoint={checkpoint}"]
+    # Validate every config before the minutes of training start.
+    teacher_cfg = load_config(yamls / "demo_teacher.yaml", data_args)
     baseline = load_config(yamls / "demo.yaml", [*student_args, "algorithms.distillation.enabled=false", *overrides])
+    usi = load_config(yamls / "demo.yaml", [*student_args, *overrides])
+
+    _banner("1/3 teacher (yamls/demo_teacher.yaml)")
+    _, _, teacher_top1 = prepare_teacher(workdir, yamls, seed)
+    if teacher_top1 is None:  # reused: score it again, cheaply, without training
+        print(f"reusing {checkpoint}", flush=True)
+        teacher_top1 = _score_checkpoint(teacher_cfg, checkpoint)
+    _banner("2/3 student baseline (yamls/demo.yaml, algorithms.distillation.enabled=false)")
     baseline_top1 = train_and_score(baseline)
     _banner("3/3 student + USI distillation (yamls/demo.yaml)")
-    usi = load_config(yamls / "demo.yaml", [*student_args, *overrides])
     usi_top1 = train_and_score(usi)
     return DemoResult(
         teacher_top1, baseline_top1, usi_top1, teacher_cfg.model.name, usi.model.name, time.perf_counter() - start

@@ -1,0 +1,168 @@
+"""ImageNet as MDS shards (written by ``usi-convert-imagenet``), streamed with mosaicml-streaming.
+
+Each sample holds the original encoded bytes (``image``), the integer label (``label``) and the
+source path relative to the split folder (``key``). The dataset decodes and transforms on the
+loader workers and yields ``(uint8 CHW tensor, label)``; float conversion and normalization run
+batched on the device (:class:`~usi_composer.data.transforms.DeviceNormalize`).
+
+Mid-epoch resumption comes from streaming itself: Composer saves ``dataset.state_dict()`` in
+each checkpoint and loads it into the dataset of the resumed run, which then continues at the
+exact sample position (deterministic shuffle, same for any number of workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from streaming import StreamingDataLoader, StreamingDataset
+
+from usi_composer.errors import SetupError
+
+__all__ = [
+    "MDS_COLUMNS",
+    "ImageNetMDS",
+    "StreamingDataError",
+    "default_cache_dir",
+    "streaming_dataloader",
+]
+
+log = logging.getLogger(__name__)
+
+MDS_COLUMNS = {"image": "bytes", "label": "int", "key": "str"}
+
+
+class StreamingDataError(SetupError):
+    """A shard could not be read: the one-line message names the remote, the split and the shard.
+
+    PyTorch re-raises a loader worker's exception in the main process as ``type(e)(text)`` where
+    the text carries the worker's traceback; only the last line (our message) is kept, so the
+    command line still prints one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if "Traceback" in message:
+            last = message.strip().splitlines()[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+class ImageNetMDS(StreamingDataset):
+    """A ``StreamingDataset`` of converted ImageNet shards yielding ``(transform(image bytes), label)``.
+
+    Shard failures (download, missing object, hash mismatch, server gone) raise
+    :class:`StreamingDataError` naming the remote and the shard: streaming's own message for a
+    failure in its background download thread is only "Background thread failed".
+    """
+
+    def __init__(self, *, transform: Callable[[bytes], Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.transform = transform
+        self._shard_error: StreamingDataError | None = None
+
+    def __getitem__(self, idx: int) -> tuple[Any, int]:  # type: ignore[override]
+        sample = super().__getitem__(idx)
+        return self.transform(sample["image"]), int(sample["label"])
+
+    def describe_shard(self, shard_id: int) -> str:
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        raw_data = getattr(self.shards[shard_id], "raw_data", None)
+        basename = raw_data.basename if raw_data is not None else f"#{shard_id}"
+        where = os.path.join(stream.remote, stream.split or "") if stream.remote else stream.local
+        return f"shard '{basename}' of {where}"
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as e:
+            error = StreamingDataError(f"cannot read {self.describe_shard(shard_id)}: {_reason(e)}")
+            self._shard_error = self._shard_error or error
+            raise error from e
+
+    def __iter__(self) -> Iterator[Any]:
+        self._shard_error = None
+        try:
+            yield from super().__iter__()
+        except RuntimeError:
+            # streaming reports a failed download thread as "Background thread failed"; the
+            # thread recorded the real cause here (same process: threads share the dataset).
+            if self._shard_error is not None:
+                raise self._shard_error from None
+            raise
+        # streaming's iterator can also just stop early once its download thread failed: an
+        # epoch must never end silently short.
+        if self._shard_error is not None:
+            raise self._shard_error
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if "Checksum failure" in text:
+        return "hash validation failed (the shard's bytes differ from the index)"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def default_cache_dir(remote: str) -> str:
+    """Where shards of ``remote`` are cached when ``data.local`` is not set: stable across runs, so
+    a restarted run reuses what it downloaded (streaming's own default must not exist yet)."""
+    digest = hashlib.blake2s(remote.rstrip("/").encode(), digest_size=8).hexdigest()
+    return os.path.join(tempfile.gettempdir(), "usi-streaming", digest)
+
+
+def streaming_dataloader(
+    *,
+    remote: str | None,
+    local: str | None,
+    split: str,
+    transform: Callable[[bytes], Any],
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    num_workers: int,
+    pin_memory: bool = True,
+    persistent_workers: bool = True,
+    **streaming_kwargs: Any,
+) -> StreamingDataLoader:
+    """A per-process ``StreamingDataLoader`` over ``<remote or local>/<split>``.
+
+    ``streaming_kwargs`` go to ``StreamingDataset`` (shuffle_algo, shuffle_seed, predownload,
+    cache_limit, num_canonical_nodes, download_timeout, download_retry, validate_hash, ...).
+    """
+    where = f"{remote.rstrip('/')}/{split}" if remote else os.path.join(local or "", split)
+    if remote is None:
+        if local is None or not (Path(local) / split / "index.json").is_file():
+            raise SetupError(
+                f"no MDS dataset at {where} (missing {where}/index.json; convert one with usi-convert-imagenet)"
+            )
+    else:
+        # A killed run leaves streaming's shared memory behind; streaming itself skips such
+        # registrations (their file locks remain), so a restarted run needs no cleanup here
+        # (tests/test_streaming_s3.py kills a run with SIGKILL and starts the next one).
+        local = local or default_cache_dir(remote)
+    try:
+        dataset = ImageNetMDS(
+            transform=transform,
+            remote=remote,
+            local=local,
+            split=split,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            **streaming_kwargs,
+        )
+    except StreamingDataError:
+        raise
+    except Exception as e:  # streaming raises whatever its storage client raised
+        raise SetupError(f"cannot open the MDS dataset at {where}: {_reason(e)}") from e
+    return StreamingDataLoader(
+        dataset,
+        batch_size=batch_size,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+    )
