@@ -174,6 +174,7 @@ def test_runner_survives_a_failing_point_and_retries_it(
     tiny_args = [o for o in tiny_overrides(tiny["data"], tiny["teacher"]) if not o.startswith(("data.", "teacher.ch"))]
     args = [str(sweep), "--base", str(DEMO_YAML), "--out", str(tmp_path / "out"), "--demo-workdir", "wd"]
     args += [*tiny_args, f"data.num_classes={4}", "data.image_size=16", "data.num_workers=0"]
+    args += ["data.local=null", f"data.train_dir={tiny['data'] / 'train'}"]  # the folder, where val_dir counts
 
     assert ablate_cli.main(args) == 1
     assert calls == [(Path("wd"), DEMO_YAML.parent)]

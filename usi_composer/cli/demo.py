@@ -133,6 +133,7 @@ def _score_checkpoint(cfg: Config, checkpoint: Path) -> float:
     from usi_composer.builders import build_trainer
 
     cfg.algorithms.ema.enabled = False  # plain weights: score the checkpoint as it is
+    cfg.trainer.progress_bar = False  # one quick eval pass
     trainer = build_trainer(cfg)
     trainer.eval()
     top1 = float(trainer.state.eval_metrics["eval"]["top1"].compute())
