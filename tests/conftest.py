@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,30 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
     """``run`` with the test's Python in front of a script (``x.py``) or ``-m module``."""
     cmd = [sys.executable, *args] if args[0].endswith(".py") or args[0] == "-m" else list(args)
     return run(cmd, env=env, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world_size: int, logs: Path, *args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, str]:
+    """``composer -n world_size args...`` (Composer's launcher; gloo on CPU) on a free port, each
+    rank's output in ``logs``. Returns the result and the tails of the ranks' logs."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "composer.cli.launcher",
+        "-n",
+        str(world_size),
+        "--master_port",
+        str(free_port()),
+        "--stdout",
+        str(logs / "rank{rank}.out"),
+        "--stderr",
+        str(logs / "rank{rank}.err"),
+        *args,
+    ]
+    result = run(cmd, timeout=timeout)
+    return result, "".join(p.read_text()[-2000:] for p in sorted(logs.glob("rank*.*")))

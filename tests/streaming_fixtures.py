@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import IMAGENET_SAMPLE as SAMPLE
-from conftest import REPO, run
+from conftest import REPO, free_port, run
 
 __all__ = ["REPO", "TINY_TRAIN", "MotoServer", "free_port", "make_imagenet", "run", "sample_files", "sample_root"]
 
@@ -39,12 +39,6 @@ def make_imagenet(root: Path, n_classes: int, per_class: int = 1, start: int = 0
         for k in range(per_class):
             shutil.copyfile(f, folder / (f.name if k == 0 else f"{f.stem}_{k}.JPEG"))
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MotoServer:

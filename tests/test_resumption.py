@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from composer.algorithms import EMA
 from resumption import ALGORITHM_SETS, NUM_CLASSES, _net, _trainer, differences, run_pair
 
 import usi_composer.algorithms as usi_algorithms
-from conftest import run_cli
+from conftest import launch
 from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix
 
 
@@ -31,20 +30,7 @@ def test_resumption_check_can_fail(tmp_path: Path) -> None:
 
 
 def test_resumption_is_equivalent_on_two_processes(tmp_path: Path) -> None:
-    composer = shutil.which("composer", path=str(Path(torch.__file__).parents[4] / "bin")) or "composer"
-    result = run_cli(
-        composer,
-        "-n",
-        "2",
-        "--stdout",
-        str(tmp_path / "rank{rank}.out"),
-        "--stderr",
-        str(tmp_path / "rank{rank}.err"),
-        "tests/resumption.py",
-        str(tmp_path),
-        timeout=600,
-    )
-    logs = "".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("rank*.*")))
+    result, logs = launch(2, tmp_path, "tests/resumption.py", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:] + logs
     report = (tmp_path / "report.txt").read_text().splitlines()
     assert report == [f"{name}: equal, 2 ranks" for name in ALGORITHM_SETS], report
