@@ -229,3 +229,41 @@ def test_train_cli_missing_local_mds_is_one_line_error(tmp_path: Path) -> None:
 
 def test_sample_data_present() -> None:
     assert len(sample_files()) == 1000 and (sample_root() / "train").is_dir()
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_that_fails_to_load_ends_the_epoch_with_one_error(tmp_path: Path, monkeypatch) -> None:
+    """The download thread's failure reaches the caller as one line naming the shard; the timeout
+    guards the epoch's end, which once waited forever for that thread (see ImageNetMDS)."""
+    from usi_composer.data.convert import convert_imagenet
+    from usi_composer.data.mds import StreamingDataError, streaming_dataloader
+
+    convert_imagenet(
+        make_imagenet(tmp_path / "src", n_classes=24),
+        str(tmp_path / "mds"),
+        workers=1,
+        shard_size="128kb",
+        progress=False,
+    )
+
+    def broken(self: StreamingDataset, shard_id: int, blocking: bool = True) -> None:
+        raise OSError("connection reset")  # as a dead server would
+
+    monkeypatch.setattr(StreamingDataset, "prepare_shard", broken)
+    loader = streaming_dataloader(
+        remote=None,
+        local=str(tmp_path / "mds"),
+        split="train",
+        transform=build_bytes_transform(16, True),
+        batch_size=4,
+        shuffle=False,
+        drop_last=False,
+        num_workers=0,
+        pin_memory=False,
+        persistent_workers=False,
+    )
+    with pytest.raises(
+        StreamingDataError, match=r"cannot read shard 'shard\.\d+\.mds' of .*mds: OSError: connection reset"
+    ):
+        for _ in loader:
+            pass

@@ -84,6 +84,23 @@ class ImageNetMDS(StreamingDataset):
             self._shard_error = self._shard_error or error
             raise error from e
 
+    # streaming's download threads count themselves out (``it.on_exit()``) only when they return
+    # normally; one that raises is never counted, and the epoch's final ``it.exit()`` then waits
+    # forever. Count a failed thread out too, so a dead server ends in our error, never a hang.
+    def _prepare_thread(self, it: Any) -> None:
+        try:
+            super()._prepare_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
+    def _ready_thread(self, it: Any) -> None:
+        try:
+            super()._ready_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
     def __iter__(self) -> Iterator[Any]:
         self._shard_error = None
         try:
