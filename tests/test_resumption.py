@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from composer.algorithms import EMA
 from resumption import ALGORITHM_SETS, NUM_CLASSES, _net, _trainer, differences, run_pair
 
 import usi_composer.algorithms as usi_algorithms
@@ -65,7 +64,3 @@ def test_state_dict_round_trips() -> None:
         fresh.load_state_dict(original.state_dict())
         assert fresh.state_dict() == original.state_dict()
         assert not any(isinstance(v, torch.Tensor | torch.nn.Module) for v in original.state_dict().values())
-
-
-def test_ema_is_composers_own() -> None:
-    assert any(isinstance(a, EMA) for a in ALGORITHM_SETS["usi"]())
