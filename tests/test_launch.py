@@ -160,7 +160,8 @@ def test_slurm_starts_one_composer_launcher_per_node(tmp_path: Path, capsys: pyt
 def test_slurm_requeues_a_failed_run(tmp_path: Path, restarts: str, requeued: bool) -> None:
     """A failed run (e.g. a lost node) is requeued, to autoresume, until MAX_RESTARTS (3) is spent."""
     env = _slurm_env(FAKE_COMPOSER_EXIT="1", SLURM_RESTART_COUNT=restarts)
-    done, _ = _run_rendered(["bash", str(LAUNCH / "slurm.sbatch")], env, tmp_path)
+    done, calls = _run_rendered(["bash", str(LAUNCH / "slurm.sbatch")], env, tmp_path)
+    assert len(calls) == NODES  # the script got as far as launching on every node
     assert done.returncode != 0  # the job itself still reports the failure
     assert (tmp_path / "requeued").exists() == requeued
     if requeued:
