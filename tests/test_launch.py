@@ -37,7 +37,7 @@ with open(os.environ["RECORD"], "a") as f:
 sys.exit(int(os.environ.get("FAKE_COMPOSER_EXIT", "0")))' "$@"
 """
 FAKE_SRUN = """#!/bin/bash
-while [[ "$1" == -* ]]; do shift; done  # srun's own options
+while [[ "$1" == -* ]]; do echo "$1" >> "$SRUN_OPTIONS"; shift; done  # srun's own options
 status=0
 for ((i = 0; i < SLURM_NNODES; i++)); do
   SLURM_NODEID=$i SLURM_PROCID=$i "$@" || status=$?
@@ -74,6 +74,7 @@ def _run_rendered(
         "FAKE_PYTHON": sys.executable,
         "RECORD": str(record),
         "REQUEUED": str(tmp_path / "requeued"),
+        "SRUN_OPTIONS": str(tmp_path / "srun_options"),
         **env,
     }
     done = subprocess.run(argv, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=60)
@@ -133,7 +134,9 @@ def _check_nodes(
 
 
 def _slurm_env(**extra: str) -> dict[str, str]:
-    return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-node-[0-1]", "SLURM_NNODES": str(NODES), **extra}
+    # What sbatch sets from the #SBATCH lines, for N nodes.
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-node-[0-1]", "SLURM_NNODES": str(NODES)}
+    return env | {"SLURM_CPUS_PER_TASK": "64", **extra}
 
 
 def test_slurm_script_is_valid_bash() -> None:
@@ -143,13 +146,17 @@ def test_slurm_script_is_valid_bash() -> None:
 
 def test_slurm_starts_one_composer_launcher_per_node(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     text = (LAUNCH / "slurm.sbatch").read_text()
-    assert f"#SBATCH --gpus-per-node={GPUS_PER_NODE} " in text and f"\nGPUS_PER_NODE={GPUS_PER_NODE}\n" in text
-    assert "#SBATCH --requeue" in text
+    lines = text.splitlines()
+    assert f"#SBATCH --gpus-per-node={GPUS_PER_NODE}" in lines and f"GPUS_PER_NODE={GPUS_PER_NODE}" in lines
+    assert "#SBATCH --requeue" in lines
     done, calls = _run_rendered(["bash", str(LAUNCH / "slurm.sbatch")], _slurm_env(), tmp_path)
     assert done.returncode == 0, done.stderr
     node_envs = [_slurm_env(SLURM_NODEID=str(i)) for i in range(NODES)]
     result = _check_nodes(calls, node_envs, capsys)
     assert result["parsed"][0].master_addr == "gpu-node-0"  # the allocation's first host
+    # One task per node, with the job's CPUs; one failed node ends every node's task.
+    srun_options = (tmp_path / "srun_options").read_text().split()
+    assert {"--ntasks-per-node=1", "--cpus-per-task=64", "--kill-on-bad-exit=1"} <= set(srun_options)
     # Each node caches shards in its own folder (safe on a shared filesystem).
     locals_ = {a for call in calls for a in call["argv"] if a.startswith("data.local=")}
     assert locals_ == {f"data.local=/tmp/usi-imagenet/node{i}" for i in range(NODES)}
