@@ -104,13 +104,12 @@ def _dry_run(script: str, args: list[str], cwd: Path, capsys: pytest.CaptureFixt
     return yaml.safe_load(out)
 
 
-def _check_nodes(
-    calls: list[dict[str, Any]], node_envs: list[dict[str, str]], capsys: pytest.CaptureFixture
-) -> dict[str, Any]:
-    """One composer launcher per node, all agreeing on the rendezvous; the training command parses."""
+def _check_nodes(calls: list[dict[str, Any]], node_envs: list[dict[str, str]], capsys: pytest.CaptureFixture) -> list:
+    """One composer launcher per node, all agreeing on the rendezvous; each node's training command
+    passes `train.py --dry-run`. Returns Composer's parsed arguments, node by node."""
     assert len(calls) == NODES, calls
     parsed = [_composer_args(call["argv"], env) for call, env in zip(calls, node_envs, strict=True)]
-    for node_rank, args in enumerate(parsed):
+    for node_rank, (call, args) in enumerate(zip(calls, parsed, strict=True)):
         assert args.nproc == GPUS_PER_NODE
         assert args.world_size == NODES * GPUS_PER_NODE
         assert args.node_rank == node_rank
@@ -119,15 +118,15 @@ def _check_nodes(
         assert not args.module_mode and not args.command_mode
         assert args.training_script == "train.py"
         assert args.training_script_args[0] == "yamls/usi.yaml"
-    cfg = _dry_run(parsed[0].training_script, parsed[0].training_script_args, Path(calls[0]["cwd"]), capsys)
-    # What every template promises: streaming across nodes, checkpoints in an object store, autoresume.
-    assert cfg["data"]["remote"].startswith("s3://")
-    assert cfg["data"]["local"]
-    assert cfg["data"]["streaming"]["num_canonical_nodes"] == 8
-    assert cfg["trainer"]["save_folder"].startswith("s3://")
-    assert cfg["trainer"]["autoresume"] is True
-    assert cfg["trainer"]["run_name"] == "usi-resnet50"
-    return {"parsed": parsed, "cfg": cfg}
+        cfg = _dry_run(args.training_script, args.training_script_args, Path(call["cwd"]), capsys)
+        # What every template promises: streaming across nodes, checkpoints in an object store, autoresume.
+        assert cfg["data"]["remote"].startswith("s3://")
+        assert cfg["data"]["local"]
+        assert cfg["data"]["streaming"]["num_canonical_nodes"] == 8
+        assert cfg["trainer"]["save_folder"].startswith("s3://")
+        assert cfg["trainer"]["autoresume"] is True
+        assert cfg["trainer"]["run_name"] == "usi-resnet50"
+    return parsed
 
 
 # -- Slurm ---------------------------------------------------------------------------------------
@@ -152,8 +151,8 @@ def test_slurm_starts_one_composer_launcher_per_node(tmp_path: Path, capsys: pyt
     done, calls = _run_rendered(["bash", str(LAUNCH / "slurm.sbatch")], _slurm_env(), tmp_path)
     assert done.returncode == 0, done.stderr
     node_envs = [_slurm_env(SLURM_NODEID=str(i)) for i in range(NODES)]
-    result = _check_nodes(calls, node_envs, capsys)
-    assert result["parsed"][0].master_addr == "gpu-node-0"  # the allocation's first host
+    parsed = _check_nodes(calls, node_envs, capsys)
+    assert parsed[0].master_addr == "gpu-node-0"  # the allocation's first host
     # One task per node, with the job's CPUs; one failed node ends every node's task.
     srun_options = (tmp_path / "srun_options").read_text().split()
     assert {"--ntasks-per-node=1", "--cpus-per-task=64", "--kill-on-bad-exit=1"} <= set(srun_options)
@@ -239,8 +238,8 @@ def test_pytorchjob_starts_one_composer_launcher_per_pod(tmp_path: Path, capsys:
         assert done.returncode == 0, done.stderr
         calls += pod_calls
         node_envs.append(env)
-    result = _check_nodes(calls, node_envs, capsys)
-    assert result["parsed"][0].master_addr == "usi-resnet50-master-0"
+    parsed = _check_nodes(calls, node_envs, capsys)
+    assert parsed[0].master_addr == "usi-resnet50-master-0"
 
 
 # -- MosaicML platform (mcli) ----------------------------------------------------------------------
