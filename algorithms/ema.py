@@ -6,9 +6,10 @@ whole model every step (``summon_full_params``). ``FusedEMA`` keeps Composer's a
 events, eval and checkpoint swaps, state and attributes; ``isinstance(x, EMA)`` holds) and
 replaces the storage of the average:
 
-- the update is ``torch._foreach_lerp_`` over the floating-point parameters and buffers and one
-  ``torch._foreach_copy_`` of the other buffers (BN's ``num_batches_tracked``), per device and
-  dtype, on tensor lists bound once per fit/eval, never per step, and without host syncs;
+- the update is one ``torch._foreach_lerp_`` over the parameters, one ``_foreach_mul_`` +
+  ``_foreach_add_`` over the float buffers and one ``_foreach_copy_`` of the integer buffers
+  (BN's ``num_batches_tracked``), per device and dtype, on tensor lists bound once per fit and
+  eval, never per step, and without host syncs;
 - under FSDP (v1, ``use_orig_params=True``, Composer's default) each rank averages, swaps and
   copies its own shard in place, with no communication; only checkpoints gather (and, on load,
   scatter) the full tensors, so a checkpoint holds the same full, rank-independent tensors as
@@ -66,7 +67,9 @@ class FusedEMA(EMA):
         super().__init__(half_life, smoothing, ema_start, update_interval)
         if half_life is None:
             self.half_life = None
-        self._args = dict(half_life=half_life, smoothing=smoothing, ema_start=ema_start, update_interval=update_interval)
+        self._args = dict(
+            half_life=half_life, smoothing=smoothing, ema_start=ema_start, update_interval=update_interval
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._args.items())})"
@@ -117,10 +120,16 @@ class FusedEMAParameters(EMAParameters):
         self._float_buffers: _Pairs = []
         self._other_buffers: _Pairs = []
         self._full = False  # holds full tensors from a checkpoint; under FSDP, scattered at binding
+        self._sharded = False  # holds this rank's FSDP shards
         if model is not None:
-            with torch.no_grad():  # local copies: no summon_full_params
-                self.named_parameters_dict = {n: p.detach().clone() for n, p in _params(model)}
-                self.named_buffers_dict = {n: b.detach().clone() for n, b in model.named_buffers()}
+            self._copy_local(model)
+
+    @torch.no_grad()
+    def _copy_local(self, model: torch.nn.Module) -> None:
+        """The model's own tensors (under FSDP, this rank's shards): no summon_full_params."""
+        self.named_parameters_dict = {n: p.detach().clone() for n, p in _params(model)}
+        self.named_buffers_dict = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self._sharded = _is_fsdp(model)
 
     @classmethod
     def from_full(cls, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> FusedEMAParameters:
@@ -137,8 +146,11 @@ class FusedEMAParameters(EMAParameters):
         and when the storage or the model object changed, never per step. Moves each average to
         its tensor's device and layout (parameters: also dtype), so the kernels take their fast path.
         """
-        if self._full and _is_fsdp(model):
-            self._scatter(model)
+        if _is_fsdp(model) and not self._sharded:
+            if self._full:  # from a checkpoint
+                self._scatter(model)
+            else:  # copied at INIT, before Composer wrapped the model; unused until EMA starts
+                self._copy_local(model)
         self._full = False
         groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for store, name, live in self._named_live(model):
@@ -159,7 +171,7 @@ class FusedEMAParameters(EMAParameters):
         self._model = model
 
     def _named_live(self, model: torch.nn.Module) -> Iterator[tuple[dict[str, torch.Tensor], str, torch.Tensor]]:
-        """(storage dict, name, live tensor) for every averaged tensor ``model`` has, matched by name as Composer does."""
+        """(storage dict, name, live tensor) per averaged tensor of ``model``, matched by name as Composer."""
         for name, p in _params(model):
             if name in self.named_parameters_dict:
                 yield self.named_parameters_dict, name, p
@@ -197,6 +209,10 @@ class FusedEMAParameters(EMAParameters):
     @torch.no_grad()
     def transfer_ema_params(self, model: torch.nn.Module) -> None:
         """Copy the averages into ``model`` (Composer's ``get_ema_model``)."""
+        if model is not self._model:  # another module (a copy to export): by name, keeping the binding
+            for store, name, live in self._named_live(model):
+                live.copy_(store[name])
+            return
         for avgs, lives in self._bound(model):
             torch._foreach_copy_(lives, avgs)
 
@@ -234,6 +250,7 @@ class FusedEMAParameters(EMAParameters):
         for n, original in zip(names, held, strict=True):
             self.named_parameters_dict[n] = live[n].detach().clone()  # the shard, as FSDP cut it
             live[n].copy_(original)
+        self._sharded = True
 
 
 def _params(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:

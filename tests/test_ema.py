@@ -116,8 +116,9 @@ def test_standalone_repeated_fit_evaluates_the_averaged_weights() -> None:
         fit.fit(duration="2ba")
     assert int(trainer.state.timestamp.batch) == 6
     assert not ema.ema_weights_active
-    for (name, mine), theirs in zip(trainer.state.model.state_dict().items(), plain.state.model.state_dict().values()):
-        assert torch.equal(mine, theirs), f"{name}: the training weights are back after each eval"
+    reference = plain.state.model.state_dict()
+    for name, mine in trainer.state.model.state_dict().items():
+        assert torch.equal(mine, reference[name]), f"{name}: the training weights are back after each eval"
     logged = [v for _, v in logger.data["metrics/eval/CrossEntropy"]]
     assert len(logged) == 3
     averaged = ema.get_ema_model(copy.deepcopy(trainer.state.model))
@@ -162,9 +163,10 @@ def test_checkpoint_holds_the_averaged_weights(tmp_path: Path) -> None:
     (name, saved), *_ = checkpoint["state"]["algorithms"]
     assert name == "FusedEMA"
     stored = saved["ema_model"]
-    assert stored["named_parameters_dict"].keys() | stored["named_buffers_dict"].keys() == checkpoint["state"][
-        "model"
-    ].keys()
+    assert (
+        stored["named_parameters_dict"].keys() | stored["named_buffers_dict"].keys()
+        == checkpoint["state"]["model"].keys()
+    )
     key = next(iter(stored["named_parameters_dict"]))
     stored["named_parameters_dict"][key] += 1
     torch.save(checkpoint, resumed)
