@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import launch
 from usi_composer.algorithms import FusedEMA
 from usi_composer.algorithms.ema import FusedEMAParameters
 
@@ -172,3 +173,9 @@ def test_checkpoint_holds_the_averaged_weights(tmp_path: Path) -> None:
     torch.save(checkpoint, resumed)
     diffs = differences(first, resumed)
     assert len(diffs) == 1 and "ema_model.named_parameters_dict" in diffs[0] and key in diffs[0], diffs
+
+
+def test_fsdp_averages_each_shard_locally_and_checkpoints_whole_tensors(tmp_path: Path) -> None:
+    result, logs = launch(2, tmp_path, "tests/fsdp_ema.py", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:] + logs
+    assert (tmp_path / "report.txt").read_text() == "ok, 2 ranks, 4 ops per update\n"
