@@ -127,6 +127,22 @@ def test_standalone_repeated_fit_evaluates_the_averaged_weights() -> None:
     assert logged[-1] != pytest.approx(_loss(copy.deepcopy(trainer.state.model), eval_data), rel=1e-3)
 
 
+def test_rebinds_when_the_models_tensors_are_replaced_between_fits() -> None:
+    def run(replace: bool) -> dict[str, torch.Tensor]:
+        ema = FusedEMA(half_life="2ba")
+        trainer = _trainer([ema], duration="2ba")
+        trainer.fit()
+        if replace:  # new buffer objects, same values (as a .to() or a user's surgery would)
+            for module in trainer.state.model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.running_mean = module.running_mean.clone()
+        trainer.fit(duration="2ba")
+        return dict(ema.ema_model.named_buffers_dict)
+
+    plain, replaced = run(False), run(True)
+    assert all(torch.equal(plain[name], replaced[name]) for name in plain)
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
