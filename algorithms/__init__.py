@@ -1,11 +1,12 @@
 """USI's Composer algorithms, usable in any Composer recipe.
 
 They depend on torch, composer and timm only (never on the recipe glue in ``usi_composer``).
-EMA and channels-last are Composer's own (``composer.algorithms.EMA``, ``ChannelsLast``).
+``FusedEMA`` is Composer's ``EMA`` with a fused update; channels-last is Composer's own (``ChannelsLast``).
 """
 
 from .best_of_ema import BestOfEMAAndRaw
+from .ema import FusedEMA
 from .knowledge_distillation import KnowledgeDistillation, kd_loss
 from .mixup_cutmix import MixUpCutMix
 
-__all__ = ["BestOfEMAAndRaw", "KnowledgeDistillation", "MixUpCutMix", "kd_loss"]
+__all__ = ["BestOfEMAAndRaw", "FusedEMA", "KnowledgeDistillation", "MixUpCutMix", "kd_loss"]

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 from composer import Trainer
-from composer.algorithms import EMA, ChannelsLast
+from composer.algorithms import ChannelsLast
 from composer.models import ComposerClassifier
 from composer.utils import dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix
+from usi_composer.algorithms import FusedEMA, KnowledgeDistillation, MixUpCutMix
 
 NUM_CLASSES = 4
 
@@ -40,8 +40,8 @@ def _net(seed: int) -> nn.Module:
     )
 
 
-def _ema() -> EMA:
-    return EMA(half_life=None, smoothing=0.9, update_interval="1ba")
+def _ema() -> FusedEMA:
+    return FusedEMA(half_life=None, smoothing=0.9)
 
 
 ALGORITHM_SETS: dict[str, Callable[[], list]] = {

@@ -11,7 +11,7 @@ from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from usi_composer.algorithms import BestOfEMAAndRaw
+from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA
 from usi_composer.models import save_weights
 
 
@@ -21,7 +21,7 @@ def _data(n: int) -> TensorDataset:
     return TensorDataset(x, (x[:, 0] > 0).long())  # linearly separable
 
 
-def _fit(smoothing: float, duration: str = "30ba"):
+def _fit(smoothing: float, duration: str = "30ba", ema: type[EMA] = FusedEMA):
     torch.manual_seed(0)
     net = nn.Linear(6, 2)
     logger = InMemoryLogger()
@@ -33,7 +33,7 @@ def _fit(smoothing: float, duration: str = "30ba"):
         eval_interval="10ba",
         optimizers=torch.optim.SGD(net.parameters(), lr=0.5),
         max_duration=duration,
-        algorithms=[EMA(half_life=None, smoothing=smoothing, update_interval="1ba")],
+        algorithms=[ema(half_life=None, smoothing=smoothing, update_interval="1ba")],
         callbacks=[best],
         loggers=[logger],
         device="cpu",
@@ -49,8 +49,9 @@ def _accuracy(net: nn.Module) -> float:
         return (net(x).argmax(1) == y).float().mean().item()
 
 
-def test_slow_ema_loses_to_raw_and_raw_is_kept(tmp_path) -> None:
-    trainer, best, logger, net = _fit(smoothing=0.9999)  # the average barely moves from the init
+@pytest.mark.parametrize("ema", [FusedEMA, EMA], ids=["fused", "composer"])
+def test_slow_ema_loses_to_raw_and_raw_is_kept(tmp_path, ema: type[EMA]) -> None:
+    trainer, best, logger, net = _fit(smoothing=0.9999, ema=ema)  # the average barely moves from the init
     raw = [v for _, v in logger.data["metrics/eval_raw/MulticlassAccuracy"]]
     ema = [v for _, v in logger.data["metrics/eval/MulticlassAccuracy"]]
     assert len(raw) == len(ema) == 3

@@ -1,4 +1,5 @@
-"""FSDP (Composer: GPUs only): the teacher is replicated, never sharded, never trained.
+"""FSDP (Composer: GPUs only): the teacher is replicated, never sharded, never trained; the EMA
+averages each rank's own shard and checkpoints it as full tensors.
 
 Runs only where CUDA is available; CI machines have none, so it is reported as skipped there.
 """
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from usi_composer.algorithms import KnowledgeDistillation
+from usi_composer.algorithms import FusedEMA, KnowledgeDistillation
 from usi_composer.cli.train import train
 from usi_composer.config import load_config
 
@@ -20,7 +21,7 @@ pytestmark = [
 ]
 
 
-def test_fsdp_leaves_the_teacher_whole_and_frozen(imagenet_sample: Path, saved_teacher) -> None:
+def test_fsdp_leaves_the_teacher_whole_and_frozen_and_averages_shards(imagenet_sample: Path, saved_teacher) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     cfg = load_config(
@@ -39,7 +40,6 @@ def test_fsdp_leaves_the_teacher_whole_and_frozen(imagenet_sample: Path, saved_t
             "trainer.device=gpu",
             "trainer.progress_bar=false",
             "trainer.fsdp={sharding_strategy: FULL_SHARD}",
-            "algorithms.ema.enabled=false",  # FSDP + EMA: see algorithms/README.md's supported matrix
         ],
     )
     trainer = train(cfg)
@@ -50,3 +50,31 @@ def test_fsdp_leaves_the_teacher_whole_and_frozen(imagenet_sample: Path, saved_t
     student_params = {id(p) for p in trainer.state.model.parameters()}
     assert not student_params & {id(p) for p in kd.teacher.parameters()}
     assert int(trainer.state.timestamp.batch) == 2
+
+    # EMA: shard-local storage, averaged (not the raw weights), finite
+    ema = next(a for a in trainer.state.algorithms if isinstance(a, FusedEMA))
+    assert ema.ema_started and not ema.ema_weights_active
+    live = {**dict(trainer.state.model.named_parameters()), **dict(trainer.state.model.named_buffers())}
+    stored = {**ema.ema_model.named_parameters_dict, **ema.ema_model.named_buffers_dict}
+    assert stored and stored.keys() <= live.keys()
+    assert any("_fsdp_wrapped_module" in name for name in stored), "keyed by the wrapped model's names"
+    for name, value in stored.items():
+        assert value.shape == live[name].shape and value.device == live[name].device, name  # this rank's shard
+        assert not value.is_floating_point() or torch.isfinite(value).all(), name
+    floats = [n for n, v in ema.ema_model.named_parameters_dict.items() if v.numel()]
+    assert any(not torch.equal(stored[n], live[n]) for n in floats), "the EMA weights differ from the raw ones"
+
+    # checkpoint form: full tensors (gathered), and back to the same shards on load
+    full = ema.state_dict()["ema_model"]["named_parameters_dict"]
+    with FullyShardedDataParallel.summon_full_params(trainer.state.model, writeback=False):
+        shapes = {n: p.shape for n, p in trainer.state.model.named_parameters() if n in full}
+    assert {n: t.shape for n, t in full.items()} == shapes
+    shards = {n: t.clone() for n, t in ema.ema_model.named_parameters_dict.items()}
+    raw = {n: p.detach().clone() for n, p in trainer.state.model.named_parameters()}
+    fresh = FusedEMA(half_life=None, smoothing=0.5)
+    fresh.load_state_dict(ema.state_dict())
+    fresh.ema_model.bind(trainer.state.model)  # scatters
+    for name, shard in shards.items():
+        assert torch.equal(fresh.ema_model.named_parameters_dict[name], shard), name
+    for name, p in trainer.state.model.named_parameters():
+        assert torch.equal(p.detach(), raw[name]), f"{name}: loading the EMA leaves the model's weights alone"

@@ -46,7 +46,7 @@ def test_usi_yaml_trains_every_backbone_family(family: str, imagenet_sample: Pat
     trainer = train(cfg, loggers=[logger])
     assert int(trainer.state.timestamp.batch) == 2
     names = [type(a).__name__ for a in trainer.state.algorithms]
-    assert names == ["MixUpCutMix", "KnowledgeDistillation", "EMA", "ChannelsLast"]
+    assert names == ["MixUpCutMix", "KnowledgeDistillation", "FusedEMA", "ChannelsLast"]
     for key in ("loss/train/total", "loss/train/ce", "loss/train/kd"):
         values = [float(v) for _, v in logger.data[key]]
         assert len(values) == 2 and all(math.isfinite(v) for v in values), key

@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 from composer import Trainer
-from composer.algorithms import EMA, ChannelsLast, ProgressiveResizing
+from composer.algorithms import ChannelsLast, ProgressiveResizing
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback, DataSpec
 from composer.loggers import LoggerDestination
 from composer.utils import dist, reproducibility
 from timm.data import resolve_data_config
 
-from usi_composer.algorithms import BestOfEMAAndRaw, KnowledgeDistillation, MixUpCutMix
+from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistillation, MixUpCutMix
 from usi_composer.config import Config
 from usi_composer.data import DeviceNormalize, build_bytes_transform, build_transform, folder_dataloader
 from usi_composer.data.mds import streaming_dataloader
@@ -99,7 +99,7 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float]) -> list[A
         )
     if a.ema.enabled:
         smoothing = ema_smoothing(a.ema.decay, a.ema.reference_batch_size, cfg.trainer.global_batch_size)
-        algorithms.append(EMA(half_life=None, smoothing=smoothing, update_interval="1ba"))
+        algorithms.append(FusedEMA(half_life=None, smoothing=smoothing, update_interval="1ba"))
     if a.channels_last:
         algorithms.append(ChannelsLast())
     if a.progressive_resizing:
