@@ -43,8 +43,10 @@ def mark_batch_dynamic(batch: Any) -> Any:
 
     Marked on every eval batch (before the first compile of the eval graph, which is what counts).
     ``maybe_mark_dynamic``: a model that needs a fixed batch size gets a static graph and one more
-    compile for the last batch, instead of an error. A last batch of exactly one sample compiles
-    once more anyway (dynamo specializes sizes 0 and 1).
+    compile for the last batch, instead of an error. Two cases still compile one more graph: a last
+    batch of exactly one sample (dynamo specializes sizes 0 and 1), and, on the CPU only, a conv net
+    whose eval batch is 16 or more with a last batch below 16 (the CPU conv backend, mkldnn or not,
+    is chosen by batch size, which splits the graph at 16).
     """
     mark = getattr(torch._dynamo, "maybe_mark_dynamic", None) or torch._dynamo.mark_dynamic  # private module
     inputs = batch[0]
