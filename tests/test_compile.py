@@ -70,7 +70,13 @@ def test_auto_compiles_on_gpus_only() -> None:
     assert load_config("yamls/usi.yaml").trainer.compile == "auto"
 
 
-def test_dry_run_with_compile_builds_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_with_compile_builds_nothing(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    import usi_composer.builders
+
+    def build_trainer(*args: object, **kwargs: object) -> None:
+        raise AssertionError("--dry-run built the trainer")
+
+    monkeypatch.setattr(usi_composer.builders, "build_trainer", build_trainer)
     assert main(["yamls/usi.yaml", "trainer.compile=true", "--dry-run"]) == 0
     assert "compile: true" in capsys.readouterr().out
 
