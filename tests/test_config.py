@@ -27,6 +27,7 @@ USI = "yamls/usi.yaml"
         (["trainer.max_duration=300epochs"], {}, "trainer.max_duration: not a Composer time string: '300epochs'"),
         (["trainer.global_batch_size=6", "trainer.microbatch_size=3"], {}, "needs an even size per process, got 3"),
         (["nokey"], {}, "override 'nokey': expected key=value"),
+        (["trainer.compile=maybe"], {}, "trainer.compile: must be auto, true or false, got 'maybe'"),
     ],
 )
 def test_bad_values_name_source_and_key(

@@ -15,6 +15,7 @@ from composer.utils import dist, reproducibility
 from timm.data import resolve_data_config
 
 from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistillation, MixUpCutMix
+from usi_composer.compilation import CompileTime, mark_batch_dynamic, resolve_compile
 from usi_composer.config import Config
 from usi_composer.data import DeviceNormalize, build_bytes_transform, build_transform, folder_dataloader
 from usi_composer.data.mds import streaming_dataloader
@@ -62,7 +63,8 @@ def scaled_lr(cfg: Config) -> float:
     return o.lr * cfg.trainer.global_batch_size / o.reference_batch_size
 
 
-def build_algorithms(cfg: Config, mean: list[float], std: list[float]) -> list[Algorithm]:
+def build_algorithms(cfg: Config, mean: list[float], std: list[float], compile: bool = False) -> list[Algorithm]:
+    """``compile``: compile the teacher (the student is compiled by the Trainer)."""
     a = cfg.algorithms
     algorithms: list[Algorithm] = []
     if a.mixup_cutmix.enabled:
@@ -91,6 +93,7 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float]) -> list[A
             teacher_std=t.std,
             fold_bn=t.fold_bn,
             channels_last=t.channels_last,
+            compile=compile,
             **t.kwargs,
         )
         kd = a.distillation
@@ -107,9 +110,12 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float]) -> list[A
     return algorithms
 
 
-def build_dataloaders(cfg: Config, mean: list[float], std: list[float]) -> tuple[DataSpec, DataSpec | None]:
+def build_dataloaders(
+    cfg: Config, mean: list[float], std: list[float], compile: bool = False
+) -> tuple[DataSpec, DataSpec | None]:
     """Train and eval ``DataSpec``s: MDS shards via streaming when ``data.remote`` or ``data.local``
-    is set, else ImageNet folders. Both yield uint8 images; normalization runs on the device."""
+    is set, else ImageNet folders. Both yield uint8 images; normalization runs on the device.
+    ``compile``: eval batches are marked dynamic in size, so the last, smaller one compiles nothing."""
     d, t = cfg.data, cfg.trainer
     per_device = t.global_batch_size // dist.get_world_size()
     eval_batch = t.eval_batch_size or per_device
@@ -180,11 +186,17 @@ def build_dataloaders(cfg: Config, mean: list[float], std: list[float]) -> tuple
                 **loader_args,
             )
     train_spec = DataSpec(train, microbatch_transforms=normalize)
-    return train_spec, (DataSpec(val, microbatch_transforms=normalize) if val is not None else None)
+    if val is None:
+        return train_spec, None
+    eval_transform = (lambda batch: mark_batch_dynamic(normalize(batch))) if compile else normalize
+    return train_spec, DataSpec(val, microbatch_transforms=eval_transform)
 
 
-def build_callbacks(cfg: Config, evaluates: bool) -> list[Callback]:
+def build_callbacks(cfg: Config, evaluates: bool, compile: bool = False) -> list[Callback]:
     callbacks: list[Callback] = [LRMonitor(), SpeedMonitor(window_size=50)]
+    if compile:
+        teacher = f" and teacher {cfg.teacher.name}" if cfg.algorithms.distillation.enabled else ""
+        callbacks.append(CompileTime(f"student {cfg.model.name}{teacher}"))
     if cfg.algorithms.ema.enabled and cfg.algorithms.ema.best_of_raw and evaluates:
         callbacks.append(BestOfEMAAndRaw("top1"))
     return callbacks
@@ -214,12 +226,13 @@ def build_trainer(
     reproducibility.seed_all(t.seed)
     model = build_model(cfg)
     mean, std = student_normalization(cfg, model.module)
-    train_spec, eval_spec = build_dataloaders(cfg, mean, std)
+    device, precision = resolve_device_and_precision(cfg)
+    compile = resolve_compile(t.compile, device)
+    train_spec, eval_spec = build_dataloaders(cfg, mean, std, compile)
     lr = scaled_lr(cfg)
     o, s = cfg.optimizer, cfg.scheduler
     optimizer = build_optimizer(model.module, lr, o.weight_decay, (o.betas[0], o.betas[1]), o.eps)
     scheduler = CosineWithWarmupFrom(s.warmup, alpha_i=min(1.0, s.warmup_lr / lr), alpha_f=min(1.0, s.min_lr / lr))
-    device, precision = resolve_device_and_precision(cfg)
     return Trainer(
         model=model,
         train_dataloader=train_spec,
@@ -229,9 +242,10 @@ def build_trainer(
         optimizers=optimizer,
         schedulers=scheduler,
         step_schedulers_every_batch=True,
-        algorithms=build_algorithms(cfg, mean, std),
+        algorithms=build_algorithms(cfg, mean, std, compile),
         device=device,
         precision=precision,
+        compile_config={} if compile else None,  # Composer compiles the student (after DDP wrapping)
         device_train_microbatch_size=t.microbatch_size,
         seed=t.seed,
         run_name=t.run_name,
@@ -248,5 +262,5 @@ def build_trainer(
         eval_subset_num_batches=t.eval_subset_num_batches,
         parallelism_config={"fsdp": dict(t.fsdp)} if t.fsdp is not None else None,
         loggers=loggers or None,
-        callbacks=[*build_callbacks(cfg, eval_spec is not None), *(callbacks or [])],
+        callbacks=[*build_callbacks(cfg, eval_spec is not None, compile), *(callbacks or [])],
     )

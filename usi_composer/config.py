@@ -159,6 +159,9 @@ class TrainerConfig:
     eval_interval: str = "1ep"
     precision: str | None = "amp_bf16"  # fp32 | amp_fp16 | amp_bf16; None: fp32 on CPU, amp_bf16 on GPU
     device: str | None = None  # cpu | gpu; None: gpu if available
+    # torch.compile student and teacher: auto | true | false; auto = on for GPUs, off on the CPU.
+    # (Any: omegaconf has no bool-or-str type; validated below.)
+    compile: Any = "auto"
     seed: int = 0
     run_name: str | None = None
     save_folder: str | None = None  # local path or object-store URI; None: no checkpoints
@@ -417,6 +420,7 @@ def _validate(cfg: Config, source_of: Any) -> None:
         f"must be fp32, amp_fp16, amp_bf16 or amp_fp8, got '{t.precision}'",
     )
     check("trainer.device", t.device in (None, "cpu", "gpu", "mps"), f"must be cpu, gpu or mps, got '{t.device}'")
+    check("trainer.compile", t.compile in ("auto", True, False), f"must be auto, true or false, got '{t.compile}'")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check("trainer.global_batch_size", t.global_batch_size > 0, f"must be > 0, got {t.global_batch_size}")
     check(

@@ -40,6 +40,12 @@ class USIClassifier(ComposerClassifier):
             module, num_classes=num_classes, train_metrics=metrics(), val_metrics=metrics(), loss_fn=soft_cross_entropy
         )
 
+    def forward(self, batch: Any) -> torch.Tensor:
+        # The inputs alone: with trainer.compile, dynamo then guards on the inputs only, never on
+        # the targets, whose shape and layout differ between training (soft), Composer's eval loop
+        # (views of the batch) and BestOfEMAAndRaw's; guarding on them would recompile.
+        return self.module(batch[0])
+
     def update_metric(self, batch: Any, outputs: Any, metric: Any) -> None:
         _, targets = batch
         if targets.ndim == 2:

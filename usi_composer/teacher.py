@@ -129,6 +129,7 @@ def build_teacher(
     teacher_std: Sequence[float] | None = None,
     fold_bn: bool = True,
     channels_last: bool = True,
+    compile: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """A ready teacher for ``KnowledgeDistillation``: eval mode, no gradients, BN folded,
@@ -136,6 +137,8 @@ def build_teacher(
 
     ``teacher_mean``/``teacher_std``: the normalization the teacher was trained with; by default
     its timm ``pretrained_cfg`` (right for timm's weights, not for a teacher trained with others).
+    ``compile``: ``torch.compile`` the prepared teacher in place (``nn.Module.compile``: it stays
+    this module, and compiles at its first call).
     """
     model = create_backbone(name, num_classes, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -147,4 +150,7 @@ def build_teacher(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     teacher = Renormalize(model, student_mean, student_std, teacher_mean, teacher_std, channels_last)
-    return teacher.eval().requires_grad_(False)
+    teacher = teacher.eval().requires_grad_(False)
+    if compile:
+        teacher.compile()
+    return teacher

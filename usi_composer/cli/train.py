@@ -22,14 +22,28 @@ __all__ = ["final_metrics", "final_top1", "main", "train"]
 def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
     """Build the trainer for ``cfg``, fit it, return it (metrics are in ``trainer.state.eval_metrics``)."""
     from usi_composer.builders import build_trainer  # heavy imports only when training
+    from usi_composer.compilation import compile_failure
 
     # Composer warns on every batch about things that are expected here: MixUp/CutMix targets
     # sum to 1 only up to float rounding, and the last eval batch is smaller than the others.
     warnings.filterwarnings("ignore", message="Some targets have less than 1 total probability")
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     trainer = build_trainer(cfg, **build_kwargs)  # type: ignore[arg-type]
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:  # a compile failure (at the first batch) becomes one line naming the model
+        failure = compile_failure(e, cfg.model.name, _teacher(trainer, cfg))
+        if failure is None:
+            raise
+        raise failure from None
     return trainer
+
+
+def _teacher(trainer: Any, cfg: Config) -> tuple[str, Any] | None:
+    from usi_composer.algorithms import KnowledgeDistillation
+
+    kd = next((a for a in trainer.state.algorithms if isinstance(a, KnowledgeDistillation)), None)
+    return (str(cfg.teacher.name), kd.teacher) if kd is not None else None
 
 
 def final_top1(trainer, label: str = "eval") -> float:  # trainer: composer.Trainer
