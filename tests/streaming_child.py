@@ -4,8 +4,9 @@ Labels are replaced by the sample index (so every trained sample is identified),
 appends the indices of every trained batch to ``RECORD_DIR/rank<r>.txt`` and
 ``{"batch", "loss", "ids"}`` to ``RECORD_DIR/rank<r>.jsonl``. With ``KILL_AFTER`` > 0 the
 process dies (``os._exit``, no cleanup, like a killed job) right after batch ``KILL_AFTER``
-has been trained and checkpointed; with ``CHILD_PAUSE_RANK=r`` only rank r stops there, and it
-hangs (writes ``RECORD_DIR/paused`` and sleeps) instead, for a test to kill it from outside.
+has been trained and checkpointed; with ``CHILD_PAUSE=1`` it hangs there instead (writes
+``RECORD_DIR/paused-rank<r>`` and sleeps), for a test to kill it from outside, and with
+``CHILD_PAUSE_RANK=r`` only rank r stops.
 
 Several "nodes" on one machine (``WORLD_SIZE`` > ``LOCAL_WORLD_SIZE``): each node gets its own
 namespace for streaming's shared memory, as separate machines have (otherwise the two nodes'
@@ -60,9 +61,9 @@ ImageNetMDS.__getitem__ = _getitem_with_index  # type: ignore[method-assign]
 class RecordAndKill(Callback):
     def __init__(self, record_dir: Path, kill_after: int) -> None:
         self.record_dir, self.kill_after = record_dir, kill_after
-        pause_rank = os.environ.get("CHILD_PAUSE_RANK")
-        self.pause = pause_rank is not None
-        self.stops = not self.pause or int(pause_rank) == dist.get_global_rank()
+        self.pause = os.environ.get("CHILD_PAUSE") == "1"
+        only = os.environ.get("CHILD_PAUSE_RANK")
+        self.stops = only is None or int(only) == dist.get_global_rank()
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         rank = dist.get_global_rank()
@@ -82,7 +83,7 @@ class RecordAndKill(Callback):
             # batch kill_after was trained and checkpointed; the next one was fetched
             if not self.pause:
                 os._exit(3)
-            (self.record_dir / "paused").write_text(str(self.kill_after))
+            (self.record_dir / f"paused-rank{rank}").write_text(str(self.kill_after))
             time.sleep(3600)
 
 

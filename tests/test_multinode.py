@@ -86,9 +86,9 @@ def shm_tag() -> Iterator[str]:
         leftover.unlink(missing_ok=True)
 
 
-def _overrides(bucket: str, cache: Path, save_folder: Path, *extra: str) -> list[str]:
+def _overrides(bucket: str, cache: Path, save_folder: str, *extra: str) -> list[str]:
     return [
-        "yamls/demo.yaml",
+        str(REPO / "yamls" / "demo.yaml"),
         f"data.remote={bucket}",
         f"data.local={cache}",
         "data.streaming.val_split=null",
@@ -117,7 +117,11 @@ def _overrides(bucket: str, cache: Path, save_folder: Path, *extra: str) -> list
 
 class Job:
     """``nodes`` Composer launchers on 127.0.0.1 (one process each, one node rank each), or a plain
-    ``python`` process for one node; each in its own process group, so one can be killed whole."""
+    ``python`` process for one node. Each node runs in its own working directory and process
+    group, as on its own machine: Composer keeps its local checkpoint copies under the working
+    directory, and a node is killed whole. Checkpoints go to the object store (``trainer.save_folder``
+    on the S3 server), where autoresume finds them from any node.
+    """
 
     def __init__(
         self,
@@ -130,16 +134,19 @@ class Job:
         env: dict[str, str] | None = None,
     ) -> None:
         self.record = work / record
+        self.checkpoints = f"{bucket.rsplit('/', 1)[0]}/ckpt-{work.name}"  # one run's, shared by its jobs
         (work / "tmp").mkdir(parents=True, exist_ok=True)  # streaming's file locks: gone with the test
         env = {"PYTHONUNBUFFERED": "1", "TMPDIR": str(work / "tmp"), **(env or {})}
         port = free_port()
         self.procs: list[subprocess.Popen] = []
         for node in range(nodes):
+            home = work / f"node{node}"
+            home.mkdir(exist_ok=True)
             child = [
-                "tests/streaming_child.py",
+                str(REPO / "tests" / "streaming_child.py"),
                 str(self.record),
                 str(kill_after),
-                *_overrides(bucket, work / f"cache-node{node}", work / "ckpt", *extra),
+                *_overrides(bucket, work / f"cache-node{node}", self.checkpoints, *extra),
             ]
             launcher = [
                 "-m",
@@ -163,7 +170,7 @@ class Job:
                 self.procs.append(
                     subprocess.Popen(
                         [sys.executable, *(launcher if nodes > 1 else []), *child],
-                        cwd=REPO,
+                        cwd=home,
                         env={**os.environ, **env},
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -171,6 +178,19 @@ class Job:
                     )
                 )
         self.work, self.name = work, record
+
+    def wait_paused(self, s3: MotoServer, ranks: list[int]) -> None:
+        """Until ``ranks`` stopped after batch ``kill_after`` and its checkpoint is in the object store
+        (Composer uploads in the background; a node lost before that resumes from an older one)."""
+        bucket, prefix = self.checkpoints.removeprefix("s3://").split("/", 1)
+        deadline = time.monotonic() + RUN_S
+        while True:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in self.procs), self.logs()
+            if all((self.record / f"paused-rank{r}").exists() for r in ranks):
+                listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+                if any(o["Key"].endswith("latest-rank0.pt.symlink") for o in listing):
+                    return
+            time.sleep(0.5)
 
     def wait(self, timeout: float = RUN_S) -> list[int]:
         try:
@@ -211,10 +231,11 @@ def test_two_nodes_see_each_sample_once_with_the_losses_of_one_process(
 ) -> None:
     # num_canonical_nodes=2 for both: the default is the first run's node count (2 vs 1), and
     # it fixes which samples make up each global batch.
-    fixed = "data.streaming.num_canonical_nodes=2"
-    two = Job(2, tmp_path / "two", bucket, "rec", fixed, env={"CHILD_SHM_TAG": shm_tag})
+    same = ["data.streaming.num_canonical_nodes=2", "trainer.autoresume=false", "trainer.save_folder=null"]
+    env = {"CHILD_SHM_TAG": shm_tag}
+    two = Job(2, tmp_path / "two", bucket, "rec", *same, env=env)
     _assert_ran(two, two.wait())
-    one = Job(1, tmp_path / "one", bucket, "rec", fixed, env={"CHILD_SHM_TAG": shm_tag})
+    one = Job(1, tmp_path / "one", bucket, "rec", *same, env=env)
     _assert_ran(one, one.wait())
 
     per_node, single = two.batches(), one.batches()
@@ -232,14 +253,16 @@ def test_two_nodes_see_each_sample_once_with_the_losses_of_one_process(
 @pytest.mark.slow
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_resume_mid_epoch_on_another_number_of_nodes(
-    bucket: str, tmp_path: Path, shm_tag: str, first: int, then: int
+    bucket: str, s3: MotoServer, tmp_path: Path, shm_tag: str, first: int, then: int
 ) -> None:
     env = {"CHILD_SHM_TAG": shm_tag}
-    killed = Job(first, tmp_path, bucket, "first", kill_after=CHECKPOINT_AFTER, env=env)
-    codes = killed.wait()
-    assert all(c != 0 for c in codes), "the first run should have been killed"
-    before = killed.batches()
-    assert sorted(before) == list(range(1, CHECKPOINT_AFTER + 1)), killed.logs()
+    stopped = Job(first, tmp_path, bucket, "first", kill_after=CHECKPOINT_AFTER, env={**env, "CHILD_PAUSE": "1"})
+    try:
+        stopped.wait_paused(s3, list(range(first)))
+    finally:
+        stopped.kill()
+    before = stopped.batches()
+    assert sorted(before) == list(range(1, CHECKPOINT_AFTER + 1)), stopped.logs()
     resumed = Job(then, tmp_path, bucket, "then", env=env)
     _assert_ran(resumed, resumed.wait())
     after = resumed.batches()
@@ -283,15 +306,16 @@ def test_refuses_exactly_the_resumes_streaming_cannot_lay_out(
 
 
 @pytest.mark.slow
-def test_lost_node_ends_the_job_then_autoresume_completes_it(bucket: str, tmp_path: Path, shm_tag: str) -> None:
-    env = {"CHILD_SHM_TAG": shm_tag, "CHILD_PAUSE_RANK": "1"}  # node 1 hangs after the checkpoint
-    job = Job(2, tmp_path, bucket, "lost", kill_after=CHECKPOINT_AFTER, env=env)
+def test_lost_node_ends_the_job_then_autoresume_completes_it(
+    bucket: str, s3: MotoServer, tmp_path: Path, shm_tag: str
+) -> None:
+    env = {"CHILD_SHM_TAG": shm_tag}
+    # node 1 stops after the checkpoint; node 0 goes on into the next step and waits for it there
+    pause_node1 = {**env, "CHILD_PAUSE": "1", "CHILD_PAUSE_RANK": "1"}
+    job = Job(2, tmp_path, bucket, "lost", kill_after=CHECKPOINT_AFTER, env=pause_node1)
     try:
-        deadline = time.monotonic() + RUN_S
-        while not (job.record / "paused").exists():
-            assert time.monotonic() < deadline and job.procs[0].poll() is None, job.logs()
-            time.sleep(0.2)
-        job.kill(node=1)  # SIGKILL of node 1's launcher and its process, as a lost machine
+        job.wait_paused(s3, [1])
+        job.kill(node=1)  # SIGKILL of node 1's launcher and its process: a lost machine
         killed_at = time.monotonic()
         code = job.procs[0].wait(timeout=BOUND_S)
         waited = time.monotonic() - killed_at
@@ -301,12 +325,12 @@ def test_lost_node_ends_the_job_then_autoresume_completes_it(bucket: str, tmp_pa
     survivor = "".join(p.read_text() for p in tmp_path.glob("lost-node0-rank0.*"))
     assert "Connection closed by peer" in survivor or "Connection reset by peer" in survivor, job.logs()
     before = job.batches()
-    assert max(before) >= CHECKPOINT_AFTER, job.logs()
 
-    resumed = Job(2, tmp_path, bucket, "again", env={"CHILD_SHM_TAG": shm_tag})
+    resumed = Job(2, tmp_path, bucket, "again", env=env)
     _assert_ran(resumed, resumed.wait())
     after = resumed.batches()
-    start = min(after)  # resumes after the last checkpoint; later work of the lost run is redone
-    assert start == CHECKPOINT_AFTER + 1 and max(after) == N_SAMPLES // GLOBAL_BATCH, resumed.logs()
-    kept = {b: r for b, r in before.items() if b < start}
+    # resumed after the checkpoint of batch CHECKPOINT_AFTER; later work of the lost run is redone
+    assert sorted(after) == list(range(CHECKPOINT_AFTER + 1, N_SAMPLES // GLOBAL_BATCH + 1)), resumed.logs()
+    kept = {b: r for b, r in before.items() if b <= CHECKPOINT_AFTER}
+    assert sorted(kept) == list(range(1, CHECKPOINT_AFTER + 1)), job.logs()
     assert sorted(_ids(kept) + _ids(after)) == list(range(N_SAMPLES)), "a sample was lost or repeated"
