@@ -305,6 +305,31 @@ def test_refuses_exactly_the_resumes_streaming_cannot_lay_out(
         assert "\n" not in str(e.value) and f"on {nodes} nodes x {per_node} processes" in str(e.value)
 
 
+def test_the_dataset_refuses_such_a_checkpoint_before_training(bucket: str, tmp_path: Path) -> None:
+    from streaming.base.world import World
+
+    from usi_composer.data.mds import streaming_dataloader
+
+    loader = streaming_dataloader(
+        remote=bucket,
+        local=str(tmp_path / "cache"),
+        split="train",
+        transform=bytes,
+        batch_size=2,
+        shuffle=True,
+        drop_last=True,
+        num_workers=0,
+        pin_memory=False,
+    )
+    dataset = loader.dataset
+    state = {"epoch": 0, "sample_in_epoch": 12, "num_canonical_nodes": 3, "shuffle_seed": 0}
+    dataset.load_state_dict({**state, "initial_physical_nodes": 3})  # here: 1 node, which divides 3
+    # as Composer loads it on 2 nodes x 3 processes: 3 nodes' layout, a global batch of 12 (not by 3 x 3)
+    dataset._parallel_rank_world = World(num_nodes=2, ranks_per_node=3, workers_per_rank=1, worker=0)
+    with pytest.raises(SetupError, match=r"^cannot resume this checkpoint on 2 nodes x 3 processes: .*=3 over 3 nodes"):
+        dataset.load_state_dict({**state, "initial_physical_nodes": 3})
+
+
 @pytest.mark.slow
 def test_lost_node_ends_the_job_then_autoresume_completes_it(
     bucket: str, s3: MotoServer, tmp_path: Path, shm_tag: str

@@ -240,6 +240,15 @@ def build_trainer(
     wandb_logger = build_wandb_logger(cfg)
     loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
     reproducibility.seed_all(t.seed)
+    device, precision = resolve_device_and_precision(cfg)
+    if dist.get_world_size() > 1:
+        # One rendezvous for the run, before the data: a StreamingDataset built before it makes
+        # its own process group and destroys it, and the Trainer's rendezvous on the same port
+        # then races with that store's teardown (a node fails with "failed to recv, got 0 bytes").
+        # Composer's default timeout, as the Trainer's.
+        dist.initialize_dist(device)
+        if dist.get_world_size() > dist.get_local_world_size():
+            separate_node_signal_files()
     model = build_model(cfg)
     mean, std = student_normalization(cfg, model.module)
     train_spec, eval_spec = build_dataloaders(cfg, mean, std)
@@ -247,9 +256,6 @@ def build_trainer(
     o, s = cfg.optimizer, cfg.scheduler
     optimizer = build_optimizer(model.module, lr, o.weight_decay, (o.betas[0], o.betas[1]), o.eps)
     scheduler = CosineWithWarmupFrom(s.warmup, alpha_i=min(1.0, s.warmup_lr / lr), alpha_f=min(1.0, s.min_lr / lr))
-    device, precision = resolve_device_and_precision(cfg)
-    if dist.get_world_size() > dist.get_local_world_size():
-        separate_node_signal_files()
     return Trainer(
         model=model,
         train_dataloader=train_spec,

@@ -150,12 +150,13 @@ def check_resumable(state: dict[str, Any], num_nodes: int, ranks_per_node: int, 
         return
     if initial is not None and (num_nodes * ranks_per_node * batch_size) % (initial * ranks_per_node) == 0:
         return
-    divisors = [str(d) for d in range(1, ncn + 1) if ncn % d == 0]
+    divisors = ", ".join(str(d) for d in range(1, ncn + 1) if ncn % d == 0)
+    first = f" over {initial} nodes" if initial else ""
+    resliced = f" (or with a global batch that divides by {initial} x {ranks_per_node})" if initial else ""
     raise SetupError(
         f"cannot resume this checkpoint on {num_nodes} nodes x {ranks_per_node} processes: its epoch is laid out "
-        f"for num_canonical_nodes={ncn} (first run: {initial or '?'} nodes), which streaming can continue only on "
-        f"{', '.join(divisors)} or a multiple of {ncn} nodes (or with a global batch that divides by "
-        f"{initial or ncn} x {ranks_per_node}); resume on such a node count (new runs: set "
+        f"for num_canonical_nodes={ncn}{first}, which streaming can continue only on {divisors} or a multiple of "
+        f"{ncn} nodes{resliced}; resume on such a node count (new runs: set "
         "data.streaming.num_canonical_nodes to a multiple of every node count you may resume on, e.g. 64)"
     )
 
