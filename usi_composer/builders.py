@@ -24,7 +24,14 @@ from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
 from usi_composer.teacher import build_teacher
 from usi_composer.tracking import build_wandb_logger
 
-__all__ = ["build_algorithms", "build_model", "build_trainer", "ema_smoothing", "scaled_lr"]
+__all__ = [
+    "build_algorithms",
+    "build_model",
+    "build_trainer",
+    "ema_smoothing",
+    "scaled_lr",
+    "separate_node_signal_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +220,27 @@ def resolve_device_and_precision(cfg: Config) -> tuple[str, str]:
     return device, precision
 
 
+def separate_node_signal_files() -> None:
+    """Give each node its own name for Composer's node signal files (idempotent).
+
+    Composer 0.32 syncs the ranks of a node through a file that local rank 0 creates and later
+    removes, named by global rank 0 (``._signal_file_node0_<random>``) for every node. Where nodes
+    share the folder (autoresume's local checkpoint folder on NFS/Lustre, or under a shared working
+    directory when save_folder is an object store), each node removes the same file and all but
+    the first crash with FileNotFoundError (mosaicml/llm-foundry#1736). The node rank appended
+    here keeps the file shared by the ranks of one node and separate between nodes.
+    """
+    shared_name = dist.get_node_signal_file_name
+    if getattr(shared_name, "per_node", False):
+        return
+
+    def get_node_signal_file_name(rng: Any = None) -> str:
+        return f"{shared_name(rng)}_{dist.get_node_rank()}"
+
+    get_node_signal_file_name.per_node = True  # type: ignore[attr-defined]
+    dist.get_node_signal_file_name = get_node_signal_file_name
+
+
 def build_trainer(
     cfg: Config,
     loggers: list[LoggerDestination] | None = None,
@@ -224,6 +252,15 @@ def build_trainer(
     wandb_logger = build_wandb_logger(cfg)
     loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
     reproducibility.seed_all(t.seed)
+    device, precision = resolve_device_and_precision(cfg)
+    if dist.get_world_size() > 1:
+        # One rendezvous for the run, before the data: a StreamingDataset built before it makes
+        # its own process group and destroys it, and the Trainer's rendezvous on the same port
+        # then races with that store's teardown (a node fails with "failed to recv, got 0 bytes").
+        # Composer's default timeout, as the Trainer's.
+        dist.initialize_dist(device)
+        if dist.get_world_size() > dist.get_local_world_size():
+            separate_node_signal_files()
     model = build_model(cfg)
     mean, std = student_normalization(cfg, model.module)
     device, precision = resolve_device_and_precision(cfg)

@@ -68,7 +68,7 @@ class StreamingConfig:
     shuffle_algo: str = "py1e"
     shuffle_seed: int | None = None  # None: trainer.seed
     shuffle_block_size: int | None = None
-    num_canonical_nodes: int | None = None  # fix it to keep the sample order when the node count changes
+    num_canonical_nodes: int | None = None  # None: the first run's node count (checkpoints keep it); see usi.yaml
     predownload: int | None = None  # samples to download ahead per worker
     cache_limit: str | None = None  # e.g. 100gb: evict shards beyond this; None: keep all
     download_timeout: float = 60.0  # seconds per shard

@@ -7,7 +7,10 @@ batched on the device (:class:`~usi_composer.data.transforms.DeviceNormalize`).
 
 Mid-epoch resumption comes from streaming itself: Composer saves ``dataset.state_dict()`` in
 each checkpoint and loads it into the dataset of the resumed run, which then continues at the
-exact sample position (deterministic shuffle, same for any number of workers).
+exact sample position (deterministic shuffle, same for any number of workers). The state holds
+``num_canonical_nodes`` (streaming's default when unset: the first run's node count), which
+fixes the epoch's global batches, so a run may resume on another number of nodes or processes;
+:func:`check_resumable` refuses, before training, the node counts streaming cannot lay it out on.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "MDS_COLUMNS",
     "ImageNetMDS",
     "StreamingDataError",
+    "check_resumable",
     "default_cache_dir",
     "streaming_dataloader",
 ]
@@ -68,6 +72,20 @@ class ImageNetMDS(StreamingDataset):
     def __getitem__(self, idx: int) -> tuple[Any, int]:  # type: ignore[override]
         sample = super().__getitem__(idx)
         return self.transform(sample["image"]), int(sample["label"])
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        """Composer hands the checkpoint's dataset state here before training resumes."""
+        world = self._parallel_rank_world
+        check_resumable(obj, world.num_nodes, world.ranks_per_node, self.batch_size or 1)
+        stored = obj.get("num_canonical_nodes")
+        if self.num_canonical_nodes is not None and stored and stored != self.num_canonical_nodes:
+            log.warning(
+                "data.streaming.num_canonical_nodes=%d is not used until the next run: "
+                "the resumed run keeps the checkpoint's %d (its sample order)",
+                self.num_canonical_nodes,
+                stored,
+            )
+        super().load_state_dict(obj)
 
     def describe_shard(self, shard_id: int) -> str:
         stream = self.streams[self.stream_per_shard[shard_id]]
@@ -115,6 +133,32 @@ class ImageNetMDS(StreamingDataset):
         # epoch must never end silently short.
         if self._shard_error is not None:
             raise self._shard_error
+
+
+def check_resumable(state: dict[str, Any], num_nodes: int, ranks_per_node: int, batch_size: int) -> None:
+    """Raise :class:`SetupError` if streaming cannot continue ``state`` (a checkpoint's dataset
+    state) on ``num_nodes`` x ``ranks_per_node`` processes with ``batch_size`` samples each.
+
+    streaming keeps the checkpoint's ``num_canonical_nodes`` (NCN) and lays the rest of the epoch
+    out again for the new world: directly when the node count divides NCN or is a multiple of
+    it, else by re-slicing the first run's layout, which needs the global batch to divide by the
+    first run's node count times today's processes per node. Otherwise it fails only once
+    iteration starts, deep in the loader; this says so before training, with what to do.
+    """
+    ncn, initial = state.get("num_canonical_nodes"), state.get("initial_physical_nodes")
+    if not ncn or ncn % num_nodes == 0 or num_nodes % ncn == 0:
+        return
+    if initial is not None and (num_nodes * ranks_per_node * batch_size) % (initial * ranks_per_node) == 0:
+        return
+    divisors = ", ".join(str(d) for d in range(1, ncn + 1) if ncn % d == 0)
+    first = f" over {initial} nodes" if initial else ""
+    resliced = f" (or with a global batch that divides by {initial} x {ranks_per_node})" if initial else ""
+    raise SetupError(
+        f"cannot resume this checkpoint on {num_nodes} nodes x {ranks_per_node} processes: its epoch is laid out "
+        f"for num_canonical_nodes={ncn}{first}, which streaming can continue only on {divisors} or a multiple of "
+        f"{ncn} nodes{resliced}; resume on such a node count (new runs: set "
+        "data.streaming.num_canonical_nodes to a multiple of every node count you may resume on, e.g. 64)"
+    )
 
 
 def _reason(e: BaseException) -> str:
