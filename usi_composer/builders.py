@@ -263,7 +263,6 @@ def build_trainer(
             separate_node_signal_files()
     model = build_model(cfg)
     mean, std = student_normalization(cfg, model.module)
-    device, precision = resolve_device_and_precision(cfg)
     compile = resolve_compile(t.compile, device)
     train_spec, eval_spec = build_dataloaders(cfg, mean, std, compile)
     lr = scaled_lr(cfg)
