@@ -43,9 +43,10 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from usi_composer.builders import build_trainer
+from usi_composer.cli.train import train
 from usi_composer.config import load_config
 from usi_composer.data.mds import ImageNetMDS
+from usi_composer.errors import UsiError
 
 _getitem = ImageNetMDS.__getitem__
 
@@ -91,6 +92,9 @@ if __name__ == "__main__":
     record_dir, kill_after, yaml_path, *overrides = sys.argv[1:]
     Path(record_dir).mkdir(parents=True, exist_ok=True)
     cfg = load_config(yaml_path, overrides)
-    trainer = build_trainer(cfg, callbacks=[RecordAndKill(Path(record_dir), int(kill_after))])
-    trainer.fit()
+    try:  # train.py's path: errors a user can act on (a lost node, ...) are one line
+        trainer = train(cfg, callbacks=[RecordAndKill(Path(record_dir), int(kill_after))])
+    except UsiError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     trainer.close()

@@ -340,7 +340,8 @@ def test_lost_node_ends_the_job_then_autoresume_completes_it(bucket: str, tmp_pa
     assert code != 0 and waited < BOUND_S, job.logs()
     survivor = (tmp_path / "lost-node0.log").read_text()  # its launcher prints the rank's error
     assert "Global rank 0 (PID" in survivor and "exited with code 1" in survivor, survivor[-3000:]
-    assert "Connection closed by peer" in survivor or "Connection reset by peer" in survivor, survivor[-3000:]
+    assert "error: rank 0 lost another process of the job (" in survivor, survivor[-3000:]
+    assert "relaunch the same command on every node" in survivor, survivor[-3000:]
     before = job.batches()
 
     resumed = Job(2, tmp_path, bucket, "again", env=env)
@@ -351,3 +352,31 @@ def test_lost_node_ends_the_job_then_autoresume_completes_it(bucket: str, tmp_pa
     kept = {b: r for b, r in before.items() if b <= CHECKPOINT_AFTER}
     assert sorted(kept) == list(range(1, CHECKPOINT_AFTER + 1)), job.logs()
     assert sorted(_ids(kept) + _ids(after)) == list(range(N_SAMPLES)), "a sample was lost or repeated"
+
+
+@pytest.mark.parametrize(
+    ("world_size", "error", "expected"),
+    [
+        (2, RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1967"), True),
+        (2, RuntimeError("NCCL error: remote process exited or there was a network error"), True),
+        (2, RuntimeError("CUDA out of memory"), False),
+        (2, ValueError("Connection closed by peer"), False),  # not a process-group error
+        (1, RuntimeError("Connection closed by peer"), False),  # one process has no peer to lose
+    ],
+)
+def test_a_lost_peer_becomes_one_line_saying_how_to_resume(
+    monkeypatch: pytest.MonkeyPatch, world_size: int, error: Exception, expected: bool
+) -> None:
+    from composer.utils import dist
+
+    from usi_composer.cli.train import lost_peer
+    from usi_composer.config import load_config
+
+    monkeypatch.setattr(dist, "get_world_size", lambda: world_size)
+    cfg = load_config(REPO / "yamls" / "demo.yaml")
+    failure = lost_peer(error, cfg)
+    assert (failure is not None) == expected
+    if expected:
+        message = str(failure)
+        assert "\n" not in message and message.startswith("rank 0 lost another process of the job (")
+        assert "trainer.autoresume=true" in message

@@ -7,3 +7,7 @@ class UsiError(Exception):
 
 class SetupError(UsiError, RuntimeError):
     """Something the config points to cannot be built: missing data, unreachable weights."""
+
+
+class LostPeerError(UsiError, RuntimeError):
+    """Another process of a distributed job died or became unreachable (a lost node)."""

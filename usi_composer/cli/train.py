@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from usi_composer.config import Config, dump_config, load_config
-from usi_composer.errors import UsiError
+from usi_composer.errors import LostPeerError, UsiError
 
-__all__ = ["final_metrics", "final_top1", "main", "train"]
+__all__ = ["final_metrics", "final_top1", "lost_peer", "main", "train"]
 
 
 def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
@@ -31,12 +31,39 @@ def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
     trainer = build_trainer(cfg, **build_kwargs)  # type: ignore[arg-type]
     try:
         trainer.fit()
-    except Exception as e:  # a compile failure (at the first batch) becomes one line naming the model
-        failure = compile_failure(e, cfg.model.name, _teacher(trainer, cfg))
+    except Exception as e:  # a compile failure or a lost node becomes one line that says what to do
+        failure = compile_failure(e, cfg.model.name, _teacher(trainer, cfg)) or lost_peer(e, cfg)
         if failure is None:
             raise
         raise failure from None
     return trainer
+
+
+# What the process-group backends say when a peer process is gone: gloo raises a plain
+# RuntimeError ("Connection closed by peer"); NCCL a DistBackendError naming the remote process.
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
+def lost_peer(error: BaseException, cfg: Config) -> LostPeerError | None:
+    """A one-line :class:`LostPeerError` if ``error`` says another process of the job is gone."""
+    import torch.distributed as torch_dist
+    from composer.utils import dist
+
+    text = str(error).strip()
+    if dist.get_world_size() < 2 or not any(s in text for s in _LOST_PEER):
+        return None
+    if not isinstance(error, getattr(torch_dist, "DistError", RuntimeError) | RuntimeError):
+        return None
+    resume = (
+        "relaunch the same command on every node to continue from the last checkpoint"
+        if cfg.trainer.autoresume
+        else "relaunch with trainer.autoresume=true (a fixed trainer.run_name and trainer.save_folder) "
+        "to continue from the last checkpoint"
+    )
+    return LostPeerError(
+        f"rank {dist.get_global_rank()} lost another process of the job ({text.splitlines()[0][-120:]}): "
+        f"a node or process died or was stopped; {resume}"
+    )
 
 
 def _teacher(trainer: Any, cfg: Config) -> tuple[str, Any] | None:
