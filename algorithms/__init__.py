@@ -6,6 +6,6 @@ EMA and channels-last are Composer's own (``composer.algorithms.EMA``, ``Channel
 
 from .best_of_ema import BestOfEMAAndRaw
 from .knowledge_distillation import KnowledgeDistillation, kd_loss
-from .mixup_cutmix import MixUpCutMix
+from .mixup_cutmix import MixUpCutMix, mixup_cutmix_batch
 
-__all__ = ["BestOfEMAAndRaw", "KnowledgeDistillation", "MixUpCutMix", "kd_loss"]
+__all__ = ["BestOfEMAAndRaw", "KnowledgeDistillation", "MixUpCutMix", "kd_loss", "mixup_cutmix_batch"]
