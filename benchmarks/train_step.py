@@ -35,10 +35,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.task import DistillationTeacher, LogitDistillationTask
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import usi_composer.algorithms
 from usi_composer import builders
 from usi_composer.algorithms import kd_loss
 from usi_composer.builders import ema_smoothing, scaled_lr
@@ -78,6 +81,7 @@ SYNC_OPS = frozenset(
         "aten::unique_consecutive",
     }
 )
+RECIPE_DIRS = tuple(str(Path(m.__file__).parent) + os.sep for m in (builders, usi_composer.algorithms))
 CUDA_SIZES = dict(student="resnet50", teacher="tresnet_v2_l", image_size=224, batch_size=256, steps=30, warmup=10)
 CPU_SIZES = dict(student="resnet18", teacher="resnet34", image_size=64, batch_size=16, steps=6, warmup=2)
 
@@ -158,10 +162,12 @@ class SyncCounter(TorchDispatchMode):
         super().__init__()
         self.host_ids = {id(t) for t in host_tensors}
         self.count = 0
+        self.in_recipe = 0  # those called from this repository's code (usi_composer, its algorithms)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.name in SYNC_OPS and not (args and id(args[0]) in self.host_ids):
             self.count += 1
+            self.in_recipe += any(f.filename.startswith(RECIPE_DIRS) for f in traceback.extract_stack())
         return func(*args, **(kwargs or {}))
 
 
@@ -206,11 +212,12 @@ class Meter:
         times = [b - a for a, b in zip(self.ends[:-1], self.ends[1:], strict=True)][self.args.warmup :]
         return 1000 * statistics.median(times)
 
-    def counts(self) -> tuple[float, float]:
-        """(aten ops, host syncs) per step."""
+    def counts(self) -> tuple[float, float, float]:
+        """(aten ops, host syncs, host syncs called from the recipe's code) per step."""
         assert self.profiler is not None and self.syncs is not None, "fewer steps ran than asked"
         ops = sum(1 for e in self.profiler.events() if e.name.startswith("aten::"))
-        return ops / self.args.steps, self.syncs.count / self.args.steps
+        n = self.args.steps
+        return ops / n, self.syncs.count / n, self.syncs.in_recipe / n
 
 
 class _MeterCallback(Callback):
@@ -299,6 +306,7 @@ def run_timm(args: argparse.Namespace, cfg: Config, teacher_net: torch.nn.Module
     mixup = Mixup(**h["mixup"])
     cfg_s = model.pretrained_cfg
     loader = PrefetchLoader(DeviceBatches(args, steps), mean=cfg_s["mean"], std=cfg_s["std"], device=args.device)
+    losses: list[float] = []
     meter.step_end()
     for num_updates, (inputs, targets) in enumerate(loader, start=1):
         inputs, targets = mixup(inputs, targets)
@@ -308,6 +316,7 @@ def run_timm(args: argparse.Namespace, cfg: Config, teacher_net: torch.nn.Module
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())  # timm's train.py logs the loss every step in a single process
         task.update_ema(step=num_updates)
         scheduler.step_update(num_updates=num_updates)
         meter.step_end()
@@ -408,7 +417,9 @@ def measure(
     figures: dict[str, float] = {}
     if args.profile:
         for name, (meter,) in results.items():
-            figures[f"{name}_ops"], figures[f"{name}_syncs"] = meter.counts()
+            figures[f"{name}_ops"], figures[f"{name}_syncs"], in_recipe = meter.counts()
+            if name == "ours":
+                figures["ours_syncs_in_recipe"] = in_recipe
     else:
         for name, meters in results.items():
             figures[f"{name}_ms"] = statistics.median(m.median_ms() for m in meters)
