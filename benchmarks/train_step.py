@@ -9,7 +9,8 @@
     uint8 batch already on the device (no decode) behind the recipe's own device normalization.
 (b) ``timm``: the peer a timm user writes: ``timm.task.LogitDistillationTask``, timm ``Mixup``,
     ``ModelEmaV3`` (through the task), ``create_optimizer_v2`` AdamW, ``CosineLRScheduler``
-    stepped per update, ``PrefetchLoader`` normalization, channels-last, autocast.
+    stepped per update, ``PrefetchLoader`` normalization, channels-last, autocast, and
+    train.py's per-step ``loss.item()`` (single process) and ``cudnn.benchmark``.
 (c) ``plain``: the same math written by hand in PyTorch (foreach EMA, no framework).
 
 All three use USI's hyper-parameters and the same BN-folded, channels-last teacher network
@@ -23,17 +24,20 @@ consecutive steps (on CUDA after a device synchronize), so each loop's own per-s
 steps (framework events, logging, fetching the next batch) is counted.
 
 ``--profile`` runs ``--steps`` steps of each loop under ``torch.profiler`` (eager) after the
-warm-up and prints, per step, ``*_ops``: every ``aten::`` operator dispatched (nested ones too,
-counted the same way for all loops), and ``*_syncs``: host synchronizations, i.e. ops that make
-the host wait for a result: ``SYNC_OPS`` below, counted once per outermost call (on CUDA
-``aten::equal`` calls ``_local_scalar_dense`` and counts once). Device-to-host copies
-(``tensor.cpu()``) also wait on CUDA but look like any copy on the CPU; they are not counted.
+warm-up, then ``--steps`` more under a dispatch mode, and prints per step ``*_ops``: every
+``aten::`` operator the profiler records (nested ones too, counted the same way for all loops),
+and ``*_syncs``: host reads of tensor values (``SYNC_OPS`` below: ``.item()``, ``bool(t)``,
+``torch.equal``, ...), except on AdamW's step counters, which torch keeps on the host.
+``ours_syncs_in_recipe``: those called from this repository's code. Device-to-host copies
+(``t.cpu()``) also wait on CUDA but cannot be told from a copy on a CPU run; not counted.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -62,17 +66,16 @@ import usi_composer.algorithms
 from usi_composer import builders
 from usi_composer.algorithms import kd_loss
 from usi_composer.builders import ema_smoothing, scaled_lr
-from usi_composer.config import Config, load_config
+from usi_composer.config import Config, TrainerConfig, load_config
 from usi_composer.data import DeviceNormalize
 from usi_composer.teacher import build_teacher
 
 YAML = Path(__file__).resolve().parents[1] / "yamls" / "usi.yaml"
-# Ops that return a value to the host, so the host waits for the device to get there.
+# Ops that hand a device value to the host, which waits for the device to get there. ``item``
+# and ``is_nonzero`` decompose into ``_local_scalar_dense`` before a dispatch mode sees them.
 SYNC_OPS = frozenset(
     {
-        "aten::_local_scalar_dense",  # tensor.item(), bool(t), float(t), int(t), if t: ...
-        "aten::is_nonzero",  # bool(t)
-        "aten::item",
+        "aten::_local_scalar_dense",  # t.item(), bool(t), float(t), int(t), if t: ...
         "aten::equal",  # torch.equal
         "aten::allclose",
         "aten::nonzero",  # output size depends on the data
@@ -125,9 +128,15 @@ def recipe_config(args: argparse.Namespace, teacher_checkpoint: str) -> Config:
             "data.val_dir=null",
             f"trainer.global_batch_size={args.batch_size}",
             f"trainer.max_duration={steps}ba",
+            # --profile counts eager ops; the recipe's compilation option, where it has one, is turned off
+            *(["trainer.compile=false"] if args.profile and _has_compile_option() else []),
             *args.set,
         ],
     )
+
+
+def _has_compile_option() -> bool:
+    return any(f.name == "compile" for f in dataclasses.fields(TrainerConfig))
 
 
 class DeviceBatches:
@@ -387,6 +396,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True  # timm's train.py sets it, so does build_trainer on GPUs
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = str(Path(tmp) / "teacher.pt")
         prepared_teacher, teacher_net = teachers(args, checkpoint)
@@ -413,6 +423,7 @@ def measure(
         for name, loop in loops.items():
             results[name].append(loop())
             if args.device.type == "cuda":
+                gc.collect()  # the previous loop's models and optimizer states, before the next loop's
                 torch.cuda.empty_cache()
     figures: dict[str, float] = {}
     if args.profile:
