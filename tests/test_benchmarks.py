@@ -56,8 +56,9 @@ def _run(script: str, *args: str) -> dict:
 
 # Host syncs per step that Composer's Trainer (0.32) makes on its own, whatever the recipe:
 # the end-of-data flag (1), the batch size (1), the optimizer closure's loss .item() (1), one
-# .item() per logged loss (3: total, ce, kd), and the sample/time accumulation (3). They come
-# one after another at the step's end, so the device drains once there, not nine times.
+# .item() per logged loss (3: total, ce, kd), and the sample/time accumulation (3). All sit
+# between two steps (none between the forward and the backward pass), so the device drains at
+# most twice per step: after the optimizer step, and after the EMA update.
 COMPOSER_SYNCS = 9
 # timm's loop: LogitDistillationTask's two torch.equal (normalization check) and train.py's loss.item().
 TIMM_SYNCS = 3
