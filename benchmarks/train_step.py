@@ -285,7 +285,7 @@ def _autocast(args: argparse.Namespace):
     )
 
 
-def _student(args: argparse.Namespace, cfg: Config) -> torch.nn.Module:
+def _student(args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(args.student, num_classes=args.num_classes)
     return model.to(args.device, memory_format=torch.channels_last).train()
@@ -296,7 +296,7 @@ def run_timm(args: argparse.Namespace, cfg: Config, teacher_net: torch.nn.Module
     h, kd = _hyper(cfg), cfg.algorithms.distillation
     meter = Meter(args)
     steps = Meter.num_steps(args)
-    model = _student(args, cfg)
+    model = _student(args)
     task = LogitDistillationTask(
         model,
         DistillationTeacher(teacher_net, device=args.device),
@@ -338,7 +338,7 @@ def run_plain(args: argparse.Namespace, cfg: Config, teacher: torch.nn.Module) -
     h, kd = _hyper(cfg), cfg.algorithms.distillation
     meter = Meter(args)
     steps = Meter.num_steps(args)
-    model = _student(args, cfg)
+    model = _student(args)
     ema = copy.deepcopy(model).requires_grad_(False)
     decay, no_decay = [], []
     for p in model.parameters():
