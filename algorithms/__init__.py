@@ -7,6 +7,6 @@ They depend on torch, composer and timm only (never on the recipe glue in ``usi_
 from .best_of_ema import BestOfEMAAndRaw
 from .ema import FusedEMA
 from .knowledge_distillation import KnowledgeDistillation, kd_loss
-from .mixup_cutmix import MixUpCutMix
+from .mixup_cutmix import MixUpCutMix, mixup_cutmix_batch
 
-__all__ = ["BestOfEMAAndRaw", "FusedEMA", "KnowledgeDistillation", "MixUpCutMix", "kd_loss"]
+__all__ = ["BestOfEMAAndRaw", "FusedEMA", "KnowledgeDistillation", "MixUpCutMix", "kd_loss", "mixup_cutmix_batch"]

@@ -17,6 +17,8 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from torch import nn
 
+from ._hparams import hparams_state, warn_if_changed
+
 __all__ = ["KnowledgeDistillation", "kd_loss"]
 
 
@@ -48,13 +50,20 @@ class KnowledgeDistillation(Algorithm):
     forward runs under ``no_grad`` and the trainer's precision; ``kd_loss`` runs in fp32.
     ``state.loss`` becomes ``{"total", "ce", "kd"}``, so Composer logs
     ``loss/train/{total,ce,kd}`` with its usual microbatch accounting and backpropagates
-    ``total``. A non-finite total stops training with the batch number, instead of
-    training on NaN.
+    ``total``.
+
+    A non-finite total stops training with the number of the batch where it first happened,
+    without a host sync per step: each step records the first non-finite batch on the device,
+    and the host reads it every ``check_interval`` batches, at the end of each epoch and of
+    ``fit()``. So training stops at most ``check_interval`` batches after the loss went
+    non-finite; checkpoints saved at epoch ends (the recipe's) never hold diverged weights,
+    since the epoch-end check comes first.
 
     The teacher is held by the algorithm, not by the model: DDP/FSDP never wrap it, the
-    optimizer never sees it and checkpoints do not store it again (the algorithm's
-    ``state_dict()`` is only its ``repr``: it has no state of its own, and hyper-parameters
-    come from the constructor, so a resumed run uses the config it is given).
+    optimizer never sees it and checkpoints do not store it again. The algorithm's
+    ``state_dict()`` records its hyper-parameters as values; they still come from the
+    constructor on resumption (a resumed run uses the config it is given, with a warning
+    where it differs from the checkpoint's).
 
     Args:
         teacher: any ``nn.Module`` mapping the student's input batch to logits of the same
@@ -64,10 +73,18 @@ class KnowledgeDistillation(Algorithm):
         alpha: weight of the KD term. USI: 5.
         temperature: softmax temperature ``T``. USI: 1.
         ce_weight: weight of the model's own loss; 0 distils from the teacher alone. USI: 1.
+        check_interval: batches between the host's checks for a non-finite loss (one sync each).
     """
 
+    hparams = ("alpha", "temperature", "ce_weight", "check_interval")
+
     def __init__(
-        self, teacher: nn.Module, alpha: float = 5.0, temperature: float = 1.0, ce_weight: float = 1.0
+        self,
+        teacher: nn.Module,
+        alpha: float = 5.0,
+        temperature: float = 1.0,
+        ce_weight: float = 1.0,
+        check_interval: int = 100,
     ) -> None:
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
@@ -75,23 +92,38 @@ class KnowledgeDistillation(Algorithm):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if ce_weight < 0:
             raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
+        if check_interval < 1:
+            raise ValueError(f"check_interval must be >= 1, got {check_interval}")
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.ce_weight = float(ce_weight)
+        self.check_interval = int(check_interval)
+        self._first_non_finite: torch.Tensor | None = None  # batch number, -1 while all finite
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(teacher=teacher, alpha={self.alpha}, "
-            f"temperature={self.temperature}, ce_weight={self.ce_weight})"
+            f"{type(self).__name__}(teacher=teacher, alpha={self.alpha}, temperature={self.temperature}, "
+            f"ce_weight={self.ce_weight}, check_interval={self.check_interval})"
         )
 
+    def state_dict(self) -> dict:
+        return hparams_state(self, self.hparams)
+
+    def load_state_dict(self, state: dict) -> None:
+        warn_if_changed(self, state, self.hparams)
+
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.AFTER_LOSS)
+        if event == Event.BATCH_END:
+            return int(state.timestamp.batch) % self.check_interval == 0
+        return event in (Event.INIT, Event.AFTER_LOSS, Event.EPOCH_END, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> int | None:
         if event == Event.INIT:
             state.device.module_to_device(self.teacher)
+            return None
+        if event != Event.AFTER_LOSS:
+            self._check_finite(state)
             return None
 
         inputs = state.batch_get_item(0)
@@ -100,14 +132,27 @@ class KnowledgeDistillation(Algorithm):
         kd = kd_loss(state.outputs, teacher_logits, self.temperature)
         ce = _total_loss(state.loss)
         total = self.ce_weight * ce + self.alpha * kd
-        if not bool(torch.isfinite(total)):
-            raise FloatingPointError(
-                f"non-finite loss at batch {int(state.timestamp.batch)} (epoch {int(state.timestamp.epoch)}): "
-                f"ce={float(ce):.4g}, kd={float(kd):.4g}. Lower the learning rate, check the inputs, "
-                "or train in fp32/bf16 instead of fp16."
-            )
+        self._record_non_finite(total, int(state.timestamp.batch))
         state.loss = {"total": total, "ce": ce.detach(), "kd": kd.detach()}
         return None
+
+    def _record_non_finite(self, total: torch.Tensor, batch: int) -> None:
+        """Keeps the first batch whose loss is not finite, on the device (no host sync)."""
+        if self._first_non_finite is None:
+            self._first_non_finite = torch.full((), -1, dtype=torch.long, device=total.device)
+        first = torch.isfinite(total).logical_not_().logical_and_(self._first_non_finite.lt(0))
+        self._first_non_finite = torch.where(first, batch, self._first_non_finite)
+
+    def _check_finite(self, state: State) -> None:
+        if self._first_non_finite is None:
+            return
+        batch = int(self._first_non_finite)  # the host sync, once per check
+        if batch >= 0:
+            raise FloatingPointError(
+                f"non-finite loss at batch {batch} (found at batch {int(state.timestamp.batch)}, "
+                f"epoch {int(state.timestamp.epoch)}). Lower the learning rate, check the inputs, "
+                "or train in fp32/bf16 instead of fp16."
+            )
 
 
 def _total_loss(loss: torch.Tensor | dict | tuple | list) -> torch.Tensor:

@@ -133,3 +133,110 @@ def test_mixup_cutmix_targets_are_distributions() -> None:
         assert targets.shape == (8, NUM_CLASSES)
         torch.testing.assert_close(targets.sum(1), torch.ones(8))
         assert (targets.max(1).values < 1).any(), "mixed targets are soft"
+
+
+def test_non_finite_loss_is_found_within_check_interval_batches() -> None:
+    class NaNFromSecondCall(nn.Module):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            value = float("nan") if self.calls >= 2 else 0.0
+            return torch.full((x.shape[0], NUM_CLASSES), value)
+
+    trainer = Trainer(
+        model=ComposerClassifier(Recorder(), num_classes=NUM_CLASSES),
+        train_dataloader=_loader(n=48),
+        max_duration="6ba",
+        algorithms=[KnowledgeDistillation(NaNFromSecondCall(), check_interval=3)],
+        device="cpu",
+        progress_bar=False,
+    )
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at batch 1 \(found at batch 3,"):
+        trainer.fit()
+
+
+def test_kd_step_reads_nothing_back_to_the_host() -> None:
+    """The per-step non-finite check stays on the device: no ``.item()``/``bool()`` in the step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads: list[str] = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in ("aten::_local_scalar_dense", "aten::equal", "aten::nonzero"):
+                reads.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    class Counted(KnowledgeDistillation):
+        def apply(self, event, state, logger):
+            if event.name != "after_loss":
+                return super().apply(event, state, logger)
+            with Reads():
+                return super().apply(event, state, logger)
+
+    _trainer(Recorder(), [Counted(Recorder())]).fit()
+    assert reads == []
+
+
+class DictBatches(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 3, 8, 8, generator=g)
+        self.labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+def test_mixup_cutmix_uses_input_and_target_keys() -> None:
+    from composer.models import ComposerModel
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class DictModel(ComposerModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Recorder()
+
+        def forward(self, batch):
+            return self.net(batch["image"])
+
+        def loss(self, outputs, batch):
+            seen.append((batch["image"].detach().clone(), batch["label"].detach().clone()))
+            return torch.sum(-batch["label"] * outputs.log_softmax(-1), -1).mean()
+
+    data = DictBatches()
+    Trainer(
+        model=DictModel(),
+        train_dataloader=DataLoader(data, batch_size=8),
+        max_duration="2ba",
+        algorithms=[MixUpCutMix(NUM_CLASSES, input_key="image", target_key="label")],
+        device="cpu",
+        progress_bar=False,
+    ).fit()
+    assert len(seen) == 2
+    for _, labels in seen:
+        assert labels.shape == (8, NUM_CLASSES)
+        torch.testing.assert_close(labels.sum(1), torch.ones(8))
+    assert not torch.allclose(torch.cat([i for i, _ in seen]), data.images), "the images were mixed"
+
+
+def test_mixup_cutmix_batch_is_the_algorithms_mixing() -> None:
+    import numpy as np
+
+    from usi_composer.algorithms import mixup_cutmix_batch
+
+    g = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, NUM_CLASSES, (8,), generator=g)
+    for seed in range(4):  # both MixUp and CutMix get drawn
+        np.random.seed(seed)
+        mixed, soft = mixup_cutmix_batch(inputs.clone(), targets, NUM_CLASSES, switch_prob=0.5)
+        np.random.seed(seed)
+        expected, expected_soft = MixUpCutMix(NUM_CLASSES, switch_prob=0.5).mix(inputs.clone(), targets)
+        torch.testing.assert_close(mixed, expected, rtol=0, atol=0)
+        torch.testing.assert_close(soft, expected_soft, rtol=0, atol=0)
+        assert soft.shape == (8, NUM_CLASSES) and not torch.equal(mixed, inputs)

@@ -54,13 +54,32 @@ def test_repr_round_trips_through_eval() -> None:
         assert type(again) is type(algorithm) and repr(again) == repr(algorithm)
 
 
-def test_state_dict_round_trips() -> None:
+def test_state_dict_records_hyperparameters_as_values(caplog: pytest.LogCaptureFixture) -> None:
     teacher = _net(1)
-    for make in (
-        lambda: KnowledgeDistillation(teacher, alpha=1.5, temperature=2.0),
-        lambda: MixUpCutMix(NUM_CLASSES, mixup_alpha=0.3),
+    for make, changed, expected in (
+        (
+            lambda **kw: KnowledgeDistillation(teacher, **{"alpha": 1.5, "temperature": 2.0, **kw}),
+            {"alpha": 3.0},
+            {"alpha": 1.5, "temperature": 2.0, "ce_weight": 1.0, "check_interval": 100},
+        ),
+        (
+            lambda **kw: MixUpCutMix(NUM_CLASSES, **{"mixup_alpha": 0.3, **kw}),
+            {"target_key": "label"},
+            {"num_classes": NUM_CLASSES, "mixup_alpha": 0.3, "cutmix_alpha": 1.0, "input_key": 0, "target_key": 1},
+        ),
     ):
-        original, fresh = make(), make()
-        fresh.load_state_dict(original.state_dict())
-        assert fresh.state_dict() == original.state_dict()
-        assert not any(isinstance(v, torch.Tensor | torch.nn.Module) for v in original.state_dict().values())
+        original = make()
+        state = original.state_dict()
+        assert state["repr"] == repr(original)
+        assert {k: state[k] for k in expected} == expected
+        assert all(v is None or isinstance(v, bool | int | float | str) for v in state.values())
+
+        caplog.clear()
+        make().load_state_dict(state)  # same config: silent
+        assert caplog.records == []
+        resumed = make(**changed)
+        resumed.load_state_dict(state)  # the constructor's value stays, and the change is said
+        name, value = next(iter(changed.items()))
+        assert getattr(resumed, name) == value
+        said = f"the checkpoint was trained with {name}={state[name]!r}, this run uses {value!r}"
+        assert [r.getMessage() for r in caplog.records] == [f"{type(original).__name__}: {said}"]

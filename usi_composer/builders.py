@@ -269,6 +269,8 @@ def build_trainer(
     o, s = cfg.optimizer, cfg.scheduler
     optimizer = build_optimizer(model.module, lr, o.weight_decay, (o.betas[0], o.betas[1]), o.eps)
     scheduler = CosineWithWarmupFrom(s.warmup, alpha_i=min(1.0, s.warmup_lr / lr), alpha_f=min(1.0, s.min_lr / lr))
+    if device == "gpu":  # one input size throughout: let cuDNN pick the fastest kernels (as timm's train.py does)
+        torch.backends.cudnn.benchmark = True
     return Trainer(
         model=model,
         train_dataloader=train_spec,

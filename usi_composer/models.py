@@ -8,11 +8,12 @@ from typing import Any
 
 import timm
 import torch
-from composer.loss import soft_cross_entropy
+import torch.nn.functional as F
 from composer.models import ComposerClassifier
 from composer.utils import get_file
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from usi_composer.errors import SetupError
@@ -20,25 +21,41 @@ from usi_composer.errors import SetupError
 __all__ = ["USIClassifier", "create_backbone", "load_weights"]
 
 
-class USIClassifier(ComposerClassifier):
-    """``ComposerClassifier`` with soft-target cross-entropy and top-1/top-5 accuracy.
+def soft_target_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class indices ``(N,)`` or distributions ``(N, C)`` (after MixUp/CutMix).
 
-    The training targets are distributions after MixUp/CutMix; metrics compare against their
-    arg-max, so training metrics (if enabled) stay meaningful.
+    Composer's ``soft_cross_entropy`` computes the same, but checks the targets' total probability
+    with two host syncs per step; timm's ``SoftTargetCrossEntropy`` has none.
+    """
+    if targets.ndim == 1:
+        return F.cross_entropy(outputs, targets)
+    return _SOFT_CE(outputs, targets)
+
+
+_SOFT_CE = SoftTargetCrossEntropy()
+
+
+class USIClassifier(ComposerClassifier):
+    """``ComposerClassifier`` with soft-target cross-entropy and top-1/top-5 validation accuracy.
+
+    No training metrics (the official recipe has none): Composer would update and compute them
+    on every training step (an extra forward of metric kernels, host syncs, and under DDP a
+    cross-rank sync of each metric per step), and accuracy on mixed batches says little.
+    Validation targets are class indices; should a distribution come in, metrics compare
+    against its arg-max.
     """
 
     def __init__(self, module: nn.Module, num_classes: int) -> None:
-        def metrics() -> MetricCollection:
-            return MetricCollection(
-                {
-                    "top1": MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro"),
-                    "top5": MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro"),
-                }
-            )
-
-        super().__init__(
-            module, num_classes=num_classes, train_metrics=metrics(), val_metrics=metrics(), loss_fn=soft_cross_entropy
+        val_metrics = MetricCollection(
+            {
+                "top1": MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro"),
+                "top5": MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro"),
+            }
         )
+        super().__init__(module, num_classes=num_classes, val_metrics=val_metrics, loss_fn=soft_target_cross_entropy)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return {} if is_train else super().get_metrics(is_train=False)
 
     def forward(self, batch: Any) -> torch.Tensor:
         # The inputs alone: with trainer.compile, dynamo then guards on the inputs only, never on
