@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from composer.core import Algorithm, Event, State
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
+from composer.utils import dist
 from torch import nn
 
 from ._hparams import hparams_state, warn_if_changed
@@ -48,16 +49,17 @@ class KnowledgeDistillation(Algorithm):
     Runs on ``Event.AFTER_LOSS``: by then every ``BEFORE_FORWARD`` algorithm (MixUp/CutMix)
     has changed ``state.batch``, and the model's own loss is in ``state.loss``. The teacher's
     forward runs under ``no_grad`` and the trainer's precision; ``kd_loss`` runs in fp32.
-    ``state.loss`` becomes ``{"total", "ce", "kd"}``, so Composer logs
-    ``loss/train/{total,ce,kd}`` with its usual microbatch accounting and backpropagates
-    ``total``.
+    ``state.loss`` becomes the total, which Composer backpropagates and logs as
+    ``loss/train/total`` every batch.
 
-    A non-finite total stops training with the number of the batch where it first happened,
-    without a host sync per step: each step records the first non-finite batch on the device,
-    and the host reads it every ``check_interval`` batches, at the end of each epoch and of
-    ``fit()``. So training stops at most ``check_interval`` batches after the loss went
-    non-finite; checkpoints saved at epoch ends (the recipe's) never hold diverged weights,
-    since the epoch-end check comes first.
+    Nothing in the step reads a value back to the host (on a GPU each read stalls the queue of
+    kernels). The two parts of the loss and a non-finite flag are kept on the device and read
+    in one transfer every ``log_interval`` batches and at the end of each epoch and of
+    ``fit()``: ``loss/train/ce`` and ``loss/train/kd`` are logged then, as means over the
+    batches since the last read (over all ranks), and a non-finite total stops training with
+    the number of the batch where it first happened. So training stops at most
+    ``log_interval`` batches after the loss went non-finite; checkpoints saved at epoch ends
+    (the recipe's) never hold diverged weights, since the epoch-end read comes first.
 
     The teacher is held by the algorithm, not by the model: DDP/FSDP never wrap it, the
     optimizer never sees it and checkpoints do not store it again. The algorithm's
@@ -73,10 +75,11 @@ class KnowledgeDistillation(Algorithm):
         alpha: weight of the KD term. USI: 5.
         temperature: softmax temperature ``T``. USI: 1.
         ce_weight: weight of the model's own loss; 0 distils from the teacher alone. USI: 1.
-        check_interval: batches between the host's checks for a non-finite loss (one sync each).
+        log_interval: batches between the host's reads of the distillation statistics (one
+            host sync each): the logged ce/kd means and the non-finite check.
     """
 
-    hparams = ("alpha", "temperature", "ce_weight", "check_interval")
+    hparams = ("alpha", "temperature", "ce_weight", "log_interval")
 
     def __init__(
         self,
@@ -84,7 +87,7 @@ class KnowledgeDistillation(Algorithm):
         alpha: float = 5.0,
         temperature: float = 1.0,
         ce_weight: float = 1.0,
-        check_interval: int = 100,
+        log_interval: int = 100,
     ) -> None:
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
@@ -92,19 +95,23 @@ class KnowledgeDistillation(Algorithm):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if ce_weight < 0:
             raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
-        if check_interval < 1:
-            raise ValueError(f"check_interval must be >= 1, got {check_interval}")
+        if log_interval < 1:
+            raise ValueError(f"log_interval must be >= 1, got {log_interval}")
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.ce_weight = float(ce_weight)
-        self.check_interval = int(check_interval)
-        self._first_non_finite: torch.Tensor | None = None  # batch number, -1 while all finite
+        self.log_interval = int(log_interval)
+        # On the device since the last read: sample-weighted sums of ce, kd and of non-finite
+        # totals, and the first batch with one (-1: none). Samples are counted on the host.
+        self._stats: torch.Tensor | None = None
+        self._first_non_finite: torch.Tensor | None = None
+        self._samples = 0
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(teacher=teacher, alpha={self.alpha}, temperature={self.temperature}, "
-            f"ce_weight={self.ce_weight}, check_interval={self.check_interval})"
+            f"ce_weight={self.ce_weight}, log_interval={self.log_interval})"
         )
 
     def state_dict(self) -> dict:
@@ -115,7 +122,7 @@ class KnowledgeDistillation(Algorithm):
 
     def match(self, event: Event, state: State) -> bool:
         if event == Event.BATCH_END:
-            return int(state.timestamp.batch) % self.check_interval == 0
+            return int(state.timestamp.batch) % self.log_interval == 0
         return event in (Event.INIT, Event.AFTER_LOSS, Event.EPOCH_END, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> int | None:
@@ -123,7 +130,7 @@ class KnowledgeDistillation(Algorithm):
             state.device.module_to_device(self.teacher)
             return None
         if event != Event.AFTER_LOSS:
-            self._check_finite(state)
+            self._read_stats(state, logger)
             return None
 
         inputs = state.batch_get_item(0)
@@ -132,27 +139,39 @@ class KnowledgeDistillation(Algorithm):
         kd = kd_loss(state.outputs, teacher_logits, self.temperature)
         ce = _total_loss(state.loss)
         total = self.ce_weight * ce + self.alpha * kd
-        self._record_non_finite(total, int(state.timestamp.batch))
-        state.loss = {"total": total, "ce": ce.detach(), "kd": kd.detach()}
+        self._record(ce, kd, total, int(state.timestamp.batch), inputs.shape[0])
+        state.loss = total
         return None
 
-    def _record_non_finite(self, total: torch.Tensor, batch: int) -> None:
-        """Keeps the first batch whose loss is not finite, on the device (no host sync)."""
-        if self._first_non_finite is None:
+    def _record(self, ce: torch.Tensor, kd: torch.Tensor, total: torch.Tensor, batch: int, samples: int) -> None:
+        """Adds this microbatch to the device-side statistics (a few scalar kernels, no host sync)."""
+        if self._stats is None:
+            self._stats = torch.zeros(3, dtype=torch.float64, device=total.device)
             self._first_non_finite = torch.full((), -1, dtype=torch.long, device=total.device)
-        first = torch.isfinite(total).logical_not_().logical_and_(self._first_non_finite.lt(0))
+        assert self._first_non_finite is not None
+        non_finite = torch.isfinite(total).logical_not_()
+        self._stats.add_(torch.stack([ce.detach().float(), kd.detach(), non_finite]), alpha=samples)
+        first = non_finite.logical_and_(self._first_non_finite.lt(0))
         self._first_non_finite = torch.where(first, batch, self._first_non_finite)
+        self._samples += samples
 
-    def _check_finite(self, state: State) -> None:
-        if self._first_non_finite is None:
+    def _read_stats(self, state: State, logger: Logger) -> None:
+        """The host's read (one sync): log the ce/kd means since the last read, stop on a non-finite loss."""
+        if self._stats is None or self._first_non_finite is None or not self._samples:
             return
-        batch = int(self._first_non_finite)  # the host sync, once per check
-        if batch >= 0:
+        values = torch.cat([self._stats, self._stats.new_tensor([self._samples]), self._first_non_finite.view(1)])
+        dist.all_reduce(values[:4])  # the sums over ranks (every rank reads at the same batches)
+        ce_sum, kd_sum, non_finite, samples, first_here = values.tolist()
+        self._stats.zero_()
+        self._samples = 0
+        if non_finite:
+            where = f"at batch {int(first_here)}" if first_here >= 0 else "on another rank"
             raise FloatingPointError(
-                f"non-finite loss at batch {batch} (found at batch {int(state.timestamp.batch)}, "
+                f"non-finite loss {where} (found at batch {int(state.timestamp.batch)}, "
                 f"epoch {int(state.timestamp.epoch)}). Lower the learning rate, check the inputs, "
                 "or train in fp32/bf16 instead of fp16."
             )
+        logger.log_metrics({"loss/train/ce": ce_sum / samples, "loss/train/kd": kd_sum / samples})
 
 
 def _total_loss(loss: torch.Tensor | dict | tuple | list) -> torch.Tensor:

@@ -24,9 +24,11 @@ consecutive steps (on CUDA after a device synchronize), so each loop's own per-s
 steps (framework events, logging, fetching the next batch) is counted.
 
 ``--profile`` runs ``--steps`` steps of each loop under ``torch.profiler`` (eager) after the
-warm-up, then ``--steps`` more under a dispatch mode, and prints per step ``*_ops``: every
-``aten::`` operator the profiler records (nested ones too, counted the same way for all loops),
-and ``*_syncs``: host reads of tensor values (``SYNC_OPS`` below: ``.item()``, ``bool(t)``,
+warm-up, then ``--steps`` more under a dispatch mode, and prints per step ``*_ops``: the
+``aten::`` operators dispatched by the loop's code and by autograd, not those an operator calls
+inside itself (on the CPU a ``_foreach_*`` op runs one op per tensor inside it, where CUDA runs
+a few fused kernels: counting those would charge a fused update for the CPU's fallback), and
+``*_syncs``: host reads of tensor values (``SYNC_OPS`` below: ``.item()``, ``bool(t)``,
 ``torch.equal``, ...), except on AdamW's step counters, which torch keeps on the host.
 ``ours_syncs_in_recipe``: those called from this repository's code. Device-to-host copies
 (``t.cpu()``) also wait on CUDA but cannot be told from a copy on a CPU run; not counted.
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import gc
 import json
 import os
@@ -66,7 +67,7 @@ import usi_composer.algorithms
 from usi_composer import builders
 from usi_composer.algorithms import kd_loss
 from usi_composer.builders import ema_smoothing, scaled_lr
-from usi_composer.config import Config, TrainerConfig, load_config
+from usi_composer.config import Config, load_config
 from usi_composer.data import DeviceNormalize
 from usi_composer.teacher import build_teacher
 
@@ -128,15 +129,11 @@ def recipe_config(args: argparse.Namespace, teacher_checkpoint: str) -> Config:
             "data.val_dir=null",
             f"trainer.global_batch_size={args.batch_size}",
             f"trainer.max_duration={steps}ba",
-            # --profile counts eager ops; the recipe's compilation option, where it has one, is turned off
-            *(["trainer.compile=false"] if args.profile and _has_compile_option() else []),
+            # --profile counts eager ops: the recipe's compilation (on by default on GPUs) is turned off
+            *(["trainer.compile=false"] if args.profile else []),
             *args.set,
         ],
     )
-
-
-def _has_compile_option() -> bool:
-    return any(f.name == "compile" for f in dataclasses.fields(TrainerConfig))
 
 
 class DeviceBatches:
@@ -224,9 +221,19 @@ class Meter:
     def counts(self) -> tuple[float, float, float]:
         """(aten ops, host syncs, host syncs called from the recipe's code) per step."""
         assert self.profiler is not None and self.syncs is not None, "fewer steps ran than asked"
-        ops = sum(1 for e in self.profiler.events() if e.name.startswith("aten::"))
+        ops = sum(1 for e in self.profiler.events() if e.name.startswith("aten::") and not _inside_aten_op(e))
         n = self.args.steps
         return ops / n, self.syncs.count / n, self.syncs.in_recipe / n
+
+
+def _inside_aten_op(event: Any) -> bool:
+    """Whether a profiler event runs inside another ``aten::`` operator."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 class _MeterCallback(Callback):
@@ -244,7 +251,7 @@ def run_ours(args: argparse.Namespace, cfg: Config) -> Meter:
     meter = Meter(args)
     batches = DeviceBatches(args, Meter.num_steps(args))
 
-    def synthetic_dataloaders(cfg: Config, mean: list[float], std: list[float]) -> tuple[DataSpec, None]:
+    def synthetic_dataloaders(cfg: Config, mean: list[float], std: list[float], *_: Any) -> tuple[DataSpec, None]:
         normalize = DeviceNormalize(mean, std, channels_last=cfg.algorithms.channels_last)
         return DataSpec(batches, microbatch_transforms=normalize), None
 

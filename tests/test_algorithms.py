@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from composer import Trainer
+from composer.core import Event
+from composer.loggers import InMemoryLogger
 from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -59,23 +61,38 @@ def test_teacher_sees_the_mixed_batch_the_student_sees() -> None:
     assert not torch.allclose(seen, loader_inputs), "the batch was mixed before the forward pass"
 
 
-def test_kd_sets_total_ce_and_kd_losses() -> None:
-    captured: dict[str, torch.Tensor] = {}
+def test_kd_sets_the_total_loss_and_logs_ce_and_kd_means() -> None:
+    captured: list[dict[str, torch.Tensor]] = []
     teacher = Recorder()
 
     class Capture(KnowledgeDistillation):
         def apply(self, event, state, logger):
+            ce = state.loss.detach().clone() if event == Event.AFTER_LOSS else None
             super().apply(event, state, logger)
-            if isinstance(state.loss, dict):
-                captured.update({k: v.detach().clone() for k, v in state.loss.items()})
-                captured["outputs"] = state.outputs.detach().clone()
-                captured["batch"] = state.batch_get_item(0).detach().clone()
+            if ce is not None:
+                batch = state.batch_get_item(0).detach().clone()
+                captured.append(
+                    {"ce": ce, "total": state.loss.detach().clone(), "outputs": state.outputs.detach(), "x": batch}
+                )
 
-    _trainer(Recorder(), [Capture(teacher, alpha=2.5, temperature=2.0, ce_weight=0.5)]).fit()
+    logger = InMemoryLogger()
+    kd = Capture(teacher, alpha=2.5, temperature=2.0, ce_weight=0.5, log_interval=4)
+    _trainer(Recorder(), [kd], loggers=[logger]).fit()  # 2 batches: read once, at the end of the epoch
     with torch.no_grad():
-        expected_kd = kd_loss(captured["outputs"], teacher.net(captured["batch"]), 2.0)
-    torch.testing.assert_close(captured["kd"], expected_kd)
-    torch.testing.assert_close(captured["total"], 0.5 * captured["ce"] + 2.5 * captured["kd"])
+        kds = [kd_loss(c["outputs"], teacher.net(c["x"]), 2.0) for c in captured]
+    for c, expected_kd in zip(captured, kds, strict=True):
+        torch.testing.assert_close(c["total"], 0.5 * c["ce"] + 2.5 * expected_kd)
+    assert [v for _, v in logger.data["loss/train/ce"]] == pytest.approx(
+        [float(torch.stack([c["ce"] for c in captured]).mean())]
+    )
+    assert [v for _, v in logger.data["loss/train/kd"]] == pytest.approx([float(torch.stack(kds).mean())])
+    assert len(logger.data["loss/train/total"]) == 2  # Composer's, every batch
+
+
+def test_kd_logs_ce_and_kd_every_log_interval_batches() -> None:
+    logger = InMemoryLogger()
+    _trainer(Recorder(), [KnowledgeDistillation(Recorder(), log_interval=1)], loggers=[logger]).fit()
+    assert len(logger.data["loss/train/ce"]) == len(logger.data["loss/train/kd"]) == 2
 
 
 def test_teacher_is_frozen_and_never_trained() -> None:
@@ -135,7 +152,7 @@ def test_mixup_cutmix_targets_are_distributions() -> None:
         assert (targets.max(1).values < 1).any(), "mixed targets are soft"
 
 
-def test_non_finite_loss_is_found_within_check_interval_batches() -> None:
+def test_non_finite_loss_is_found_within_log_interval_batches() -> None:
     class NaNFromSecondCall(nn.Module):
         calls = 0
 
@@ -148,7 +165,7 @@ def test_non_finite_loss_is_found_within_check_interval_batches() -> None:
         model=ComposerClassifier(Recorder(), num_classes=NUM_CLASSES),
         train_dataloader=_loader(n=48),
         max_duration="6ba",
-        algorithms=[KnowledgeDistillation(NaNFromSecondCall(), check_interval=3)],
+        algorithms=[KnowledgeDistillation(NaNFromSecondCall(), log_interval=3)],
         device="cpu",
         progress_bar=False,
     )

@@ -52,13 +52,11 @@ def _run(script: str, *args: str) -> dict:
     return json.loads(lines[0])
 
 
-# Host syncs per step that Composer's Trainer (0.32) makes on its own, whatever the recipe:
-# the end-of-data flag (1), the batch size (1), the optimizer closure's loss .item() (1), one
-# .item() per logged loss (3: total, ce, kd), and the sample/time accumulation (3). All sit
-# between two steps (none between the forward and the backward pass), so the device drains at
-# most twice per step: after the optimizer step, and after the EMA update.
-COMPOSER_SYNCS = 9
-# timm's loop: LogitDistillationTask's two torch.equal (normalization check) and train.py's loss.item().
+# Host syncs per step of the recipe's step: the three that Composer's Trainer (0.32) makes and
+# usi_composer.trainer keeps (the end-of-data flag, the batch size, the logged loss). Composer's
+# optimizer closure (1), the sample/time accounting (3) and one read per logged loss part (2)
+# are gone: a new .item() anywhere in the step shows here.
+OUR_SYNCS = 3
 TIMM_SYNCS = 3
 
 
@@ -69,9 +67,9 @@ def step_counts() -> dict:
 
 def test_our_step_adds_no_host_sync(step_counts: dict) -> None:
     """No .item()/bool(tensor)/torch.equal from the recipe's own code in a training step: the
-    only syncs are the ones Composer's Trainer makes on its own."""
+    only syncs are the three of Composer's that usi_composer.trainer keeps."""
     assert step_counts["ours_syncs_in_recipe"] == 0
-    assert step_counts["ours_syncs"] == COMPOSER_SYNCS
+    assert step_counts["ours_syncs"] == OUR_SYNCS <= step_counts["timm_syncs"]
     assert step_counts["timm_syncs"] == TIMM_SYNCS
     assert step_counts["plain_syncs"] == 0
 

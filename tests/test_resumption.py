@@ -60,7 +60,7 @@ def test_state_dict_records_hyperparameters_as_values(caplog: pytest.LogCaptureF
         (
             lambda **kw: KnowledgeDistillation(teacher, **{"alpha": 1.5, "temperature": 2.0, **kw}),
             {"alpha": 3.0},
-            {"alpha": 1.5, "temperature": 2.0, "ce_weight": 1.0, "check_interval": 100},
+            {"alpha": 1.5, "temperature": 2.0, "ce_weight": 1.0, "log_interval": 100},
         ),
         (
             lambda **kw: MixUpCutMix(NUM_CLASSES, **{"mixup_alpha": 0.3, **kw}),

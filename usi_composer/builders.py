@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import torch
-from composer import Trainer
 from composer.algorithms import ChannelsLast, ProgressiveResizing
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback, DataSpec
@@ -23,6 +22,7 @@ from usi_composer.models import USIClassifier, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
 from usi_composer.teacher import build_teacher
 from usi_composer.tracking import build_wandb_logger
+from usi_composer.trainer import Trainer
 
 __all__ = [
     "build_algorithms",
