@@ -1,19 +1,44 @@
 # Two commands do everything on a fresh machine (both idempotent):
 #   make demo   # create .venv, install, run the embedded demo (teacher + two students on CPU)
 #   make test   # create .venv, install, run the test suite
-PYTHON ?= python3.11
+# The interpreter is PYTHON if given, else the newest supported python3.x on PATH. A venv keeps the
+# Python it was made with, so give each its own: make test PYTHON=python3.12 VENV=.venv-3.12
+#
+# Supported: pyproject.toml's requires-python, newest first (tests/test_packaging.py keeps them in step).
+PYTHONS := python3.13 python3.12 python3.11 python3.10
+# Probed by running it: a pyenv shim of a version that is not selected is on PATH but fails.
+PYTHON ?= $(firstword $(foreach p,$(PYTHONS),$(shell $(p) -c '' >/dev/null 2>&1 && echo $(p))))
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VERSION := import platform; print(platform.python_version())
+MINOR := import sys; print("%d.%d" % sys.version_info[:2])
+# pip -qq: progress is ours (below); pip's warnings about this machine's index config and the build
+# backend's notices are not the user's to act on. Errors still show.
+PIP := $(PY) -m pip -qq
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean python-matches-venv
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $@
+$(VENV)/.installed: pyproject.toml | python-matches-venv
+	$(if $(PYTHON),,$(error no Python 3.10-3.13 found on PATH (tried $(PYTHONS)); install one or pass PYTHON=/path/to/python3.x))
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null \
+		|| { echo "make: PYTHON=$(PYTHON) is not a working Python 3.10-3.13" >&2; exit 1; }
+	@echo "$(if $(wildcard $(PY)),updating,creating) $(VENV) with $(PYTHON) (Python $$($(PYTHON) -c '$(VERSION)'))"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install --upgrade pip
+	@echo "installing usi-composer and its dependencies into $(VENV) (torch is a few GB: a few minutes the first time)"
+	@$(PIP) install -e '.[dev]'
+	@touch $@
+	@echo "ready: $(VENV)"
+
+# Asking for another Python than the venv's stops here, never runs on the venv's Python silently.
+python-matches-venv:
+ifeq ($(origin PYTHON),command line)
+	@if [ -x $(PY) ] && [ "$$($(PY) -c '$(MINOR)')" != "$$($(PYTHON) -c '$(MINOR)')" ]; then \
+		echo "make: $(VENV) has Python $$($(PY) -c '$(MINOR)'), not $(PYTHON): add VENV=.venv-<version>, or make clean" >&2; \
+		exit 1; fi
+endif
 
 demo: setup
 	$(PY) -m usi_composer.cli.demo

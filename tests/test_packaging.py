@@ -1,15 +1,27 @@
 """Packaging: `algorithms/` ships as `usi_composer.algorithms` (editable and wheel), never as `algorithms`;
-the algorithms import nothing from the recipe glue."""
+the algorithms import nothing from the recipe glue; pyproject.toml, ruff and the Makefile agree on the
+supported Pythons, and `make` picks the newest that runs."""
 
 from __future__ import annotations
 
 import ast
+import os
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dev dependency there)
+    import tomli as tomllib
+
+SUPPORTED = ["3.10", "3.11", "3.12", "3.13"]
 
 
 def test_algorithms_import_only_torch_composer_timm() -> None:
@@ -66,3 +78,63 @@ def test_wheel_maps_algorithms_into_the_package(tmp_path: Path) -> None:
     assert "usi_composer/algorithms/knowledge_distillation.py" in names
     assert "usi_composer/algorithms/README.md" in names
     assert not any(n.startswith("algorithms/") for n in names)
+
+
+def test_supported_pythons_agree() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["requires-python"] == f">={SUPPORTED[0]},<3.{int(SUPPORTED[-1].split('.')[1]) + 1}"
+    classified = [c.rsplit(" :: ", 1)[1] for c in project["project"]["classifiers"] if re.search(r":: 3\.\d+$", c)]
+    assert classified == SUPPORTED
+    assert project["tool"]["ruff"]["target-version"] == "py" + SUPPORTED[0].replace(".", "")
+    assert project["project"]["license"] == "Apache-2.0"  # SPDX string, not the deprecated table
+    (tried,) = re.findall(r"^PYTHONS := (.*)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    assert tried.split() == [f"python{v}" for v in reversed(SUPPORTED)]  # newest first
+    assert sys.version_info[:2] in {tuple(map(int, v.split("."))) for v in SUPPORTED}
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+def _make(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`make` in the repo with tmp_path/bin (stub interpreters) first on PATH."""
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    env.pop("PYTHON", None)
+    env.pop("MAKEFLAGS", None)
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("runs", "chosen"),
+    [({"3.10", "3.11", "3.12", "3.13"}, "python3.13"), ({"3.11", "3.12"}, "python3.12"), ({"3.10"}, "python3.10")],
+)
+def test_make_picks_the_newest_python_that_runs(tmp_path: Path, runs: set[str], chosen: str) -> None:
+    (tmp_path / "bin").mkdir()
+    for v in SUPPORTED:  # the others fail the way a pyenv shim of an unselected version does
+        _stub(tmp_path / "bin" / f"python{v}", f'exec {sys.executable} "$@"' if v in runs else "exit 127")
+    show = "show: ; @echo $(PYTHON)"
+    assert _make(tmp_path, "--eval", show, "show").stdout.strip() == chosen
+    assert _make(tmp_path, "--eval", show, "show", "PYTHON=/opt/py/bin/python3").stdout.strip() == "/opt/py/bin/python3"
+
+
+def test_make_without_a_supported_python_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    for v in SUPPORTED:
+        _stub(tmp_path / "bin" / f"python{v}", "exit 127")
+    out = _make(tmp_path, "setup", f"VENV={tmp_path / 'venv'}")
+    assert out.returncode != 0
+    assert "no Python 3.10-3.13 found on PATH" in out.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_make_refuses_a_python_other_than_the_venvs(tmp_path: Path) -> None:
+    """`make test PYTHON=python3.13` on a 3.12 venv stops, rather than testing 3.12 under 3.13's name."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    _stub(tmp_path / "venv" / "bin" / "python", "echo 3.12")
+    _stub(tmp_path / "bin" / "python3.13", "echo 3.13")
+    out = _make(tmp_path, "setup", "PYTHON=python3.13", f"VENV={tmp_path / 'venv'}")
+    assert out.returncode != 0
+    assert "has Python 3.12, not python3.13" in out.stderr
+    assert not (tmp_path / "venv" / ".installed").exists()
