@@ -105,7 +105,13 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float], compile: 
         )
         kd = a.distillation
         algorithms.append(
-            KnowledgeDistillation(teacher, alpha=kd.alpha, temperature=kd.temperature, ce_weight=kd.ce_weight)
+            KnowledgeDistillation(
+                teacher,
+                alpha=kd.alpha,
+                temperature=kd.temperature,
+                ce_weight=kd.ce_weight,
+                log_interval=kd.log_interval,
+            )
         )
     if a.ema.enabled:
         smoothing = ema_smoothing(a.ema.decay, a.ema.reference_batch_size, cfg.trainer.global_batch_size)

@@ -105,6 +105,7 @@ class DistillationConfig:
     alpha: float = 5.0
     temperature: float = 1.0
     ce_weight: float = 1.0
+    log_interval: int = 100  # batches between reads of the ce/kd means and the non-finite check (one sync each)
 
 
 @dataclass
@@ -356,6 +357,7 @@ def _validate(cfg: Config, source_of: Any) -> None:
     check("algorithms.distillation.alpha", kd.alpha >= 0, f"must be >= 0, got {kd.alpha}")
     check("algorithms.distillation.temperature", kd.temperature > 0, f"must be > 0, got {kd.temperature}")
     check("algorithms.distillation.ce_weight", kd.ce_weight >= 0, f"must be >= 0, got {kd.ce_weight}")
+    check("algorithms.distillation.log_interval", kd.log_interval >= 1, f"must be >= 1, got {kd.log_interval}")
     if kd.enabled:
         if cfg.teacher.name is None:
             fail(
