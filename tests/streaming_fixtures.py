@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import IMAGENET_SAMPLE as SAMPLE
@@ -72,6 +74,22 @@ class MotoServer:
                 assert self.proc.poll() is None, "moto_server exited at start"
                 time.sleep(0.1)
         raise AssertionError("moto_server did not start within 30 s")
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[MotoServer]:
+        """Started, with its endpoint and credentials in ``os.environ``; both undone on exit."""
+        self.start()
+        saved = {k: os.environ.get(k) for k in self.env()}
+        os.environ.update(self.env())
+        try:
+            yield self
+        finally:
+            self.stop()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -44,18 +44,8 @@ BOUND_S = 120  # a lost node must end the job within this (Composer's dist timeo
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[MotoServer]:
-    server = MotoServer().start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
+    with MotoServer().serving() as server:
         yield server
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
