@@ -72,4 +72,7 @@ def test_composer_launcher_ddp_on_cpu(imagenet_sample: Path, saved_teacher, tmp_
     assert (timestamp["batch"], timestamp["sample"]) == (2, 8), "2 batches of 2 samples on each of 2 ranks"
     assert len(checkpoint["rng"]) == 2, "both ranks took part"
     kd_state = dict(checkpoint["state"]["algorithms"])["KnowledgeDistillation"]
-    assert kd_state == {"repr": "KnowledgeDistillation(teacher=teacher, alpha=5.0, temperature=1.0, ce_weight=1.0)"}
+    assert kd_state == {
+        "repr": "KnowledgeDistillation(teacher=teacher, alpha=5.0, temperature=1.0, ce_weight=1.0, log_interval=100)",
+        **{"alpha": 5.0, "temperature": 1.0, "ce_weight": 1.0, "log_interval": 100},
+    }, "the hyper-parameters as values, not the teacher"
