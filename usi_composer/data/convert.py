@@ -25,8 +25,10 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -168,6 +170,24 @@ def _write_classes(out: str, classes: list[str]) -> None:
             Path(tmp, "classes.json").replace(Path(out, "classes.json"))
 
 
+def _worker_pool(workers: int):
+    """A process pool whose workers die on ``terminate()`` whatever SIGTERM handler the caller has.
+
+    Composer installs a SIGTERM handler that exits through Python; forked workers would inherit it,
+    and a worker stuck in a lock inherited from another thread (the caller's streaming threads, in
+    the test process) never runs it: terminate() then waited forever (seen once on Python 3.13).
+    The default disposition is set around the fork, so only the workers get it.
+    """
+    ctx = get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
+        return ctx.Pool(workers)  # signal.signal works only there, and only on a handler Python knows
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return ctx.Pool(workers)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def convert_split(
     samples: list[tuple[str, int]],
     out: str,
@@ -197,8 +217,7 @@ def convert_split(
         max_workers=1,
     )
     bad: list[tuple[str, str]] = []
-    ctx = get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ctx.Pool(workers) if workers > 1 else None
+    pool = _worker_pool(workers) if workers > 1 else None
     try:
         paths = [p for p, _ in samples]
         results = pool.imap(_read_and_check, paths, chunksize=16) if pool else map(_read_and_check, paths)
