@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENET_SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
@@ -52,6 +53,18 @@ def saved_teacher(tmp_path_factory: pytest.TempPathFactory):
         return cache[(name, num_classes)]
 
     return make
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every aten op dispatched while active (``with RecordOps() as r: ...; r.ops``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -17,19 +17,9 @@ import torch.distributed as dist
 from composer.algorithms.ema.ema import EMAParameters, compute_ema
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import RecordOps
 from usi_composer.algorithms.ema import FusedEMAParameters
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _full(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -59,7 +49,7 @@ def main(out_dir: Path) -> None:
     assert any(t.numel() < full_sizes[n] for n, t in ours.named_parameters()), "ours holds this rank's shards"
     for _ in range(3):
         step()
-        with _Ops() as count:
+        with RecordOps() as count:
             ours.update(model, 0.7)
         compute_ema(model, composers, 0.7)
     assert all("_foreach_" in op for op in count.ops), count.ops  # no collective, no per-tensor op

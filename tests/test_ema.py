@@ -14,10 +14,9 @@ from composer.loggers import InMemoryLogger
 from composer.models import ComposerClassifier
 from resumption import differences, run_pair
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import launch
+from conftest import RecordOps, launch
 from usi_composer.algorithms import FusedEMA
 from usi_composer.algorithms.ema import FusedEMAParameters
 
@@ -143,18 +142,8 @@ def test_rebinds_when_the_models_tensors_are_replaced_between_fits() -> None:
     assert all(torch.equal(plain[name], replaced[name]) for name in plain)
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _ops(update, model: nn.Module) -> list[str]:
-    with _CountOps() as count:
+    with RecordOps() as count:
         update(model)
     return count.ops
 
