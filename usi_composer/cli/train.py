@@ -46,13 +46,11 @@ _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote p
 
 def lost_peer(error: BaseException, cfg: Config) -> LostPeerError | None:
     """A one-line :class:`LostPeerError` if ``error`` says another process of the job is gone."""
-    import torch.distributed as torch_dist
     from composer.utils import dist
 
     text = str(error).strip()
-    if dist.get_world_size() < 2 or not any(s in text for s in _LOST_PEER):
-        return None
-    if not isinstance(error, getattr(torch_dist, "DistError", RuntimeError) | RuntimeError):
+    # torch.distributed's DistError (NCCL's DistBackendError) is a RuntimeError too
+    if not isinstance(error, RuntimeError) or dist.get_world_size() < 2 or not any(s in text for s in _LOST_PEER):
         return None
     resume = (
         "relaunch the same command on every node to continue from the last checkpoint"
