@@ -52,15 +52,15 @@ DRAW_COLUMNS = 3
 
 # Ops whose level -> argument map in timm calls ``_randomly_negate`` (a draw from the global ``random``).
 _SIGNED_OPS = frozenset(
-    ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
-    + ["ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"]
+    {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+    | {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
 )
 _LUT_OPS = frozenset(
-    ["AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing"]
-    + ["SolarizeAdd", "Contrast", "ContrastIncreasing", "Brightness", "BrightnessIncreasing"]
+    {"AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing"}
+    | {"SolarizeAdd", "Contrast", "ContrastIncreasing", "Brightness", "BrightnessIncreasing"}
 )
-_BLEND_OPS = frozenset(["Color", "ColorIncreasing", "Sharpness", "SharpnessIncreasing"])
-_AFFINE_OPS = frozenset(["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
+_BLEND_OPS = frozenset({"Color", "ColorIncreasing", "Sharpness", "SharpnessIncreasing"})
+_AFFINE_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
 _SUPPORTED_OPS = _LUT_OPS | _BLEND_OPS | _AFFINE_OPS
 
 
