@@ -198,15 +198,16 @@ def apply_pil(
 # * per-channel lookup tables (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd,
 #   Contrast, Brightness): every one of these maps each channel's value through a 256-entry table
 #   (PIL computes them that way too; Contrast's and Brightness' blends have a constant degenerate
-#   image), so all 12 cost one gather;
+#   image), so together they cost one gather;
 # * blends with a per-pixel degenerate image (Color: PIL's 'L' gray; Sharpness: PIL's SMOOTH filter);
 # * one affine_grid/grid_sample for Rotate, ShearX/Y and TranslateX/YRel, with per-sample matrices.
 #
 # Why the whole batch and not index_select of the samples that drew an op: the subset's size is only
 # known on the device, and reading it (nonzero, .item()) stalls the host until the GPU has run
-# everything queued before it, every slot of every batch. A full-batch pass of uint8/float32 images
-# is memory-bound (~0.1 ms for 256x3x224x224 on an H100), so three passes (the gather, the blend,
-# the bicubic sample) cost less than one stall, and the cost does not grow with the number of ops.
+# everything queued before it (the GPU then idles while the host refills its queue), every slot of
+# every batch. A full-batch pass is memory-bound (256x3x224x224 float32 is 154 MB: ~0.1 ms at an
+# H100's ~3 TB/s, an estimate), so the few passes per slot (statistics, the gather, the blend, the
+# bicubic sample) cost little, and the cost does not grow with the number of ops.
 
 
 def _pil_blend(degenerate: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -214,13 +215,10 @@ def _pil_blend(degenerate: torch.Tensor, image: torch.Tensor, factor: torch.Tens
     return (degenerate + factor * (image - degenerate)).clamp(0, 255).trunc()
 
 
-def _histogram(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample, per-channel 256-bin histograms [B, 3, 256] (int64) of a contiguous uint8 batch."""
-    b, c = x.shape[:2]
-    index = x.reshape(b * c, -1).long()
-    counts = torch.zeros(b * c, 256, dtype=torch.int64, device=x.device)
-    counts.scatter_add_(1, index, torch.ones((), dtype=torch.int64, device=x.device).expand_as(index))
-    return counts.view(b, c, 256)
+def _histogram(index: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel 256-bin histograms [B * 3, 256] (int64) of the values ``index`` [B * 3, H * W]."""
+    counts = torch.zeros(index.shape[0], 256, dtype=torch.int64, device=index.device)
+    return counts.scatter_add_(1, index, torch.ones((), dtype=torch.int64, device=index.device).expand_as(index))
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -365,15 +363,18 @@ def apply_batch(
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _apply_slot(x: torch.Tensor, draw: torch.Tensor, spec: RandAugmentSpec, fill: torch.Tensor, interpolation: str):
+def _apply_slot(
+    x: torch.Tensor, draw: torch.Tensor, spec: RandAugmentSpec, fill: torch.Tensor, interpolation: str
+) -> torch.Tensor:
     """One op slot over the batch: ``draw`` [B, 3] (op index or -1, magnitude, sign)."""
     batch, _, height, width = x.shape
     device = x.device
     op, level, sign = draw[:, 0].round().long(), draw[:, 1].double(), draw[:, 2].double()
     names = set(spec.ops)
     i = torch.arange(256, device=device)
+    index = x.view(batch * 3, -1).long()  # the pixel values as gather/scatter indices, shared by both
     # Statistics the ops need, computed only when the spec has an op that reads them.
-    hist = _histogram(x) if names & {"AutoContrast", "Equalize"} else None
+    hist = _histogram(index).view(batch, 3, 256) if names & {"AutoContrast", "Equalize"} else None
     needs_gray = any(n.startswith(("Contrast", "Color")) for n in names)
     gray = _grayscale(x) if needs_gray else None
     gray_mean = torch.floor(gray.sum((1, 2, 3)).double() / (height * width) + 0.5) if needs_gray else None
@@ -398,7 +399,7 @@ def _apply_slot(x: torch.Tensor, draw: torch.Tensor, spec: RandAugmentSpec, fill
             warped = warped | drew
             data = torch.where(drew.view(-1, 1), _affine_data(name, arg, width, height), data)
 
-    out = lut.to(torch.uint8).gather(2, x.view(batch, 3, -1).long()).view_as(x)
+    out = lut.to(torch.uint8).reshape(batch * 3, 256).gather(1, index).view_as(x)
     has_blend, has_affine = bool(names & _BLEND_OPS), bool(names & _AFFINE_OPS)
     if has_blend or has_affine:
         xf = x.float()
