@@ -15,6 +15,7 @@ from timm.data import auto_augment as timm_aa
 from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.transforms import str_to_pil_interp
 
+from usi_composer.data import randaugment
 from usi_composer.data.randaugment import (
     DRAW_COLUMNS,
     RAND_OPS,
@@ -259,7 +260,7 @@ def test_apply_batch_matches_apply_pil(images, size, interpolation, bound) -> No
     assert diff <= bound
 
 
-def test_apply_batch_contract(images) -> None:
+def test_apply_batch_contract(images, monkeypatch) -> None:
     batch = to_batch(images * 3)
     draws = random_draws(len(batch), seed=5, spec=RandAugmentSpec(prob=1.0))
     draws[0, :, 0] = -1  # sample 0: both slots skipped
@@ -282,6 +283,10 @@ def test_apply_batch_contract(images) -> None:
         )
         assert torch.equal(mixed[0], out[i])
         assert torch.equal(apply_batch(batch[i : i + 1], draws[i : i + 1], USI, fill=FILL)[0], out[i])
+    # the accelerator's way (every family on all samples, then a per-sample select) gives the same pixels
+    monkeypatch.setattr(randaugment, "_SUBSET_DEVICES", ())
+    assert torch.equal(apply_batch(batch, draws, USI, fill=FILL), out)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="draws"):
         apply_batch(batch, draws[:, :1], USI, fill=FILL)
     with pytest.raises(ValueError, match="uint8"):
