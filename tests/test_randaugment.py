@@ -244,8 +244,11 @@ def random_draws(batch: int, seed: int, spec: RandAugmentSpec = USI) -> torch.Te
         ((64, 40), "bilinear", 0.01),
     ],  # measured 0.0022, 0.233, 0.0020
 )
-def test_apply_batch_matches_apply_pil(images, size, interpolation, bound) -> None:
-    """Whole draws (two ops, random magnitudes) on real images, square and not: batched vs timm's PIL ops."""
+@pytest.mark.parametrize("subset_devices", [("cpu",), ()], ids=["subsets", "full-batch"])
+def test_apply_batch_matches_apply_pil(images, size, interpolation, bound, subset_devices, monkeypatch) -> None:
+    """Whole draws (two ops, random magnitudes) on real images, square and not: batched vs timm's PIL ops,
+    computing each op family on the samples that drew it (CPU) or on all and selecting (CUDA's way)."""
+    monkeypatch.setattr(randaugment, "_SUBSET_DEVICES", subset_devices)
     imgs = [im.resize(size, Image.Resampling.BICUBIC) for im in images] * 8
     draws = random_draws(len(imgs), seed=3, spec=RandAugmentSpec(prob=1.0))
     ours = apply_batch(to_batch(imgs), draws, USI, fill=FILL, interpolation=interpolation)

@@ -191,9 +191,8 @@ def apply_pil(
 
 # --------------------------------------------------------------------------- batched (GPU pipeline)
 #
-# Each sample draws at most one op per slot, so a slot is three passes over the whole batch, one per
-# op family, each with per-sample parameters that are the identity for the samples that did not draw
-# that family, and a per-sample select (torch.where) between the families' outputs:
+# Each sample draws at most one op per slot, so a slot is three passes, one per op family, each with
+# per-sample parameters (the identity for the samples that drew another family), merged per sample:
 #
 # * per-channel lookup tables (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd,
 #   Contrast, Brightness): every one of these maps each channel's value through a 256-entry table
@@ -202,12 +201,13 @@ def apply_pil(
 # * blends with a per-pixel degenerate image (Color: PIL's 'L' gray; Sharpness: PIL's SMOOTH filter);
 # * one affine_grid/grid_sample for Rotate, ShearX/Y and TranslateX/YRel, with per-sample matrices.
 #
-# On CUDA, why the whole batch and not index_select of the samples that drew an op: the subset's size
-# is only known on the device, and reading it (nonzero, .item()) stalls the host until the GPU has run
-# everything queued before it (the GPU then idles while the host refills its queue), every slot of
-# every batch. A full-batch pass is memory-bound (256x3x224x224 float32 is 154 MB: ~0.1 ms at an
-# H100's ~3 TB/s, an estimate), so the few passes per slot (statistics, the gather, the blend, the
-# bicubic sample) cost little, and the cost does not grow with the number of ops.
+# On CUDA each pass covers the whole batch and torch.where keeps the samples that drew the family.
+# index_select of just those samples would need their count on the host (nonzero, .item()), which
+# stalls the host until the GPU has run everything queued before it (the GPU then idles while the
+# host refills its queue), every slot of every batch. A full-batch pass is memory-bound (256x3x224x224
+# float32 is 154 MB: ~0.1 ms at an H100's ~3 TB/s, an estimate), so three passes per slot cost
+# little, and the cost does not grow with the number of ops. On the CPU reading the mask is free, so
+# each pass runs only on the samples that drew its family (index_select + index_copy).
 
 
 def _pil_blend(degenerate: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -325,12 +325,12 @@ def _warp(xf: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor, interpolati
     return torch.where(inside, out, fill).clamp(0, 255).add(1e-3).trunc()
 
 
-# Devices on which a family is computed only on the samples that drew it: reading the mask is free
-# there. Elsewhere (CUDA) it would stall the host (see the section comment): all samples, then select.
+# Devices where a family runs only on the samples that drew it (see the section comment).
 _SUBSET_DEVICES = ("cpu",)
 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The given samples of ``t`` (all of them for None)."""
     return t if rows is None else t.index_select(0, rows)
 
 
