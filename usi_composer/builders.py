@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +19,16 @@ from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistilla
 from usi_composer.compilation import CompileTime, mark_batch_dynamic, resolve_compile
 from usi_composer.config import Config
 from usi_composer.data import DeviceNormalize, build_bytes_transform, build_transform, folder_dataloader
+from usi_composer.data.draws import TrainDrawSpec
+from usi_composer.data.gpu_pipeline import (
+    DeviceTransform,
+    EncodedSample,
+    collate_encoded,
+    num_samples,
+    split_encoded,
+)
 from usi_composer.data.mds import streaming_dataloader
+from usi_composer.data.randaugment import RandAugmentSpec
 from usi_composer.models import USIClassifier, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
 from usi_composer.teacher import build_teacher
@@ -142,6 +153,9 @@ def build_dataloaders(
     train_args: dict[str, Any] = dict(
         scale=d.scale, ratio=d.ratio, hflip=d.hflip, auto_augment=d.auto_augment, **transform_args
     )
+    gpu = build_gpu_pipeline(cfg, mean, std) if d.pipeline == "gpu" else None
+    if gpu is not None:
+        loader_args["collate_fn"] = collate_encoded
     if d.remote or d.local:
         s = d.streaming
         knobs: dict[str, Any] = dict(
@@ -160,7 +174,9 @@ def build_dataloaders(
         )
         train = streaming_dataloader(
             split=s.train_split,
-            transform=build_bytes_transform(d.image_size, True, fast=s.fast_decode, **train_args),
+            transform=gpu.train_sample
+            if gpu
+            else build_bytes_transform(d.image_size, True, fast=s.fast_decode, **train_args),
             batch_size=per_device,
             shuffle=True,
             drop_last=True,
@@ -170,7 +186,9 @@ def build_dataloaders(
         if s.val_split is not None:
             val = streaming_dataloader(
                 split=s.val_split,
-                transform=build_bytes_transform(d.image_size, False, fast=s.fast_decode, **transform_args),
+                transform=gpu.eval_sample
+                if gpu
+                else build_bytes_transform(d.image_size, False, fast=s.fast_decode, **transform_args),
                 batch_size=eval_batch,
                 shuffle=False,
                 drop_last=False,
@@ -198,11 +216,52 @@ def build_dataloaders(
                 seed=t.seed,
                 **loader_args,
             )
-    train_spec = DataSpec(train, microbatch_transforms=normalize)
+    train_transform, eval_transform = (gpu.train_device, gpu.eval_device) if gpu else (normalize, normalize)
+    # gpu: the batch holds host-side encoded images, which Composer's default split/count cannot read
+    split = dict(split_batch=split_encoded, get_num_samples_in_batch=num_samples) if gpu else {}
+    train_spec = DataSpec(train, microbatch_transforms=train_transform, **split)
     if val is None:
         return train_spec, None
-    eval_transform = (lambda batch: mark_batch_dynamic(normalize(batch))) if compile else normalize
-    return train_spec, DataSpec(val, microbatch_transforms=eval_transform)
+    if compile:
+        to_device = eval_transform
+        eval_transform = lambda batch: mark_batch_dynamic(to_device(batch))  # noqa: E731
+    return train_spec, DataSpec(val, microbatch_transforms=eval_transform, **split)
+
+
+@dataclass
+class GPUPipeline:
+    """``data.pipeline=gpu``: the workers' sample transforms and the device transforms."""
+
+    train_sample: EncodedSample
+    eval_sample: EncodedSample
+    train_device: DeviceTransform
+    eval_device: DeviceTransform
+
+
+def build_gpu_pipeline(cfg: Config, mean: list[float], std: list[float]) -> GPUPipeline:
+    d = cfg.data
+    randaugment = RandAugmentSpec.parse(d.auto_augment) if d.auto_augment else None
+    draw_spec = TrainDrawSpec(
+        scale=tuple(d.scale),
+        ratio=tuple(d.ratio),
+        hflip=d.hflip,
+        interpolation=d.interpolation,
+        randaugment=randaugment,
+    )
+    eval_size = math.floor(d.image_size / d.crop_pct)
+    device_args: dict[str, Any] = dict(
+        mean=mean,
+        std=std,
+        crop_pct=d.crop_pct,
+        interpolation=d.interpolation,
+        channels_last=cfg.algorithms.channels_last,
+    )
+    return GPUPipeline(
+        train_sample=EncodedSample(draw_spec, d.image_size, decode_on_device=d.gpu_decode),
+        eval_sample=EncodedSample(None, d.image_size, eval_size=eval_size, decode_on_device=d.gpu_decode),
+        train_device=DeviceTransform(d.image_size, training=True, randaugment=randaugment, **device_args),
+        eval_device=DeviceTransform(d.image_size, training=False, **device_args),
+    )
 
 
 def build_callbacks(cfg: Config, evaluates: bool, compile: bool = False) -> list[Callback]:
