@@ -1,0 +1,419 @@
+"""timm's RandAugment (``rand-m7-mstd0.5-inc1`` for USI) with its random draws separated from their application.
+
+timm's ``RandAugment`` draws from the process-global ``random``/``np.random`` while it transforms an
+image. Here the draws are a plain array (:func:`draw_randaugment`, from a ``np.random.Generator`` the
+caller keys by seed/epoch/sample), and the same draws can be applied two ways:
+
+* :func:`apply_pil`: one PIL image, with timm's own op functions (the CPU pipeline);
+* :func:`apply_batch`: a uint8 image batch on any device, all samples at once (the GPU pipeline).
+
+The draw distribution is timm's: ``num_ops`` ops chosen uniformly with replacement, each applied with
+probability ``prob``, its magnitude ``gauss(magnitude, magnitude_std)`` clipped to
+``[0, magnitude_max]``, and a random sign for the ops timm negates at random.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data.auto_augment import LEVEL_TO_ARG, NAME_TO_OP, rand_augment_transform
+from timm.data.transforms import str_to_pil_interp
+
+__all__ = ["DRAW_COLUMNS", "RAND_OPS", "RandAugmentSpec", "apply_batch", "apply_pil", "draw_randaugment"]
+
+# timm's level scale: a magnitude m maps to the fraction m / 10 of each op's range.
+_LEVEL_DENOM = 10.0
+# timm's TranslateXRel/YRel range (its ``translate_pct`` hparam, which create_transform leaves at 0.45).
+_TRANSLATE_PCT = 0.45
+
+
+def _timm_rand_augment(config_str: str):
+    """timm's own RandAugment for ``config_str``: the spec is read from it, so it is parsed as timm parses it."""
+    if config_str.split("-")[0] != "rand":
+        raise ValueError(f"not a timm RandAugment config (must start with 'rand'): {config_str!r}")
+    try:
+        return rand_augment_transform(config_str, {})
+    except (AssertionError, KeyError, ValueError) as err:
+        raise ValueError(f"not a timm RandAugment config: {config_str!r} ({err})") from err
+
+
+# timm's increasing-severity op set (``_RAND_INCREASING_TRANSFORMS``), in timm's order.
+RAND_OPS: tuple[str, ...] = tuple(op.name for op in _timm_rand_augment("rand-inc1").ops)
+
+# One row per op slot: (index into spec.ops, or -1 when the slot is skipped by ``prob``;
+# magnitude after the noise and clip; sign +1/-1 for the ops timm negates at random).
+DRAW_COLUMNS = 3
+
+# Ops whose level -> argument map in timm calls ``_randomly_negate`` (a draw from the global ``random``).
+_SIGNED_OPS = frozenset(
+    {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+    | {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
+)
+_LUT_OPS = frozenset(
+    {"AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing"}
+    | {"SolarizeAdd", "Contrast", "ContrastIncreasing", "Brightness", "BrightnessIncreasing"}
+)
+_BLEND_OPS = frozenset({"Color", "ColorIncreasing", "Sharpness", "SharpnessIncreasing"})
+_AFFINE_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
+_SUPPORTED_OPS = _LUT_OPS | _BLEND_OPS | _AFFINE_OPS
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """What the draws and the ops need from a timm RandAugment config (USI's by default)."""
+
+    num_ops: int = 2
+    magnitude: float = 7.0
+    magnitude_std: float = 0.5  # inf: uniform in [0, magnitude], as timm's mstd > 100
+    magnitude_max: float = 10.0
+    prob: float = 0.5
+    ops: tuple[str, ...] = RAND_OPS
+
+    @classmethod
+    def parse(cls, config_str: str) -> RandAugmentSpec:
+        """timm's config string (``"rand-m7-mstd0.5-inc1"``); ValueError for what timm rejects or we do not batch."""
+        ra = _timm_rand_augment(config_str)
+        if ra.choice_weights is not None:
+            raise ValueError(f"{config_str!r}: weighted op choice (timm's 't' section) is not supported")
+        names = tuple(op.name for op in ra.ops)
+        unsupported = sorted(set(names) - _SUPPORTED_OPS)
+        if unsupported:
+            raise ValueError(f"{config_str!r}: ops {unsupported} are not supported")
+        first = ra.ops[0]
+        return cls(
+            num_ops=int(ra.num_layers),
+            magnitude=float(first.magnitude),
+            magnitude_std=float(first.magnitude_std),
+            magnitude_max=float(first.magnitude_max or _LEVEL_DENOM),  # timm: ``magnitude_max or 10``
+            prob=float(first.prob),
+            ops=names,
+        )
+
+
+def draw_randaugment(rng: np.random.Generator, spec: RandAugmentSpec) -> np.ndarray:
+    """One image's RandAugment draws: float32 ``[spec.num_ops, DRAW_COLUMNS]`` (see ``DRAW_COLUMNS``).
+
+    The same distribution as timm's ``RandAugment`` + ``AugmentOp``: ops uniformly with replacement,
+    skipped when ``u > prob`` (never when ``prob >= 1``), magnitude ``gauss(m, std)`` (uniform(0, m) for
+    an infinite std) clipped to ``[0, magnitude_max]``, sign -1 when ``u > 0.5``.
+    """
+    n = spec.num_ops
+    ops = rng.integers(0, len(spec.ops), size=n)
+    skipped = rng.random(n) > spec.prob if spec.prob < 1.0 else np.zeros(n, dtype=bool)
+    if math.isinf(spec.magnitude_std):
+        magnitude = rng.uniform(0.0, spec.magnitude, size=n)
+    elif spec.magnitude_std > 0:
+        magnitude = rng.normal(spec.magnitude, spec.magnitude_std, size=n)
+    else:
+        magnitude = np.full(n, spec.magnitude)
+    magnitude = np.clip(magnitude, 0.0, spec.magnitude_max)
+    sign = np.where(rng.random(n) > 0.5, -1.0, 1.0)
+    return np.stack([np.where(skipped, -1, ops), magnitude, sign], axis=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- level -> op argument
+
+
+def _signed_level_to_arg(name: str, level, sign):
+    """timm's LEVEL_TO_ARG for the ops it negates at random, with OUR sign instead of timm's global ``random``.
+
+    Written by hand because timm's maps call ``_randomly_negate`` (``random.random()``) inside; the
+    arithmetic is timm's, in its order, and works on Python floats (apply_pil) and tensors (apply_batch).
+    """
+    fraction = level / _LEVEL_DENOM
+    if name == "Rotate":
+        return sign * (fraction * 30.0)
+    if name in ("ShearX", "ShearY"):
+        return sign * (fraction * 0.3)
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return sign * (fraction * _TRANSLATE_PCT)
+    # *Increasing enhance ops: the no-change factor 1.0 +- up to 0.9, kept >= 0.1
+    factor = 1.0 + sign * (fraction * 0.9)
+    return factor.clamp(min=0.1) if isinstance(factor, torch.Tensor) else max(0.1, factor)
+
+
+def _batch_level_to_arg(name: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """timm's LEVEL_TO_ARG on a float64 batch of levels (Python's float arithmetic, so the same integers)."""
+    if name in _SIGNED_OPS:
+        return _signed_level_to_arg(name, level, sign)
+    fraction = level / _LEVEL_DENOM
+    if name == "Posterize":
+        return torch.trunc(fraction * 4)
+    if name == "PosterizeIncreasing":
+        return 4 - torch.trunc(fraction * 4)
+    if name == "Solarize":
+        return torch.trunc(fraction * 256).clamp(max=256)
+    if name == "SolarizeIncreasing":
+        return 256 - torch.trunc(fraction * 256).clamp(max=256)
+    if name == "SolarizeAdd":
+        return torch.trunc(fraction * 110).clamp(max=128)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return fraction * 1.8 + 0.1
+    return level  # AutoContrast, Equalize, Invert take no argument
+
+
+# --------------------------------------------------------------------------- PIL (CPU pipeline)
+
+
+def apply_pil(
+    img: Image.Image,
+    draws: np.ndarray,
+    spec: RandAugmentSpec,
+    *,
+    fill: tuple[int, int, int],
+    interpolation: str = "bicubic",
+) -> Image.Image:
+    """Apply one image's draws with timm's own op functions (``NAME_TO_OP``) and level maps.
+
+    ``fill`` is timm's ``img_mean`` (0..255 ints), ``interpolation`` the geometric ops' resample
+    (timm: the transform's interpolation; for timm's ``'random'`` pass the one drawn for the sample).
+    """
+    resample = str_to_pil_interp(interpolation)
+    for op_index, level, sign in np.asarray(draws, dtype=np.float64):
+        if op_index < 0:
+            continue
+        name = spec.ops[int(op_index)]
+        if name in _SIGNED_OPS:
+            args: tuple = (_signed_level_to_arg(name, float(level), float(sign)),)
+        elif LEVEL_TO_ARG[name] is not None:
+            args = LEVEL_TO_ARG[name](float(level), {})
+        else:
+            args = ()
+        img = NAME_TO_OP[name](img, *args, fillcolor=tuple(fill), resample=resample)
+    return img
+
+
+# --------------------------------------------------------------------------- batched (GPU pipeline)
+#
+# Each sample draws at most one op per slot, so a slot is three passes over the whole batch, one per
+# op family, each with per-sample parameters that are the identity for the samples that did not draw
+# that family, and a per-sample select (torch.where) between the families' outputs:
+#
+# * per-channel lookup tables (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd,
+#   Contrast, Brightness): every one of these maps each channel's value through a 256-entry table
+#   (PIL computes them that way too; Contrast's and Brightness' blends have a constant degenerate
+#   image), so together they cost one gather;
+# * blends with a per-pixel degenerate image (Color: PIL's 'L' gray; Sharpness: PIL's SMOOTH filter);
+# * one affine_grid/grid_sample for Rotate, ShearX/Y and TranslateX/YRel, with per-sample matrices.
+#
+# Why the whole batch and not index_select of the samples that drew an op: the subset's size is only
+# known on the device, and reading it (nonzero, .item()) stalls the host until the GPU has run
+# everything queued before it (the GPU then idles while the host refills its queue), every slot of
+# every batch. A full-batch pass is memory-bound (256x3x224x224 float32 is 154 MB: ~0.1 ms at an
+# H100's ~3 TB/s, an estimate), so the few passes per slot (statistics, the gather, the blend, the
+# bicubic sample) cost little, and the cost does not grow with the number of ops.
+
+
+def _pil_blend(degenerate: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's ``Image.blend(degenerate, image, factor)`` (ImageEnhance): float32, clipped, truncated."""
+    return (degenerate + factor * (image - degenerate)).clamp(0, 255).trunc()
+
+
+def _histogram(index: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel 256-bin histograms [B * 3, 256] (int64) of the values ``index`` [B * 3, H * W]."""
+    counts = torch.zeros(index.shape[0], 256, dtype=torch.int64, device=index.device)
+    return counts.scatter_add_(1, index, torch.ones((), dtype=torch.int64, device=index.device).expand_as(index))
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB -> 'L' conversion (ITU-R 601-2 luma in 16-bit fixed point), [B, 1, H, W] int32."""
+    xi = x.int()
+    return (xi[:, 0:1] * 19595 + xi[:, 1:2] * 38470 + xi[:, 2:3] * 7471 + 0x8000) >> 16
+
+
+def _smooth(xf: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageFilter.SMOOTH (3x3, centre 5, others 1, /13, rounded; border pixels kept) on float32.
+
+    Shifted adds rather than conv2d: the sums are exact integers, which a TF32 convolution is not.
+    """
+    rows = xf[..., :-2] + xf[..., 1:-1] + xf[..., 2:]
+    box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]
+    inner = torch.floor((box + 4 * xf[..., 1:-1, 1:-1]) / 13 + 0.5)
+    out = xf.clone()
+    out[..., 1:-1, 1:-1] = inner
+    return out
+
+
+def _autocontrast_lut(hist: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """ImageOps.autocontrast (no cutoff): each channel's [lo, hi] stretched to [0, 255]; identity if flat."""
+    present = hist > 0
+    lo = present.int().argmax(-1, keepdim=True)
+    hi = 255 - present.flip(-1).int().argmax(-1, keepdim=True)
+    span = (hi - lo).clamp(min=1).double()
+    scale = torch.full_like(span, 255.0) / span  # not `255.0 / span`: torch computes that as 255 * (1 / span)
+    lut = torch.trunc(i * scale + (-lo * scale)).clamp(0, 255).long()
+    return torch.where(hi > lo, lut, i)
+
+
+def _equalize_lut(hist: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """ImageOps.equalize per channel: the cumulative histogram in steps of (all but the last used bin) // 255."""
+    present = hist > 0
+    last = 255 - present.flip(-1).int().argmax(-1, keepdim=True)
+    step = (hist.sum(-1, keepdim=True) - hist.gather(-1, last)) // 255
+    before = hist.cumsum(-1) - hist  # pixels below each value
+    lut = ((step // 2 + before) // step.clamp(min=1)).clamp(max=255)  # PIL's point() clips the table
+    identity = (present.sum(-1, keepdim=True) <= 1) | (step == 0)
+    return torch.where(identity, i, lut)
+
+
+def _lut(name: str, arg: torch.Tensor, i: torch.Tensor, hist, gray_mean) -> torch.Tensor:
+    """The op's lookup table, broadcastable to [B, 3, 256] (int64); ``arg`` [B] float64 from the level map."""
+    a = arg.view(-1, 1, 1)
+    if name == "AutoContrast":
+        return _autocontrast_lut(hist, i)
+    if name == "Equalize":
+        return _equalize_lut(hist, i)
+    if name == "Invert":
+        return 255 - i
+    if name.startswith("Posterize"):  # keep the top `bits` bits (none when bits <= 0, all when >= 8)
+        shift = (8 - a).clamp(0, 9).long()
+        return (i >> shift) << shift
+    if name.startswith("Solarize") and name != "SolarizeAdd":
+        return torch.where(i < a, i, 255 - i)
+    if name == "SolarizeAdd":  # timm: threshold 128
+        return torch.where(i < 128, (i + a.long()).clamp(max=255), i)
+    factor = a.float()
+    if name.startswith("Brightness"):  # blend with black
+        return _pil_blend(torch.zeros((), device=i.device), i.float(), factor).long()
+    # Contrast: blend with the mean of the 'L' image, as an int (ImageEnhance.Contrast)
+    mean = gray_mean.view(-1, 1, 1).float()
+    return _pil_blend(mean, i.float(), factor).long()
+
+
+def _affine_data(name: str, arg: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """PIL's affine ``data`` (a, b, c, d, e, f: output pixel centre -> input point), [B, 6] float64."""
+    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
+    if name == "ShearX":
+        return torch.stack([one, arg, zero, zero, one, zero], 1)
+    if name == "ShearY":
+        return torch.stack([one, zero, zero, arg, one, zero], 1)
+    if name == "TranslateXRel":
+        return torch.stack([one, zero, arg * width, zero, one, zero], 1)
+    if name == "TranslateYRel":
+        return torch.stack([one, zero, zero, zero, one, arg * height], 1)
+    # Rotate: Image.rotate(degrees) about (w / 2, h / 2), Pillow's matrix and rounding
+    angle = -torch.remainder(arg, 360.0) * (math.pi / 180.0)
+    cos, sin = torch.round(torch.cos(angle), decimals=15), torch.round(torch.sin(angle), decimals=15)
+    cx, cy = width / 2.0, height / 2.0
+    return torch.stack([cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy], 1)
+
+
+def _theta(data: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """PIL affine data (pixel coordinates, pixel centres at i + 0.5) -> affine_grid's theta (align_corners=False)."""
+    a, b, c, d, e, f = data.unbind(1)
+    b_, d_ = b * (height / width), d * (width / height)
+    row_x = torch.stack([a, b_, a + b_ + 2 * c / width - 1], 1)
+    row_y = torch.stack([d_, e, d_ + e + 2 * f / height - 1], 1)
+    return torch.stack([row_x, row_y], 1)
+
+
+def _warp(xf: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """PIL's ``Image.transform(AFFINE)``: taps clamped at the border, points outside the image get ``fill``.
+
+    PIL truncates the interpolated value to uint8; the small margin keeps exact pixel hits (float32
+    grid coordinates land a hair off the pixel centre PIL hits exactly) from truncating one level down.
+    """
+    grid = F.affine_grid(theta.float(), list(xf.shape), align_corners=False)
+    out = F.grid_sample(xf, grid, mode=interpolation, padding_mode="border", align_corners=False)
+    inside = ((grid >= -1) & (grid < 1)).all(-1).unsqueeze(1)
+    return torch.where(inside, out, fill).clamp(0, 255).add(1e-3).trunc()
+
+
+def _device_vector(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """A small float32 vector built on the device from Python numbers (a host tensor's copy would sync)."""
+    out = torch.empty(len(values), dtype=torch.float32, device=device)
+    for k, v in enumerate(values):
+        out[k] = float(v)
+    return out
+
+
+def apply_batch(
+    images: torch.Tensor,
+    draws: torch.Tensor,
+    spec: RandAugmentSpec,
+    *,
+    fill: Sequence[float],
+    interpolation: str = "bicubic",
+) -> torch.Tensor:
+    """Apply per-sample draws (float32 ``[B, num_ops, DRAW_COLUMNS]``) to a uint8 ``[B, 3, H, W]`` batch.
+
+    Any device, contiguous or channels-last (the output keeps the input's layout); no host syncs.
+    ``fill`` is timm's ``img_mean`` (0..255), ``interpolation`` the geometric ops' ('bicubic' for USI;
+    'bilinear', 'nearest'). The ops are PIL's/timm's computed on tensors; see the section comment.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
+    if draws.shape != (images.shape[0], spec.num_ops, DRAW_COLUMNS):
+        raise ValueError(
+            f"expected draws of shape {(images.shape[0], spec.num_ops, DRAW_COLUMNS)}, got {tuple(draws.shape)}"
+        )
+    if interpolation not in ("bicubic", "bilinear", "nearest"):
+        raise ValueError(f"interpolation must be bicubic, bilinear or nearest, got {interpolation!r}")
+    channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    x = images.contiguous()
+    fill_t = _device_vector(fill, x.device).view(1, 3, 1, 1)
+    for slot in range(spec.num_ops):
+        x = _apply_slot(x, draws[:, slot], spec, fill_t, interpolation)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _apply_slot(
+    x: torch.Tensor, draw: torch.Tensor, spec: RandAugmentSpec, fill: torch.Tensor, interpolation: str
+) -> torch.Tensor:
+    """One op slot over the batch: ``draw`` [B, 3] (op index or -1, magnitude, sign)."""
+    batch, _, height, width = x.shape
+    device = x.device
+    op, level, sign = draw[:, 0].round().long(), draw[:, 1].double(), draw[:, 2].double()
+    names = set(spec.ops)
+    i = torch.arange(256, device=device)
+    index = x.view(batch * 3, -1).long()  # the pixel values as gather/scatter indices, shared by both
+    # Statistics the ops need, computed only when the spec has an op that reads them.
+    hist = _histogram(index).view(batch, 3, 256) if names & {"AutoContrast", "Equalize"} else None
+    needs_gray = any(n.startswith(("Contrast", "Color")) for n in names)
+    gray = _grayscale(x) if needs_gray else None
+    gray_mean = torch.floor(gray.sum((1, 2, 3)).double() / (height * width) + 0.5) if needs_gray else None
+
+    lut = i.expand(batch, 3, 256)
+    blended = torch.zeros(batch, dtype=torch.bool, device=device)
+    use_gray = torch.zeros(batch, dtype=torch.bool, device=device)
+    factor = torch.ones(batch, dtype=torch.float64, device=device)
+    warped = torch.zeros(batch, dtype=torch.bool, device=device)
+    data = torch.zeros(batch, 6, dtype=torch.float64, device=device)
+    data[:, 0] = data[:, 4] = 1.0  # identity
+    for k, name in enumerate(spec.ops):
+        drew = op == k
+        arg = _batch_level_to_arg(name, level, sign)
+        if name in _LUT_OPS:
+            lut = torch.where(drew.view(-1, 1, 1), _lut(name, arg, i, hist, gray_mean), lut)
+        elif name in _BLEND_OPS:
+            blended, factor = blended | drew, torch.where(drew, arg, factor)
+            if name.startswith("Color"):
+                use_gray = use_gray | drew
+        else:
+            warped = warped | drew
+            data = torch.where(drew.view(-1, 1), _affine_data(name, arg, width, height), data)
+
+    out = lut.to(torch.uint8).reshape(batch * 3, 256).gather(1, index).view_as(x)
+    has_blend, has_affine = bool(names & _BLEND_OPS), bool(names & _AFFINE_OPS)
+    if has_blend or has_affine:
+        xf = x.float()
+    if has_blend:
+        smooth = _smooth(xf) if any(n.startswith("Sharpness") for n in names) else None
+        if gray is None:
+            degenerate = smooth
+        elif smooth is None:
+            degenerate = gray.float()
+        else:
+            degenerate = torch.where(use_gray.view(-1, 1, 1, 1), gray.float(), smooth)
+        enhanced = _pil_blend(degenerate, xf, factor.float().view(-1, 1, 1, 1)).to(torch.uint8)
+        out = torch.where(blended.view(-1, 1, 1, 1), enhanced, out)
+    if has_affine:
+        moved = _warp(xf, _theta(data, width, height), fill, interpolation).to(torch.uint8)
+        out = torch.where(warped.view(-1, 1, 1, 1), moved, out)
+    return out
