@@ -229,16 +229,14 @@ def decode_figures(src: Path, image_size: int, batch_size: int, device: torch.de
             torch.cuda.synchronize()
 
         loops["decode_ms_nvjpeg_batched"] = nvjpeg
-    figures = {}
-    for name, loop in loops.items():
-        loop()  # warm-up
-        times = []
-        for _ in range(3):
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for run in range(6):  # interleaved, so drifts in machine load hit all alike; the first warms up
+        for name, loop in loops.items():
             start = time.perf_counter()
             loop()
-            times.append(time.perf_counter() - start)
-        figures[name] = round(1000 * statistics.median(times) / len(datas), 3)
-    return figures
+            if run:
+                times[name].append(time.perf_counter() - start)
+    return {name: round(1000 * statistics.median(t) / len(datas), 3) for name, t in times.items()}
 
 
 def train_figures(args: argparse.Namespace, mds: Path, device: torch.device) -> dict[str, float]:

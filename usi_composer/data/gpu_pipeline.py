@@ -197,7 +197,8 @@ class DeviceTransform:
         channels_last: bool = False,
     ) -> None:
         self.image_size, self.training, self.randaugment = image_size, training, randaugment
-        self.eval_interpolation = interpolation if interpolation in INTERPOLATIONS else "bicubic"
+        # the eval resize's and RandAugment's geometric ops' (timm: the transform's, unless 'random')
+        self.interpolation = interpolation if interpolation in INTERPOLATIONS else "bicubic"
         self.eval_size = math.floor(image_size / crop_pct)  # timm's scale_size
         self.fill = [round(255 * m) for m in mean]  # timm's RandAugment fill: the mean color
         self.normalize = DeviceNormalize(mean, std, channels_last=channels_last)
@@ -223,7 +224,7 @@ class DeviceTransform:
         x = torch.where(draws[:, FLIP, None, None, None] > 0.5, x.flip(-1), x)
         if self.randaugment is not None:
             ra = draws[:, RANDAUGMENT:].reshape(len(images), self.randaugment.num_ops, DRAW_COLUMNS)
-            x = apply_batch(x, ra, self.randaugment, fill=self.fill)
+            x = apply_batch(x, ra, self.randaugment, fill=self.fill, interpolation=self.interpolation)
         return self.normalize((x, labels))
 
     def _resize_center_crop(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -237,7 +238,7 @@ class DeviceTransform:
                 else (int(self.eval_size * h / w), self.eval_size)
             )
             top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)  # CenterCrop's rounding
-            out.append(_resize(image, (new_h, new_w), self.eval_interpolation)[:, top : top + size, left : left + size])
+            out.append(_resize(image, (new_h, new_w), self.interpolation)[:, top : top + size, left : left + size])
         return _to_uint8(torch.stack(out))
 
     def __repr__(self) -> str:
