@@ -26,15 +26,19 @@ from usi_composer.data.gpu_pipeline import (
     collate_encoded,
     split_encoded,
 )
-from usi_composer.data.randaugment import RandAugmentSpec
+from usi_composer.data.randaugment import RandAugmentSpec, apply_pil
 from usi_composer.data.transforms import build_bytes_transform, build_transform
 
 SIZE = 64
+RAND_AUGMENT = "rand-m7-mstd0.5-inc1"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Mean absolute difference (0..255 scale) per image between the device's view and the CPU path's
 # view of the same draws (full-size decode, PIL crop + bicubic resize): observed <= 0.7 on 40
 # ImageNet images (float antialiased bicubic vs PIL's fixed-point one, both rounded to uint8).
 PARITY_MAD = 1.0
+# With RandAugment (the aug helper's apply_batch vs timm's PIL ops, same draws): observed <= 1.6
+# per image (seeds 0-5, 12 images; the geometric ops resample differently from PIL's).
+PARITY_MAD_RANDAUGMENT = 3.0
 # The same with data.gpu_decode=false (workers decode at a reduced DCT size, the device crops whole
 # pixels of it): observed mean 1.6 over 40 images.
 WORKER_DECODE_MEAN_MAD = 3.0
@@ -45,8 +49,8 @@ def jpegs(imagenet_sample: Path) -> list[bytes]:
     return [f.read_bytes() for f in sorted(imagenet_sample.glob("*/*.JPEG"))[:12]]
 
 
-def train_sample(randaugment: RandAugmentSpec | None = None, hflip: float = 0.5, **kwargs) -> EncodedSample:
-    return EncodedSample(TrainDrawSpec(hflip=hflip, randaugment=randaugment), SIZE, **kwargs)
+def train_sample(auto_augment: str | None = None, hflip: float = 0.5, **kwargs) -> EncodedSample:
+    return EncodedSample(TrainDrawSpec(hflip=hflip, auto_augment=auto_augment), SIZE, **kwargs)
 
 
 def device(training: bool = True, randaugment: RandAugmentSpec | None = None) -> DeviceTransform:
@@ -64,18 +68,21 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_view(data: bytes, rng: np.random.Generator, spec: TrainDrawSpec) -> torch.Tensor:
-    """The CPU path's image for these draws: PIL decode (decode_rgb), timm's crop + resize, flip."""
+    """The CPU path's image for these draws: PIL decode (decode_rgb), timm's crop + resize, flip,
+    RandAugment with timm's PIL ops."""
     img = Image.open(io.BytesIO(data))
     draws = draw_sample(rng, img.size, spec)
     img = img.convert("RGB")
     out = TF.resized_crop(img, *draws.crop, [SIZE, SIZE], InterpolationMode.BICUBIC)
     out = TF.hflip(out) if draws.flip else out
+    if draws.randaugment is not None:
+        fill = tuple(round(255 * m) for m in MEAN)
+        out = apply_pil(out, draws.randaugment, spec.randaugment, fill=fill, interpolation="bicubic")
     return torch.from_numpy(np.array(out)).permute(2, 0, 1).float()
 
 
 def test_device_output_shapes_dtypes_and_range(jpegs: list[bytes]) -> None:
-    ra = RandAugmentSpec.parse("rand-m7-mstd0.5-inc1")
-    x, y = run(train_sample(ra), jpegs, randaugment=ra)
+    x, y = run(train_sample(RAND_AUGMENT), jpegs, randaugment=RandAugmentSpec.parse(RAND_AUGMENT))
     assert x.shape == (len(jpegs), 3, SIZE, SIZE) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y, torch.arange(len(jpegs)))
@@ -90,11 +97,11 @@ def test_device_output_shapes_dtypes_and_range(jpegs: list[bytes]) -> None:
 
 
 def test_the_same_seed_epoch_and_index_give_the_same_view(jpegs: list[bytes]) -> None:
-    ra = RandAugmentSpec.parse("rand-m7-mstd0.5-inc1")
-    first, _ = run(train_sample(ra), jpegs, randaugment=ra)
-    again, _ = run(train_sample(ra), jpegs, randaugment=ra)
+    ra = RandAugmentSpec.parse(RAND_AUGMENT)
+    first, _ = run(train_sample(RAND_AUGMENT), jpegs, randaugment=ra)
+    again, _ = run(train_sample(RAND_AUGMENT), jpegs, randaugment=ra)
     assert torch.equal(first, again)
-    other_epoch, _ = run(train_sample(ra), jpegs, epoch=1, randaugment=ra)
+    other_epoch, _ = run(train_sample(RAND_AUGMENT), jpegs, epoch=1, randaugment=ra)
     assert all(not torch.equal(a, b) for a, b in zip(first, other_epoch, strict=True))
 
 
@@ -115,6 +122,16 @@ def test_the_same_draws_give_the_cpu_paths_image(jpegs: list[bytes]) -> None:
         reference = cpu_view(data, sample_rng(0, 0, i), t.draw_spec)
         mad = (to_pixels(x[i : i + 1])[0] - reference).abs().mean().item()
         assert mad <= PARITY_MAD, (i, mad)
+
+
+def test_the_same_draws_with_randaugment_give_nearly_the_cpu_paths_image(jpegs: list[bytes]) -> None:
+    t = train_sample(RAND_AUGMENT)
+    x, _ = run(t, jpegs, randaugment=RandAugmentSpec.parse(RAND_AUGMENT))
+    mads = [
+        (to_pixels(x[i : i + 1])[0] - cpu_view(d, sample_rng(0, 0, i), t.draw_spec)).abs().mean().item()
+        for i, d in enumerate(jpegs)
+    ]
+    assert max(mads) <= PARITY_MAD_RANDAUGMENT, mads
 
 
 def test_worker_decode_option_gives_nearly_the_same_image(jpegs: list[bytes]) -> None:

@@ -28,7 +28,6 @@ from usi_composer.data.gpu_pipeline import (
     split_encoded,
 )
 from usi_composer.data.mds import streaming_dataloader
-from usi_composer.data.randaugment import RandAugmentSpec
 from usi_composer.models import USIClassifier, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
 from usi_composer.teacher import build_teacher
@@ -240,13 +239,12 @@ class GPUPipeline:
 
 def build_gpu_pipeline(cfg: Config, mean: list[float], std: list[float]) -> GPUPipeline:
     d = cfg.data
-    randaugment = RandAugmentSpec.parse(d.auto_augment) if d.auto_augment else None
     draw_spec = TrainDrawSpec(
         scale=tuple(d.scale),
         ratio=tuple(d.ratio),
         hflip=d.hflip,
         interpolation=d.interpolation,
-        randaugment=randaugment,
+        auto_augment=d.auto_augment,
     )
     eval_size = math.floor(d.image_size / d.crop_pct)
     device_args: dict[str, Any] = dict(
@@ -259,7 +257,7 @@ def build_gpu_pipeline(cfg: Config, mean: list[float], std: list[float]) -> GPUP
     return GPUPipeline(
         train_sample=EncodedSample(draw_spec, d.image_size, decode_on_device=d.gpu_decode),
         eval_sample=EncodedSample(None, d.image_size, eval_size=eval_size, decode_on_device=d.gpu_decode),
-        train_device=DeviceTransform(d.image_size, training=True, randaugment=randaugment, **device_args),
+        train_device=DeviceTransform(d.image_size, training=True, randaugment=draw_spec.randaugment, **device_args),
         eval_device=DeviceTransform(d.image_size, training=False, **device_args),
     )
 
