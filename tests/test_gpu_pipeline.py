@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from usi_composer.config import ConfigError, load_config
 from usi_composer.data.draws import TrainDrawSpec, draw_sample, sample_rng
 from usi_composer.data.gpu_pipeline import (
     KIND,
@@ -207,3 +208,17 @@ def test_what_decode_jpeg_rejects_on_the_device_falls_back_per_sample(jpegs: lis
     payloads[1] = torch.frombuffer(bytearray(b"GIF89a broken" * 8), dtype=torch.uint8)
     with pytest.raises(Exception, match="cannot identify image file"):
         device()((EncodedImages(payloads, rows), torch.arange(3)))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.pipeline=tpu", "data.pipeline: must be cpu or gpu, got 'tpu'"),
+        ("data.auto_augment=augmix-m5", "data.pipeline=gpu implements timm's RandAugment (rand-...) only"),
+        ("algorithms.progressive_resizing=true", "algorithms.progressive_resizing: resizes the batch before"),
+    ],
+)
+def test_gpu_pipeline_config_errors_are_one_line(repo: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(repo / "yamls" / "usi.yaml", ["data.pipeline=gpu", override])
+    assert message in str(error.value) and "\n" not in str(error.value)
