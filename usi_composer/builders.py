@@ -16,7 +16,7 @@ from timm.data import resolve_data_config
 from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistillation, MixUpCutMix
 from usi_composer.compilation import CompileTime, mark_batch_dynamic, resolve_compile
 from usi_composer.config import Config
-from usi_composer.data import DeviceNormalize, build_bytes_transform, build_transform, folder_dataloader
+from usi_composer.data import DeviceNormalize, build_bytes_transform, folder_dataloader
 from usi_composer.data.mds import streaming_dataloader
 from usi_composer.models import USIClassifier, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
@@ -137,7 +137,9 @@ def build_dataloaders(
         num_workers=d.num_workers,
         pin_memory=d.pin_memory and torch.cuda.is_available(),
         persistent_workers=d.persistent_workers,
+        seed=t.seed,  # keys each sample's random view: sample_rng(seed, epoch, index)
     )
+    fast = d.streaming.fast_decode
     transform_args: dict[str, Any] = dict(crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean)
     train_args: dict[str, Any] = dict(
         scale=d.scale, ratio=d.ratio, hflip=d.hflip, auto_augment=d.auto_augment, **transform_args
@@ -160,7 +162,7 @@ def build_dataloaders(
         )
         train = streaming_dataloader(
             split=s.train_split,
-            transform=build_bytes_transform(d.image_size, True, fast=s.fast_decode, **train_args),
+            transform=build_bytes_transform(d.image_size, True, fast=fast, **train_args),
             batch_size=per_device,
             shuffle=True,
             drop_last=True,
@@ -170,7 +172,7 @@ def build_dataloaders(
         if s.val_split is not None:
             val = streaming_dataloader(
                 split=s.val_split,
-                transform=build_bytes_transform(d.image_size, False, fast=s.fast_decode, **transform_args),
+                transform=build_bytes_transform(d.image_size, False, fast=fast, **transform_args),
                 batch_size=eval_batch,
                 shuffle=False,
                 drop_last=False,
@@ -180,22 +182,20 @@ def build_dataloaders(
         assert d.train_dir is not None  # validated
         train = folder_dataloader(
             d.train_dir,
-            build_transform(d.image_size, True, **train_args),
+            build_bytes_transform(d.image_size, True, fast=fast, **train_args),
             per_device,
             shuffle=True,
             drop_last=True,
-            seed=t.seed,
             **loader_args,
         )
         val = None
         if d.val_dir is not None:
             val = folder_dataloader(
                 d.val_dir,
-                build_transform(d.image_size, False, **transform_args),
+                build_bytes_transform(d.image_size, False, fast=fast, **transform_args),
                 eval_batch,
                 shuffle=False,
                 drop_last=False,
-                seed=t.seed,
                 **loader_args,
             )
     train_spec = DataSpec(train, microbatch_transforms=normalize)
