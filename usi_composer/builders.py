@@ -18,7 +18,7 @@ from timm.data import resolve_data_config
 from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistillation, MixUpCutMix
 from usi_composer.compilation import CompileTime, mark_batch_dynamic, resolve_compile
 from usi_composer.config import Config
-from usi_composer.data import DeviceNormalize, build_bytes_transform, build_transform, folder_dataloader
+from usi_composer.data import DeviceNormalize, build_bytes_transform, folder_dataloader
 from usi_composer.data.draws import TrainDrawSpec
 from usi_composer.data.gpu_pipeline import (
     DeviceTransform,
@@ -147,14 +147,21 @@ def build_dataloaders(
         num_workers=d.num_workers,
         pin_memory=d.pin_memory and torch.cuda.is_available(),
         persistent_workers=d.persistent_workers,
+        seed=t.seed,  # keys each sample's random view: sample_rng(seed, epoch, index)
     )
-    transform_args: dict[str, Any] = dict(crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean)
-    train_args: dict[str, Any] = dict(
-        scale=d.scale, ratio=d.ratio, hflip=d.hflip, auto_augment=d.auto_augment, **transform_args
-    )
+    # The samples' transform (data: bytes, rng) -> what the loader batches, the same for MDS and folders
     gpu = build_gpu_pipeline(cfg, mean, std) if d.pipeline == "gpu" else None
     if gpu is not None:
+        train_sample, eval_sample = gpu.train_sample, gpu.eval_sample
         loader_args["collate_fn"] = collate_encoded
+    else:
+        fast = d.streaming.fast_decode
+        transform_args: dict[str, Any] = dict(crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean)
+        train_args: dict[str, Any] = dict(
+            scale=d.scale, ratio=d.ratio, hflip=d.hflip, auto_augment=d.auto_augment, **transform_args
+        )
+        train_sample = build_bytes_transform(d.image_size, True, fast=fast, **train_args)
+        eval_sample = build_bytes_transform(d.image_size, False, fast=fast, **transform_args)
     if d.remote or d.local:
         s = d.streaming
         knobs: dict[str, Any] = dict(
@@ -173,9 +180,7 @@ def build_dataloaders(
         )
         train = streaming_dataloader(
             split=s.train_split,
-            transform=gpu.train_sample
-            if gpu
-            else build_bytes_transform(d.image_size, True, fast=s.fast_decode, **train_args),
+            transform=train_sample,
             batch_size=per_device,
             shuffle=True,
             drop_last=True,
@@ -185,9 +190,7 @@ def build_dataloaders(
         if s.val_split is not None:
             val = streaming_dataloader(
                 split=s.val_split,
-                transform=gpu.eval_sample
-                if gpu
-                else build_bytes_transform(d.image_size, False, fast=s.fast_decode, **transform_args),
+                transform=eval_sample,
                 batch_size=eval_batch,
                 shuffle=False,
                 drop_last=False,
@@ -197,22 +200,20 @@ def build_dataloaders(
         assert d.train_dir is not None  # validated
         train = folder_dataloader(
             d.train_dir,
-            build_transform(d.image_size, True, **train_args),
+            train_sample,
             per_device,
             shuffle=True,
             drop_last=True,
-            seed=t.seed,
             **loader_args,
         )
         val = None
         if d.val_dir is not None:
             val = folder_dataloader(
                 d.val_dir,
-                build_transform(d.image_size, False, **transform_args),
+                eval_sample,
                 eval_batch,
                 shuffle=False,
                 drop_last=False,
-                seed=t.seed,
                 **loader_args,
             )
     train_transform, eval_transform = (gpu.train_device, gpu.eval_device) if gpu else (normalize, normalize)
