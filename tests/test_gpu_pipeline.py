@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from usi_composer.config import ConfigError, load_config
-from usi_composer.data.draws import TrainDrawSpec, draw_sample, sample_rng
+from usi_composer.data.draws import TrainDrawSpec, sample_rng
 from usi_composer.data.gpu_pipeline import (
     KIND,
     KIND_JPEG,
@@ -27,7 +25,7 @@ from usi_composer.data.gpu_pipeline import (
     collate_encoded,
     split_encoded,
 )
-from usi_composer.data.randaugment import RandAugmentSpec, apply_pil
+from usi_composer.data.randaugment import RandAugmentSpec
 from usi_composer.data.transforms import build_bytes_transform, build_transform
 
 SIZE = 64
@@ -69,17 +67,11 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_view(data: bytes, rng: np.random.Generator, spec: TrainDrawSpec) -> torch.Tensor:
-    """The CPU path's image for these draws: PIL decode (decode_rgb), timm's crop + resize, flip,
-    RandAugment with timm's PIL ops."""
-    img = Image.open(io.BytesIO(data))
-    draws = draw_sample(rng, img.size, spec)
-    img = img.convert("RGB")
-    out = TF.resized_crop(img, *draws.crop, [SIZE, SIZE], InterpolationMode.BICUBIC)
-    out = TF.hflip(out) if draws.flip else out
-    if draws.randaugment is not None:
-        fill = tuple(round(255 * m) for m in MEAN)
-        out = apply_pil(out, draws.randaugment, spec.randaugment, fill=fill, interpolation="bicubic")
-    return torch.from_numpy(np.array(out)).permute(2, 0, 1).float()
+    """The CPU path's image for these draws (full-size decode: torchvision's resized_crop, as timm)."""
+    cpu = build_bytes_transform(
+        SIZE, True, fast=False, hflip=spec.hflip, auto_augment=spec.auto_augment, mean=MEAN, interpolation="bicubic"
+    )
+    return cpu(data, rng).float()
 
 
 def test_device_output_shapes_dtypes_and_range(jpegs: list[bytes]) -> None:
@@ -186,7 +178,7 @@ def _one_line(e: BaseException) -> str:
 def test_a_corrupt_sample_fails_with_the_cpu_paths_error(jpegs: list[bytes], kind: str) -> None:
     data = jpegs[2][: len(jpegs[2]) // 2] if kind == "truncated" else b"<html>not found</html>" * 8
     with pytest.raises(Exception) as cpu:
-        build_bytes_transform(SIZE, True)(data)  # the CPU path
+        build_bytes_transform(SIZE, True)(data, sample_rng(0, 0, 0))  # the CPU path
     with pytest.raises(Exception) as gpu:
         train_sample()(data, sample_rng(0, 0, 0))  # in the worker, before the batch exists
     assert _one_line(gpu.value) == _one_line(cpu.value)
