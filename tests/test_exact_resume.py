@@ -4,6 +4,7 @@ Run (a) trains 12 batches, checkpointing every 4; run (b) loads (a)'s batch-8 ch
 to batch 12. Random-resized crop, flip, RandAugment and MixUp/CutMix are on, EMA too, with 2 loader
 workers (persistent), and the 12 batches cross two epoch boundaries (5 batches per epoch). The
 batch-12 checkpoints must be equal: weights, EMA weights, optimizer state (``torch.equal``).
+MDS and folders with the CPU pipeline; MDS with ``data.pipeline=gpu`` (run on CPU tensors).
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ def _checkpoint(folder: Path, batch: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("source", ["mds", "folders"])
-def test_resume_from_mid_epoch_checkpoint_is_bit_identical(imagenet: Path, tmp_path: Path, source: str) -> None:
+@pytest.mark.parametrize(("source", "pipeline"), [("mds", "cpu"), ("folders", "cpu"), ("mds", "gpu")])
+def test_resume_from_mid_epoch_checkpoint_is_bit_identical(
+    imagenet: Path, tmp_path: Path, source: str, pipeline: str
+) -> None:
     if source == "mds":
         data = [f"data.local={imagenet / 'mds'}", "data.streaming.val_split=null"]
     else:
         data = [f"data.train_dir={imagenet / 'src' / 'train'}", "data.val_dir=null"]
+    data.append(f"data.pipeline={pipeline}")
     a = _train(tmp_path, "a", data)
     b = _train(tmp_path, "b", data, load_path=_checkpoint(a, 8))
     first, resumed = _checkpoint(a, 12), _checkpoint(b, 12)
