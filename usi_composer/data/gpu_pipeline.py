@@ -72,7 +72,7 @@ class EncodedSample:
 
     ``draw_spec``: the training draws (None: evaluation, the whole image, no randomness).
     ``image_size`` and ``eval_size`` (the eval resize target) set the reduced decode size of the
-    samples decoded in the worker, as the CPU path's ``BytesTransform`` sets it.
+    samples decoded in the worker (the quirky ones, or all with ``decode_on_device=False``).
     """
 
     def __init__(
