@@ -15,6 +15,7 @@ from timm.data import auto_augment as timm_aa
 from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.transforms import str_to_pil_interp
 
+from usi_composer.data import randaugment
 from usi_composer.data.randaugment import (
     DRAW_COLUMNS,
     RAND_OPS,
@@ -243,8 +244,11 @@ def random_draws(batch: int, seed: int, spec: RandAugmentSpec = USI) -> torch.Te
         ((64, 40), "bilinear", 0.01),
     ],  # measured 0.0022, 0.233, 0.0020
 )
-def test_apply_batch_matches_apply_pil(images, size, interpolation, bound) -> None:
-    """Whole draws (two ops, random magnitudes) on real images, square and not: batched vs timm's PIL ops."""
+@pytest.mark.parametrize("subset_devices", [("cpu",), ()], ids=["subsets", "full-batch"])
+def test_apply_batch_matches_apply_pil(images, size, interpolation, bound, subset_devices, monkeypatch) -> None:
+    """Whole draws (two ops, random magnitudes) on real images, square and not: batched vs timm's PIL ops,
+    computing each op family on the samples that drew it (CPU) or on all and selecting (CUDA's way)."""
+    monkeypatch.setattr(randaugment, "_SUBSET_DEVICES", subset_devices)
     imgs = [im.resize(size, Image.Resampling.BICUBIC) for im in images] * 8
     draws = random_draws(len(imgs), seed=3, spec=RandAugmentSpec(prob=1.0))
     ours = apply_batch(to_batch(imgs), draws, USI, fill=FILL, interpolation=interpolation)
@@ -259,7 +263,7 @@ def test_apply_batch_matches_apply_pil(images, size, interpolation, bound) -> No
     assert diff <= bound
 
 
-def test_apply_batch_contract(images) -> None:
+def test_apply_batch_contract(images, monkeypatch) -> None:
     batch = to_batch(images * 3)
     draws = random_draws(len(batch), seed=5, spec=RandAugmentSpec(prob=1.0))
     draws[0, :, 0] = -1  # sample 0: both slots skipped
@@ -282,6 +286,10 @@ def test_apply_batch_contract(images) -> None:
         )
         assert torch.equal(mixed[0], out[i])
         assert torch.equal(apply_batch(batch[i : i + 1], draws[i : i + 1], USI, fill=FILL)[0], out[i])
+    # the accelerator's way (every family on all samples, then a per-sample select) gives the same pixels
+    monkeypatch.setattr(randaugment, "_SUBSET_DEVICES", ())
+    assert torch.equal(apply_batch(batch, draws, USI, fill=FILL), out)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="draws"):
         apply_batch(batch, draws[:, :1], USI, fill=FILL)
     with pytest.raises(ValueError, match="uint8"):
