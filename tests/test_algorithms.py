@@ -281,7 +281,7 @@ def test_mixup_cutmix_draws_follow_timms_distribution() -> None:
     from usi_composer.algorithms.mixup_cutmix import batch_rng
 
     ours = MixUpCutMix(NUM_CLASSES, switch_prob=0.5)
-    timm_mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, num_classes=NUM_CLASSES)
+    timm_mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.0, num_classes=NUM_CLASSES)
     np.random.seed(0)
     n = 3000
     c_ours, l_ours = _mixing_outcomes(lambda x, t, i: ours.mix(x, t, batch_rng(3, i)), n)

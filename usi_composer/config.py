@@ -74,7 +74,7 @@ class StreamingConfig:
     download_timeout: float = 60.0  # seconds per shard
     download_retry: int = 2
     validate_hash: str | None = None  # e.g. sha1 (the converter stores sha1 per shard)
-    fast_decode: bool = True  # reduced-size JPEG decode + one-call crop/resize (same crop boxes)
+    fast_decode: bool = True  # reduced-size JPEG decode + one-call crop/resize (same views); folders too
 
 
 @dataclass
