@@ -1,11 +1,15 @@
 """MixUp or CutMix, one of them per batch, with USI's switch semantics.
 
 USI (after DeiT) always mixes: each batch gets MixUp (alpha 0.8) or CutMix (alpha 1.0),
-chosen with probability ``switch_prob`` = 0.5. timm's ``Mixup`` does the sampling; this
-algorithm only puts it at the right place in Composer's step: ``Event.BEFORE_FORWARD``, on
-the device batch, so that the model's loss and the teacher of ``KnowledgeDistillation``
-both see the mixed batch. Targets become soft ``(N, num_classes)`` distributions, so the
-model's loss must accept soft targets (Composer's ``soft_cross_entropy`` does).
+chosen with probability ``switch_prob`` = 0.5, with timm's ``Mixup`` (batch mode)
+distributions and math. The algorithm puts it at the right place in Composer's step:
+``Event.BEFORE_FORWARD``, on the device batch, so that the model's loss and the teacher of
+``KnowledgeDistillation`` both see the mixed batch. Targets become soft ``(N, num_classes)``
+distributions, so the model's loss must accept soft targets (Composer's ``soft_cross_entropy`` does).
+
+A batch's draws (whether to mix, MixUp or CutMix, the weight, the box) are a pure function of
+(seed, global batch index, rank, microbatch): :func:`batch_rng`, a counter-based generator, not a
+process-global RNG. So a run resumed mid-epoch mixes every batch as the uninterrupted run did.
 
 ``mixup_cutmix_batch`` is the same mixing as a function, for loops without the Trainer
 (like Composer's ``mixup_batch`` / ``cutmix_batch``).
@@ -13,19 +17,35 @@ model's loss must accept soft targets (Composer's ``soft_cross_entropy`` does).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from timm.data import Mixup
+from composer.utils import dist
+from timm.data.mixup import mixup_target
 
 from ._hparams import hparams_state, warn_if_changed
 
-__all__ = ["MixUpCutMix", "mixup_cutmix_batch"]
+__all__ = ["MixUpCutMix", "batch_rng", "mixup_cutmix_batch"]
 
 BatchKey = str | int | tuple[Callable, Callable] | Any  # Composer's batch key: index, name, or (getter, setter)
+
+# The high key word keeps these streams apart from other users of the same seed (the data's draws).
+MIX_KEY_DOMAIN = 1
+
+
+def batch_rng(seed: int, batch: int, rank: int = 0, microbatch: int = 0) -> np.random.Generator:
+    """The generator of one microbatch's mixing draws: numpy's Philox (counter-based) keyed by
+    ``seed``, its counter starting at ``(0, microbatch, batch, rank)``: a fixed stream per
+    (seed, global batch index, rank, microbatch), distinct from every other's."""
+    if min(seed, batch, rank, microbatch) < 0:
+        raise ValueError(f"seed, batch, rank and microbatch must be >= 0, got {seed}, {batch}, {rank}, {microbatch}")
+    key = [seed, MIX_KEY_DOMAIN]
+    return np.random.Generator(np.random.Philox(key=key, counter=[0, microbatch, batch, rank]))
 
 
 def mixup_cutmix_batch(
@@ -37,6 +57,9 @@ def mixup_cutmix_batch(
     switch_prob: float = 0.5,
     prob: float = 1.0,
     label_smoothing: float = 0.0,
+    *,
+    batch_index: int,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixes one batch with MixUp or CutMix, as ``MixUpCutMix`` does in the Trainer.
 
@@ -46,17 +69,20 @@ def mixup_cutmix_batch(
         targets: integer class targets ``(N,)``.
         num_classes, mixup_alpha, cutmix_alpha, switch_prob, prob, label_smoothing: as in
             ``MixUpCutMix``.
+        batch_index, seed: the draws come from ``batch_rng(seed, batch_index)``.
 
     Returns:
-        The mixed images and their ``(N, num_classes)`` soft targets. Sampling uses numpy's
-        global RNG (timm's), so seed it for repeatable mixing.
+        The mixed images and their ``(N, num_classes)`` soft targets.
     """
     mixer = MixUpCutMix(num_classes, mixup_alpha, cutmix_alpha, switch_prob, prob, label_smoothing)
-    return mixer.mix(inputs, targets)
+    return mixer.mix(inputs, targets, batch_rng(seed, batch_index))
 
 
 class MixUpCutMix(Algorithm):
     """Mixes each training microbatch with MixUp or CutMix (timm ``Mixup`` in ``batch`` mode).
+
+    Microbatch ``k`` of global batch ``b`` on rank ``r`` draws from
+    ``batch_rng(state.rank_zero_seed, b, r, k)``.
 
     Args:
         num_classes: number of classes, to turn integer targets into distributions.
@@ -108,15 +134,7 @@ class MixUpCutMix(Algorithm):
         self.prob = float(prob)
         self.label_smoothing = float(label_smoothing)
         self.input_key, self.target_key = input_key, target_key
-        self._mixup = Mixup(
-            mixup_alpha=self.mixup_alpha,
-            cutmix_alpha=self.cutmix_alpha,
-            prob=self.prob,
-            switch_prob=self.switch_prob,
-            mode="batch",
-            label_smoothing=self.label_smoothing,
-            num_classes=num_classes,
-        )
+        self._batch, self._microbatch = -1, 0  # which microbatch of which batch comes next
 
     def __repr__(self) -> str:
         return (
@@ -135,13 +153,19 @@ class MixUpCutMix(Algorithm):
         return event == Event.BEFORE_FORWARD
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        batch = int(state.timestamp.batch)  # batches trained before this one: the global batch index
+        self._microbatch = self._microbatch + 1 if batch == self._batch else 0
+        self._batch = batch
+        rng = batch_rng(state.rank_zero_seed, batch, dist.get_global_rank(), self._microbatch)
         inputs, targets = state.batch_get_item(self.input_key), state.batch_get_item(self.target_key)
-        inputs, targets = self.mix(inputs, targets)
+        inputs, targets = self.mix(inputs, targets, rng)
         state.batch_set_item(self.input_key, inputs)
         state.batch_set_item(self.target_key, targets)
 
-    def mix(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixed images and soft targets for one (micro)batch (see ``mixup_cutmix_batch``)."""
+    def mix(
+        self, inputs: torch.Tensor, targets: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed images and soft targets for one (micro)batch, drawn from ``rng`` (see ``mixup_cutmix_batch``)."""
         if targets.ndim != 1:
             raise ValueError(
                 f"MixUpCutMix expects integer class targets of shape (N,), got {tuple(targets.shape)}: "
@@ -152,5 +176,31 @@ class MixUpCutMix(Algorithm):
                 f"MixUpCutMix needs an even microbatch size, got {inputs.shape[0]}: "
                 "use an even batch size per device and drop the last incomplete batch."
             )
-        # timm's Mixup samples with numpy's global RNG, which Composer checkpoints and restores.
-        return self._mixup(inputs, targets)
+        # timm's Mixup draws from numpy's global RNG inside its methods, which take no generator;
+        # the draws (timm's _params_per_batch and rand_bbox arithmetic) and the in-place mixing
+        # they feed (timm's _mix_batch, 3 lines) are therefore written here; timm's mixup_target
+        # makes the soft targets. Host-side draws, Python-int slices: no device sync.
+        lam = 1.0
+        if rng.random() < self.prob:
+            use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < self.switch_prob)
+            alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+            lam = float(rng.beta(alpha, alpha))
+            if use_cutmix:
+                (top, bottom, left, right), lam = self._cutmix_box(inputs.shape[-2:], lam, rng)
+                inputs[:, :, top:bottom, left:right] = inputs.flip(0)[:, :, top:bottom, left:right]
+            else:
+                flipped = inputs.flip(0).mul_(1.0 - lam)
+                inputs.mul_(lam).add_(flipped)
+        return inputs, mixup_target(targets, self.num_classes, lam, self.label_smoothing)
+
+    @staticmethod
+    def _cutmix_box(size: torch.Size, lam: float, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], float]:
+        """timm's ``rand_bbox`` (a box of side ``sqrt(1 - lam)``, centered uniformly, clipped) and
+        its ``correct_lam`` (lam from the clipped box's area): (top, bottom, left, right), lam."""
+        height, width = int(size[0]), int(size[1])
+        cut = math.sqrt(1 - lam)
+        cut_h, cut_w = int(height * cut), int(width * cut)
+        cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
+        left, right = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
+        return (top, bottom, left, right), 1.0 - (bottom - top) * (right - left) / float(height * width)

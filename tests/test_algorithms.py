@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from composer import Trainer
@@ -243,17 +244,53 @@ def test_mixup_cutmix_uses_input_and_target_keys() -> None:
 
 
 def test_mixup_cutmix_batch_is_the_algorithms_mixing() -> None:
-    import numpy as np
-
     from usi_composer.algorithms import mixup_cutmix_batch
+    from usi_composer.algorithms.mixup_cutmix import batch_rng
 
     g = torch.Generator().manual_seed(0)
     inputs, targets = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, NUM_CLASSES, (8,), generator=g)
-    for seed in range(4):  # both MixUp and CutMix get drawn
-        np.random.seed(seed)
-        mixed, soft = mixup_cutmix_batch(inputs.clone(), targets, NUM_CLASSES, switch_prob=0.5)
-        np.random.seed(seed)
-        expected, expected_soft = MixUpCutMix(NUM_CLASSES, switch_prob=0.5).mix(inputs.clone(), targets)
+    for batch in range(4):  # both MixUp and CutMix get drawn
+        mixed, soft = mixup_cutmix_batch(inputs.clone(), targets, NUM_CLASSES, switch_prob=0.5, batch_index=batch)
+        again, _ = mixup_cutmix_batch(inputs.clone(), targets, NUM_CLASSES, switch_prob=0.5, batch_index=batch)
+        rng = batch_rng(0, batch)
+        expected, expected_soft = MixUpCutMix(NUM_CLASSES, switch_prob=0.5).mix(inputs.clone(), targets, rng)
         torch.testing.assert_close(mixed, expected, rtol=0, atol=0)
         torch.testing.assert_close(soft, expected_soft, rtol=0, atol=0)
+        assert torch.equal(mixed, again), "a function of (seed, batch index)"
         assert soft.shape == (8, NUM_CLASSES) and not torch.equal(mixed, inputs)
+
+
+def _mixing_outcomes(mix, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(is CutMix, lam) of ``n`` batches of [black, white] 32x32 images, read off the outputs."""
+    cutmix, lams = [], []
+    for i in range(n):
+        x = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])
+        mixed, soft = mix(x, torch.tensor([0, 1]), i)
+        first = mixed[0]
+        cutmix.append(bool(((first == 0) | (first == 1)).all() and first.max() > first.min()))
+        lams.append(float(soft[0, 0]))
+    return np.array(cutmix), np.array(lams)
+
+
+def test_mixup_cutmix_draws_follow_timms_distribution() -> None:
+    """Our keyed draws against timm's Mixup (numpy's global RNG): the MixUp/CutMix share, and the
+    distributions of lam (MixUp: Beta(0.8, 0.8); CutMix: from the clipped box's area)."""
+    from scipy.stats import ks_2samp
+    from timm.data import Mixup
+
+    from usi_composer.algorithms.mixup_cutmix import batch_rng
+
+    ours = MixUpCutMix(NUM_CLASSES, switch_prob=0.5)
+    timm_mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.0, num_classes=NUM_CLASSES)
+    np.random.seed(0)
+    n = 3000
+    c_ours, l_ours = _mixing_outcomes(lambda x, t, i: ours.mix(x, t, batch_rng(3, i)), n)
+    c_timm, l_timm = _mixing_outcomes(lambda x, t, i: timm_mixup(x, t), n)
+    assert abs(c_ours.mean() - c_timm.mean()) < 0.04 and 0.4 < c_ours.mean() < 0.6
+    for kind in (True, False):
+        p = ks_2samp(l_ours[c_ours == kind], l_timm[c_timm == kind]).pvalue
+        assert p > 1e-3, f"cutmix={kind}: KS p={p:.2g}"
+    # and the comparison can tell another alpha apart
+    other = MixUpCutMix(NUM_CLASSES, mixup_alpha=0.3, switch_prob=0.5)
+    c_other, l_other = _mixing_outcomes(lambda x, t, i: other.mix(x, t, batch_rng(3, i)), n)
+    assert ks_2samp(l_other[~c_other], l_timm[~c_timm]).pvalue < 1e-3

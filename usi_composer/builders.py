@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +20,15 @@ from timm.data import resolve_data_config
 from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistillation, MixUpCutMix
 from usi_composer.compilation import CompileTime, mark_batch_dynamic, resolve_compile
 from usi_composer.config import Config, ConfigError
-from usi_composer.data import DeviceNormalize, build_bytes_transform, build_transform, folder_dataloader
+from usi_composer.data import DeviceNormalize, build_bytes_transform, folder_dataloader
+from usi_composer.data.draws import TrainDrawSpec
+from usi_composer.data.gpu_pipeline import (
+    DeviceTransform,
+    EncodedSample,
+    collate_encoded,
+    num_samples,
+    split_encoded,
+)
 from usi_composer.data.mds import streaming_dataloader
 from usi_composer.errors import CheckpointError, InputSizeError
 from usi_composer.models import USIClassifier, check_input_size, create_backbone
@@ -186,11 +196,21 @@ def build_dataloaders(
         num_workers=d.num_workers,
         pin_memory=d.pin_memory and torch.cuda.is_available(),
         persistent_workers=d.persistent_workers,
+        seed=t.seed,  # keys each sample's random view: sample_rng(seed, epoch, index)
     )
-    transform_args: dict[str, Any] = dict(crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean)
-    train_args: dict[str, Any] = dict(
-        scale=d.scale, ratio=d.ratio, hflip=d.hflip, auto_augment=d.auto_augment, **transform_args
-    )
+    # The samples' transform (data: bytes, rng) -> what the loader batches, the same for MDS and folders
+    gpu = build_gpu_pipeline(cfg, mean, std) if d.pipeline == "gpu" else None
+    if gpu is not None:
+        train_sample, eval_sample = gpu.train_sample, gpu.eval_sample
+        loader_args["collate_fn"] = collate_encoded
+    else:
+        fast = d.streaming.fast_decode
+        transform_args: dict[str, Any] = dict(crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean)
+        train_args: dict[str, Any] = dict(
+            scale=d.scale, ratio=d.ratio, hflip=d.hflip, auto_augment=d.auto_augment, **transform_args
+        )
+        train_sample = build_bytes_transform(d.image_size, True, fast=fast, **train_args)
+        eval_sample = build_bytes_transform(d.image_size, False, fast=fast, **transform_args)
     if d.remote or d.local:
         s = d.streaming
         knobs: dict[str, Any] = dict(
@@ -209,7 +229,7 @@ def build_dataloaders(
         )
         train = streaming_dataloader(
             split=s.train_split,
-            transform=build_bytes_transform(d.image_size, True, fast=s.fast_decode, **train_args),
+            transform=train_sample,
             batch_size=per_device,
             shuffle=True,
             drop_last=True,
@@ -219,7 +239,7 @@ def build_dataloaders(
         if s.val_split is not None:
             val = streaming_dataloader(
                 split=s.val_split,
-                transform=build_bytes_transform(d.image_size, False, fast=s.fast_decode, **transform_args),
+                transform=eval_sample,
                 batch_size=eval_batch,
                 shuffle=False,
                 drop_last=False,
@@ -229,29 +249,67 @@ def build_dataloaders(
         assert d.train_dir is not None  # validated
         train = folder_dataloader(
             d.train_dir,
-            build_transform(d.image_size, True, **train_args),
+            train_sample,
             per_device,
             shuffle=True,
             drop_last=True,
-            seed=t.seed,
             **loader_args,
         )
         val = None
         if d.val_dir is not None:
             val = folder_dataloader(
                 d.val_dir,
-                build_transform(d.image_size, False, **transform_args),
+                eval_sample,
                 eval_batch,
                 shuffle=False,
                 drop_last=False,
-                seed=t.seed,
                 **loader_args,
             )
-    train_spec = DataSpec(train, microbatch_transforms=normalize)
+    train_transform, eval_transform = (gpu.train_device, gpu.eval_device) if gpu else (normalize, normalize)
+    # gpu: the batch holds host-side encoded images, which Composer's default split/count cannot read
+    split = dict(split_batch=split_encoded, get_num_samples_in_batch=num_samples) if gpu else {}
+    train_spec = DataSpec(train, microbatch_transforms=train_transform, **split)
     if val is None:
         return train_spec, None
-    eval_transform = (lambda batch: mark_batch_dynamic(normalize(batch))) if compile else normalize
-    return train_spec, DataSpec(val, microbatch_transforms=eval_transform)
+    if compile:
+        to_device = eval_transform
+        eval_transform = lambda batch: mark_batch_dynamic(to_device(batch))  # noqa: E731
+    return train_spec, DataSpec(val, microbatch_transforms=eval_transform, **split)
+
+
+@dataclass
+class GPUPipeline:
+    """``data.pipeline=gpu``: the workers' sample transforms and the device transforms."""
+
+    train_sample: EncodedSample
+    eval_sample: EncodedSample
+    train_device: DeviceTransform
+    eval_device: DeviceTransform
+
+
+def build_gpu_pipeline(cfg: Config, mean: list[float], std: list[float]) -> GPUPipeline:
+    d = cfg.data
+    draw_spec = TrainDrawSpec(
+        scale=tuple(d.scale),
+        ratio=tuple(d.ratio),
+        hflip=d.hflip,
+        interpolation=d.interpolation,
+        auto_augment=d.auto_augment,
+    )
+    eval_size = math.floor(d.image_size / d.crop_pct)
+    device_args: dict[str, Any] = dict(
+        mean=mean,
+        std=std,
+        crop_pct=d.crop_pct,
+        interpolation=d.interpolation,
+        channels_last=cfg.algorithms.channels_last,
+    )
+    return GPUPipeline(
+        train_sample=EncodedSample(draw_spec, d.image_size, decode_on_device=d.gpu_decode),
+        eval_sample=EncodedSample(None, d.image_size, eval_size=eval_size, decode_on_device=d.gpu_decode),
+        train_device=DeviceTransform(d.image_size, training=True, randaugment=draw_spec.randaugment, **device_args),
+        eval_device=DeviceTransform(d.image_size, training=False, **device_args),
+    )
 
 
 def build_callbacks(cfg: Config, evaluates: bool, compile: bool = False) -> list[Callback]:

@@ -80,7 +80,7 @@ class StreamingConfig:
     download_timeout: float = 60.0  # seconds per shard
     download_retry: int = 2
     validate_hash: str | None = None  # e.g. sha1 (the converter stores sha1 per shard)
-    fast_decode: bool = True  # reduced-size JPEG decode + one-call crop/resize (same crop boxes)
+    fast_decode: bool = True  # reduced-size JPEG decode + one-call crop/resize (same views); folders too
 
 
 @dataclass
@@ -103,6 +103,10 @@ class DataConfig:
     num_workers: int = 8
     pin_memory: bool = True
     persistent_workers: bool = True
+    # cpu: workers decode and augment (timm's PIL transforms); gpu: workers read bytes and draw the
+    # random choices, decode/crop/RandAugment/normalize run batched on the device (data/gpu_pipeline.py)
+    pipeline: str = "cpu"
+    gpu_decode: bool = True  # gpu pipeline: decode JPEGs on the device (nvJPEG); false: in the workers, reduced size
 
 
 @dataclass
@@ -359,6 +363,13 @@ def _validate(cfg: Config, source_of: Any) -> None:
             check(key, value is None or len(value) == 3, f"must be 3 numbers (RGB) or null, got {value}")
         check(f"{section}.std", std is None or all(s > 0 for s in std), f"must be > 0, got {std}")
     check("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}")
+    check("data.pipeline", d.pipeline in ("cpu", "gpu"), f"must be cpu or gpu, got '{d.pipeline}'")
+    if d.auto_augment and d.pipeline == "gpu":
+        check(
+            "data.auto_augment",
+            d.auto_augment.startswith("rand-"),
+            f"data.pipeline=gpu implements timm's RandAugment (rand-...) only, got '{d.auto_augment}'",
+        )
     if d.auto_augment:
         check(
             "data.auto_augment",
@@ -368,6 +379,11 @@ def _validate(cfg: Config, source_of: Any) -> None:
         )
 
     a = cfg.algorithms
+    check(
+        "algorithms.progressive_resizing",
+        not (a.progressive_resizing and d.pipeline == "gpu"),
+        "resizes the batch before the device has decoded it: use data.pipeline=cpu",
+    )
     kd = a.distillation
     check("algorithms.distillation.alpha", kd.alpha >= 0, f"must be >= 0, got {kd.alpha}")
     check("algorithms.distillation.temperature", kd.temperature > 0, f"must be > 0, got {kd.temperature}")

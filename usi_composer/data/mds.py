@@ -3,7 +3,8 @@
 Each sample holds the original encoded bytes (``image``), the integer label (``label``) and the
 source path relative to the split folder (``key``). The dataset decodes and transforms on the
 loader workers and yields ``(uint8 CHW tensor, label)``; float conversion and normalization run
-batched on the device (:class:`~usi_composer.data.transforms.DeviceNormalize`).
+batched on the device (:class:`~usi_composer.data.transforms.DeviceNormalize`). A sample's random
+draws come from ``sample_rng(seed, epoch, sample id)``, so they resume exactly with the position.
 
 Mid-epoch resumption comes from streaming itself: Composer saves ``dataset.state_dict()`` in
 each checkpoint and loads it into the dataset of the resumed run, which then continues at the
@@ -23,8 +24,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from streaming import StreamingDataLoader, StreamingDataset
 
+from usi_composer.data.draws import sample_rng
 from usi_composer.errors import SetupError
 
 __all__ = [
@@ -64,14 +67,25 @@ class ImageNetMDS(StreamingDataset):
     failure in its background download thread is only "Background thread failed".
     """
 
-    def __init__(self, *, transform: Callable[[bytes], Any], **kwargs: Any) -> None:
+    def __init__(self, *, transform: Callable[[bytes, np.random.Generator], Any], seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.transform = transform
+        self.transform, self.seed = transform, seed
+        self.epoch = 0  # the epoch this process (loader worker) iterates; set in _resume_incr_epoch
         self._shard_error: StreamingDataError | None = None
 
     def __getitem__(self, idx: int) -> tuple[Any, int]:  # type: ignore[override]
+        """``idx`` is the global sample id (streaming's ``__iter__`` maps its sample ids here), so
+        ``rng`` is the same for this sample in this epoch on any rank, worker or resumed run."""
         sample = super().__getitem__(idx)
-        return self.transform(sample["image"]), int(sample["label"])
+        return self.transform(sample["image"], sample_rng(self.seed, self.epoch, idx)), int(sample["label"])
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        # Where streaming's __iter__ learns its epoch, in each worker at each epoch start: counted
+        # up from 0, or the checkpoint's on resume (streaming's resume state in shared memory).
+        # Each worker process holds its own copy of the dataset, so the attribute is per worker.
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self.epoch = epoch
+        return epoch, sample_in_epoch
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         """Composer hands the checkpoint's dataset state here before training resumes."""
@@ -180,19 +194,22 @@ def streaming_dataloader(
     remote: str | None,
     local: str | None,
     split: str,
-    transform: Callable[[bytes], Any],
+    transform: Callable[[bytes, np.random.Generator], Any],
     batch_size: int,
     shuffle: bool,
     drop_last: bool,
     num_workers: int,
     pin_memory: bool = True,
     persistent_workers: bool = True,
+    seed: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
     **streaming_kwargs: Any,
 ) -> StreamingDataLoader:
     """A per-process ``StreamingDataLoader`` over ``<remote or local>/<split>``.
 
-    ``streaming_kwargs`` go to ``StreamingDataset`` (shuffle_algo, shuffle_seed, predownload,
-    cache_limit, num_canonical_nodes, download_timeout, download_retry, validate_hash, ...).
+    ``transform(data, sample_rng(seed, epoch, index))`` makes each sample; ``collate_fn`` None:
+    torch's default. ``streaming_kwargs`` go to ``StreamingDataset`` (shuffle_algo, shuffle_seed,
+    predownload, cache_limit, num_canonical_nodes, download_timeout, download_retry, validate_hash, ...).
     """
     where = f"{remote.rstrip('/')}/{split}" if remote else os.path.join(local or "", split)
     if remote is None:
@@ -208,6 +225,7 @@ def streaming_dataloader(
     try:
         dataset = ImageNetMDS(
             transform=transform,
+            seed=seed,
             remote=remote,
             local=local,
             split=split,
@@ -226,4 +244,5 @@ def streaming_dataloader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
+        collate_fn=collate_fn,
     )

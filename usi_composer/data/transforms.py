@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import io
 import math
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
-from timm.data.transforms import RandomResizedCropAndInterpolation
-from torchvision.transforms import Compose, Resize
-from torchvision.transforms.functional import pil_modes_mapping
+from torchvision.transforms import InterpolationMode, Resize
+from torchvision.transforms.functional import pil_modes_mapping, pil_to_tensor, resized_crop
+
+from usi_composer.data.draws import TrainDrawSpec, draw_sample
+from usi_composer.data.randaugment import apply_pil
 
 __all__ = ["BytesTransform", "DeviceNormalize", "build_bytes_transform", "build_transform", "decode_rgb"]
 
@@ -97,73 +99,113 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 
 class BytesTransform:
-    """Encoded image bytes -> uint8 CHW tensor: the same timm pipeline as :func:`build_transform`.
+    """``(encoded image bytes, rng) -> uint8 CHW tensor``: USI's timm transform (:func:`build_transform`)
+    with every random draw taken from ``rng`` (:func:`~usi_composer.data.draws.sample_rng` of the
+    sample's seed, epoch and index), so a sample's view is a pure function of those. Same keyword
+    arguments as :func:`build_transform`. The eval transform ignores ``rng``.
 
-    With ``fast=True`` two steps change how the pixels are computed, not what they show:
+    Training: the crop box, interpolation, flip and RandAugment ops are drawn by
+    :func:`~usi_composer.data.draws.draw_sample` (timm's distributions) from the image header,
+    before any pixel is decoded. With ``fast=True`` (the default) the JPEG is then decoded at
+    the smallest DCT scale (1/2, 1/4, 1/8, PIL ``draft``) at which the box still has at least the
+    output resolution in both directions, and crop + resize happen in one ``Image.resize(box=...)``
+    call; ``fast=False`` decodes at full size and crops + resizes with torchvision's
+    ``resized_crop``, timm's own call. Then flip, RandAugment (timm's PIL ops, ``apply_pil``) and
+    the conversion to a uint8 tensor (timm's ``use_prefetcher`` output).
 
-    * training: the RandomResizedCrop box is drawn by timm's own ``get_params`` from the image
-      header (same random numbers, same box as timm); the JPEG is then decoded at the smallest
-      DCT scale (1/2, 1/4, 1/8, PIL ``draft``) at which the box still has at least the output
-      resolution in both directions, and crop + resize happen in one ``Image.resize(box=...)``
-      call. The rest (flip, RandAugment, to-tensor) is timm's transform unchanged.
-    * eval: the JPEG is decoded at the smallest DCT scale that still covers twice the resize target,
-      then timm's eval transform runs unchanged.
+    Eval: with ``fast=True`` the JPEG is decoded at the smallest DCT scale that still covers twice
+    the resize target, then timm's eval transform runs unchanged.
 
-    timm has no transform that starts from undecoded bytes, hence this class; everything it
-    does not do itself is delegated to timm's transforms.
+    timm has no transform that starts from undecoded bytes or takes a generator, hence this class.
     """
 
-    def __init__(self, transform: Any, is_training: bool, fast: bool = True) -> None:
-        self.transform, self.is_training, self.fast = transform, is_training, fast
-        steps = list(getattr(transform, "transforms", []))
+    def __init__(
+        self,
+        image_size: int,
+        is_training: bool,
+        *,
+        fast: bool = True,
+        crop_pct: float = 0.95,
+        interpolation: str = "bicubic",
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        auto_augment: str | None = "rand-m7-mstd0.5-inc1",
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+    ) -> None:
+        self.image_size, self.is_training, self.fast = image_size, is_training, fast
         if is_training:
-            if not steps or not isinstance(steps[0], RandomResizedCropAndInterpolation):
-                raise TypeError(f"expected timm's RandomResizedCrop first in the training transform, got {steps[:1]}")
-            self.crop, self.rest = steps[0], Compose(steps[1:])
+            self.spec: TrainDrawSpec | None = TrainDrawSpec(
+                scale=(scale[0], scale[1]),
+                ratio=(ratio[0], ratio[1]),
+                hflip=hflip,
+                interpolation=interpolation,
+                auto_augment=auto_augment,
+            )
+            self.fill = tuple(min(255, round(255 * m)) for m in mean)  # timm's RandAugment img_mean
         else:
+            self.spec = None
+            self.eval_transform = build_transform(
+                image_size, False, crop_pct=crop_pct, interpolation=interpolation, mean=mean
+            )
+            steps = getattr(self.eval_transform, "transforms", [])
             resize = next((s for s in steps if isinstance(s, Resize)), None)
-            self.eval_size: int | None = None
-            if resize is not None and isinstance(resize.size, int | list | tuple):
-                size = resize.size if isinstance(resize.size, int) else max(resize.size)
-                self.eval_size = int(size)
+            self.eval_size = None if resize is None else int(max(_as_tuple(resize.size)))
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def __call__(self, data: bytes, rng: np.random.Generator) -> torch.Tensor:
+        img = Image.open(io.BytesIO(data))
+        if self.spec is None:
+            if self.fast and self.eval_size is not None and img.format == "JPEG":
+                # Both sides stay >= twice the resize target: the eval image is the reference, so the
+                # bicubic antialiasing does the last 2x (at 1x the DCT scaling's aliasing shows).
+                img.draft(None, (2 * self.eval_size, 2 * self.eval_size))
+            return self.eval_transform(_rgb(img))
+        draws = draw_sample(rng, img.size, self.spec)
+        img = self.resized_crop(img, draws.crop, draws.interpolation)
+        if draws.flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if draws.randaugment is not None:
+            assert self.spec.randaugment is not None
+            # timm gives RandAugment the transform's interpolation ('random': its own draw per op;
+            # here the sample's drawn one)
+            spec, interpolation = self.spec.randaugment, draws.interpolation
+            img = apply_pil(img, draws.randaugment, spec, fill=self.fill, interpolation=interpolation)
+        return pil_to_tensor(img)
+
+    def resized_crop(self, img: Image.Image, box: tuple[int, int, int, int], interpolation: str) -> Image.Image:
+        """``img`` (opened, not yet decoded) cropped to ``box`` = (top, left, height, width) in full-size
+        pixels and resized to the output size, as RGB (see the class doc for ``fast``)."""
+        top, left, height, width = box
+        size = self.image_size
         if not self.fast:
-            return self.transform(decode_rgb(data))
-        if self.is_training:
-            return self.rest(self.random_resized_crop(data))
-        img = Image.open(io.BytesIO(data))
-        if self.eval_size is not None and img.format == "JPEG":
-            # Both sides stay >= twice the resize target: the eval image is the reference, so the
-            # bicubic antialiasing does the last 2x (at 1x the DCT scaling's aliasing shows).
-            img.draft(None, (2 * self.eval_size, 2 * self.eval_size))
-        return self.transform(img.convert("RGB"))
-
-    def random_resized_crop(self, data: bytes) -> Image.Image:
-        """timm's RandomResizedCrop on encoded bytes, with reduced-size decoding (see the class doc)."""
-        img = Image.open(io.BytesIO(data))
-        crop = self.crop
-        top, left, height, width = crop.get_params(img, crop.scale, crop.ratio)  # reads only the header
-        interpolation = crop.interpolation
-        if isinstance(interpolation, list | tuple):  # timm's 'random' interpolation, drawn after the box
-            interpolation = random.choice(interpolation)
-        out_h, out_w = crop.size
+            mode = InterpolationMode(interpolation)
+            return resized_crop(img.convert("RGB"), top, left, height, width, [size, size], mode)
         full_w, full_h = img.size
         if img.format == "JPEG":
-            # Smallest decode at which the crop box keeps >= out_w x out_h pixels.
-            img.draft(None, (math.ceil(full_w * out_w / width), math.ceil(full_h * out_h / height)))
+            # Smallest decode at which the crop box keeps >= size x size pixels.
+            img.draft(None, (math.ceil(full_w * size / width), math.ceil(full_h * size / height)))
         sx, sy = img.size[0] / full_w, img.size[1] / full_h
-        box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+        scaled_box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
         if img.mode != "L":  # grayscale resamples as one channel and becomes RGB after (the same result)
-            img = img.convert("RGB")
-        resample = pil_modes_mapping[interpolation]
-        out = img.resize((out_w, out_h), resample, box=box, reducing_gap=REDUCING_GAP)
-        return out.convert("RGB")
+            img = _rgb(img)
+        resample = pil_modes_mapping[InterpolationMode(interpolation)]
+        out = img.resize((size, size), resample, box=scaled_box, reducing_gap=REDUCING_GAP)
+        return _rgb(out)
 
     def __repr__(self) -> str:
-        return f"BytesTransform(fast={self.fast}, transform={self.transform})"
+        what = self.spec if self.spec is not None else self.eval_transform
+        return f"BytesTransform(image_size={self.image_size}, fast={self.fast}, {what})"
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """``img.convert("RGB")`` without its copy of an image that is RGB already (~1 ms a decoded image)."""
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _as_tuple(size: int | Sequence[int]) -> tuple[int, ...]:
+    return (size,) if isinstance(size, int) else tuple(size)
 
 
 def build_bytes_transform(image_size: int, is_training: bool, *, fast: bool = True, **kwargs: Any) -> BytesTransform:
-    """:func:`build_transform` (same keyword arguments) applied to encoded image bytes."""
-    return BytesTransform(build_transform(image_size, is_training, **kwargs), is_training, fast=fast)
+    """:func:`build_transform` (same keyword arguments) applied to encoded image bytes, with keyed draws."""
+    return BytesTransform(image_size, is_training, fast=fast, **kwargs)
