@@ -15,7 +15,7 @@ probability ``prob``, its magnitude ``gauss(magnitude, magnitude_std)`` clipped 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,22 +191,23 @@ def apply_pil(
 
 # --------------------------------------------------------------------------- batched (GPU pipeline)
 #
-# Each sample draws at most one op per slot, so a slot is three passes over the whole batch, one per
-# op family, each with per-sample parameters that are the identity for the samples that did not draw
-# that family, and a per-sample select (torch.where) between the families' outputs:
+# Each sample draws at most one op per slot, so a slot is three passes, one per op family, each with
+# per-sample parameters (the identity for the samples that drew another family), merged per sample:
 #
 # * per-channel lookup tables (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd,
 #   Contrast, Brightness): every one of these maps each channel's value through a 256-entry table
 #   (PIL computes them that way too; Contrast's and Brightness' blends have a constant degenerate
-#   image), so all 12 cost one gather;
+#   image), so together they cost one gather;
 # * blends with a per-pixel degenerate image (Color: PIL's 'L' gray; Sharpness: PIL's SMOOTH filter);
 # * one affine_grid/grid_sample for Rotate, ShearX/Y and TranslateX/YRel, with per-sample matrices.
 #
-# Why the whole batch and not index_select of the samples that drew an op: the subset's size is only
-# known on the device, and reading it (nonzero, .item()) stalls the host until the GPU has run
-# everything queued before it, every slot of every batch. A full-batch pass of uint8/float32 images
-# is memory-bound (~0.1 ms for 256x3x224x224 on an H100), so three passes (the gather, the blend,
-# the bicubic sample) cost less than one stall, and the cost does not grow with the number of ops.
+# On CUDA each pass covers the whole batch and torch.where keeps the samples that drew the family.
+# index_select of just those samples would need their count on the host (nonzero, .item()), which
+# stalls the host until the GPU has run everything queued before it (the GPU then idles while the
+# host refills its queue), every slot of every batch. A full-batch pass is memory-bound (256x3x224x224
+# float32 is 154 MB: ~0.1 ms at an H100's ~3 TB/s, an estimate), so three passes per slot cost
+# little, and the cost does not grow with the number of ops. On the CPU reading the mask is free, so
+# each pass runs only on the samples that drew its family (index_select + index_copy).
 
 
 def _pil_blend(degenerate: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -214,13 +215,10 @@ def _pil_blend(degenerate: torch.Tensor, image: torch.Tensor, factor: torch.Tens
     return (degenerate + factor * (image - degenerate)).clamp(0, 255).trunc()
 
 
-def _histogram(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample, per-channel 256-bin histograms [B, 3, 256] (int64) of a contiguous uint8 batch."""
-    b, c = x.shape[:2]
-    index = x.reshape(b * c, -1).long()
-    counts = torch.zeros(b * c, 256, dtype=torch.int64, device=x.device)
-    counts.scatter_add_(1, index, torch.ones((), dtype=torch.int64, device=x.device).expand_as(index))
-    return counts.view(b, c, 256)
+def _histogram(index: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel 256-bin histograms [B * 3, 256] (int64) of the values ``index`` [B * 3, H * W]."""
+    counts = torch.zeros(index.shape[0], 256, dtype=torch.int64, device=index.device)
+    return counts.scatter_add_(1, index, torch.ones((), dtype=torch.int64, device=index.device).expand_as(index))
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -327,6 +325,25 @@ def _warp(xf: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor, interpolati
     return torch.where(inside, out, fill).clamp(0, 255).add(1e-3).trunc()
 
 
+# Devices where a family runs only on the samples that drew it (see the section comment).
+_SUBSET_DEVICES = ("cpu",)
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The given samples of ``t`` (all of them for None)."""
+    return t if rows is None else t.index_select(0, rows)
+
+
+def _update(
+    out: torch.Tensor, drew: torch.Tensor, compute: Callable[[torch.Tensor | None], torch.Tensor]
+) -> torch.Tensor:
+    """``out`` with the samples that drew an op family replaced by ``compute``'s output for them."""
+    if out.device.type in _SUBSET_DEVICES:
+        rows = drew.nonzero().squeeze(1)
+        return out.index_copy(0, rows, compute(rows)) if len(rows) else out
+    return torch.where(drew.view(-1, 1, 1, 1), compute(None), out)
+
+
 def _device_vector(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """A small float32 vector built on the device from Python numbers (a host tensor's copy would sync)."""
     out = torch.empty(len(values), dtype=torch.float32, device=device)
@@ -365,31 +382,29 @@ def apply_batch(
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _apply_slot(x: torch.Tensor, draw: torch.Tensor, spec: RandAugmentSpec, fill: torch.Tensor, interpolation: str):
+def _apply_slot(
+    x: torch.Tensor, draw: torch.Tensor, spec: RandAugmentSpec, fill: torch.Tensor, interpolation: str
+) -> torch.Tensor:
     """One op slot over the batch: ``draw`` [B, 3] (op index or -1, magnitude, sign)."""
     batch, _, height, width = x.shape
     device = x.device
     op, level, sign = draw[:, 0].round().long(), draw[:, 1].double(), draw[:, 2].double()
     names = set(spec.ops)
-    i = torch.arange(256, device=device)
-    # Statistics the ops need, computed only when the spec has an op that reads them.
-    hist = _histogram(x) if names & {"AutoContrast", "Equalize"} else None
-    needs_gray = any(n.startswith(("Contrast", "Color")) for n in names)
-    gray = _grayscale(x) if needs_gray else None
-    gray_mean = torch.floor(gray.sum((1, 2, 3)).double() / (height * width) + 0.5) if needs_gray else None
 
-    lut = i.expand(batch, 3, 256)
-    blended = torch.zeros(batch, dtype=torch.bool, device=device)
-    use_gray = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Each family's per-sample parameters (the identity for the samples that drew another op or none).
+    tables: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (op, drew, arg) of the lookup-table ops
+    remapped = torch.zeros(batch, dtype=torch.bool, device=device)
+    blended, use_gray = torch.zeros_like(remapped), torch.zeros_like(remapped)
     factor = torch.ones(batch, dtype=torch.float64, device=device)
-    warped = torch.zeros(batch, dtype=torch.bool, device=device)
+    warped = torch.zeros_like(remapped)
     data = torch.zeros(batch, 6, dtype=torch.float64, device=device)
     data[:, 0] = data[:, 4] = 1.0  # identity
     for k, name in enumerate(spec.ops):
         drew = op == k
         arg = _batch_level_to_arg(name, level, sign)
         if name in _LUT_OPS:
-            lut = torch.where(drew.view(-1, 1, 1), _lut(name, arg, i, hist, gray_mean), lut)
+            remapped = remapped | drew
+            tables.append((name, drew, arg))
         elif name in _BLEND_OPS:
             blended, factor = blended | drew, torch.where(drew, arg, factor)
             if name.startswith("Color"):
@@ -398,21 +413,46 @@ def _apply_slot(x: torch.Tensor, draw: torch.Tensor, spec: RandAugmentSpec, fill
             warped = warped | drew
             data = torch.where(drew.view(-1, 1), _affine_data(name, arg, width, height), data)
 
-    out = lut.to(torch.uint8).gather(2, x.view(batch, 3, -1).long()).view_as(x)
-    has_blend, has_affine = bool(names & _BLEND_OPS), bool(names & _AFFINE_OPS)
-    if has_blend or has_affine:
-        xf = x.float()
-    if has_blend:
-        smooth = _smooth(xf) if any(n.startswith("Sharpness") for n in names) else None
-        if gray is None:
-            degenerate = smooth
-        elif smooth is None:
-            degenerate = gray.float()
-        else:
-            degenerate = torch.where(use_gray.view(-1, 1, 1, 1), gray.float(), smooth)
-        enhanced = _pil_blend(degenerate, xf, factor.float().view(-1, 1, 1, 1)).to(torch.uint8)
-        out = torch.where(blended.view(-1, 1, 1, 1), enhanced, out)
-    if has_affine:
-        moved = _warp(xf, _theta(data, width, height), fill, interpolation).to(torch.uint8)
-        out = torch.where(warped.view(-1, 1, 1, 1), moved, out)
+    out = x
+    if tables:
+        histogram = bool(names & {"AutoContrast", "Equalize"})
+        contrast = any(n.startswith("Contrast") for n in names)
+
+        def remap(rows: torch.Tensor | None) -> torch.Tensor:
+            xs = _rows(x, rows)
+            index = xs.reshape(-1, height * width).long()  # pixel values as gather/scatter indices
+            hist = _histogram(index).view(-1, 3, 256) if histogram else None
+            gray_mean = None
+            if contrast:  # ImageEnhance.Contrast: the mean of the 'L' image, rounded to an int
+                gray_mean = torch.floor(_grayscale(xs).sum((1, 2, 3)).double() / (height * width) + 0.5)
+            i = torch.arange(256, device=device)
+            lut = i.expand(xs.shape[0], 3, 256)
+            for name, drew, arg in tables:
+                table = _lut(name, _rows(arg, rows), i, hist, gray_mean)
+                lut = torch.where(_rows(drew, rows).view(-1, 1, 1), table, lut)
+            return lut.to(torch.uint8).reshape(-1, 256).gather(1, index).view_as(xs)
+
+        out = _update(out, remapped, remap)
+    if names & _BLEND_OPS:
+        color, sharpness = (any(n.startswith(p) for n in names) for p in ("Color", "Sharpness"))
+
+        def enhance(rows: torch.Tensor | None) -> torch.Tensor:
+            xs = _rows(x, rows)
+            xf = xs.float()
+            gray = _grayscale(xs).float() if color else None
+            smooth = _smooth(xf) if sharpness else None
+            if gray is None or smooth is None:
+                degenerate = smooth if gray is None else gray
+            else:
+                degenerate = torch.where(_rows(use_gray, rows).view(-1, 1, 1, 1), gray, smooth)
+            return _pil_blend(degenerate, xf, _rows(factor, rows).float().view(-1, 1, 1, 1)).to(torch.uint8)
+
+        out = _update(out, blended, enhance)
+    if names & _AFFINE_OPS:
+        theta = _theta(data, width, height)
+
+        def warp(rows: torch.Tensor | None) -> torch.Tensor:
+            return _warp(_rows(x, rows).float(), _rows(theta, rows), fill, interpolation).to(torch.uint8)
+
+        out = _update(out, warped, warp)
     return out
