@@ -17,6 +17,7 @@ from PIL import Image
 
 from usi_composer.config import ConfigError, load_config
 from usi_composer.data.draws import TrainDrawSpec, sample_rng
+from usi_composer.data.folder import folder_dataloader
 from usi_composer.data.gpu_pipeline import (
     KIND,
     KIND_JPEG,
@@ -29,6 +30,7 @@ from usi_composer.data.gpu_pipeline import (
 )
 from usi_composer.data.randaugment import RandAugmentSpec
 from usi_composer.data.transforms import build_bytes_transform, build_transform
+from usi_composer.errors import CorruptSampleError
 
 SIZE = 64
 RAND_AUGMENT = "rand-m7-mstd0.5-inc1"
@@ -187,6 +189,25 @@ def test_a_corrupt_sample_fails_with_the_cpu_paths_error(jpegs: list[bytes], kin
         train_sample()(data, sample_rng(0, 0, 0))  # in the worker, before the batch exists
     assert _one_line(gpu.value) == _one_line(cpu.value)
     assert "truncated" in str(cpu.value) if kind == "truncated" else "cannot identify" in str(cpu.value)
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "gpu"])
+def test_a_corrupt_file_in_a_loader_worker_is_one_line_naming_it(jpegs: list[bytes], tmp_path: Path, pipeline: str):
+    """Raised in a worker, re-raised by PyTorch with the worker's traceback in its text: the error
+    the command line prints is still one line, and it names the file."""
+    (tmp_path / "n0").mkdir()
+    for i, data in enumerate(jpegs[:3]):
+        (tmp_path / "n0" / f"{i}.JPEG").write_bytes(data if i != 1 else data[: len(data) // 2])
+    transform = train_sample() if pipeline == "gpu" else build_bytes_transform(SIZE, True)
+    collate = {"collate_fn": collate_encoded} if pipeline == "gpu" else {}
+    loader = folder_dataloader(
+        str(tmp_path), transform, 3, shuffle=False, drop_last=False, num_workers=1, pin_memory=False, **collate
+    )
+    with pytest.raises(CorruptSampleError) as e:
+        next(iter(loader))
+    message = str(e.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"cannot decode {tmp_path / 'n0' / '1.JPEG'}: OSError: image file is truncated")
 
 
 def test_what_decode_jpeg_rejects_on_the_device_falls_back_per_sample(jpegs: list[bytes]) -> None:

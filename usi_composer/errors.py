@@ -9,6 +9,24 @@ class SetupError(UsiError, RuntimeError):
     """Something the config points to cannot be built: missing data, unreachable weights."""
 
 
+class LoaderWorkerError(SetupError):
+    """An error raised in a data loader worker that still prints as one line.
+
+    PyTorch re-raises a worker's exception in the main process as ``type(e)(text)``, the text
+    carrying the worker's traceback; only its last line (our message) is kept.
+    """
+
+    def __init__(self, message: str) -> None:
+        if "Traceback" in message:
+            last = message.strip().splitlines()[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+class CorruptSampleError(LoaderWorkerError):
+    """A sample whose bytes do not decode (truncated, not an image): names the file or the sample."""
+
+
 class LostPeerError(UsiError, RuntimeError):
     """Another process of a distributed job died or became unreachable (a lost node)."""
 

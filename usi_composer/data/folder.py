@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 
 from usi_composer.data.draws import sample_rng
+from usi_composer.data.transforms import transform_sample
 from usi_composer.errors import SetupError
 
 __all__ = ["EpochIndexSampler", "ImageFolderBytes", "folder_dataloader"]
@@ -44,7 +45,8 @@ class ImageFolderBytes(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
         epoch, index = key
         data, label = self.images[index]
-        return self.transform(data, sample_rng(self.seed, epoch, index)), label
+        where = lambda: self.images.samples[index][0]  # noqa: E731
+        return transform_sample(self.transform, data, sample_rng(self.seed, epoch, index), where), label
 
 
 class EpochIndexSampler(DistributedSampler):

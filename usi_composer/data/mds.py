@@ -28,7 +28,8 @@ import numpy as np
 from streaming import StreamingDataLoader, StreamingDataset
 
 from usi_composer.data.draws import sample_rng
-from usi_composer.errors import SetupError
+from usi_composer.data.transforms import transform_sample
+from usi_composer.errors import LoaderWorkerError, SetupError
 
 __all__ = [
     "MDS_COLUMNS",
@@ -44,19 +45,8 @@ log = logging.getLogger(__name__)
 MDS_COLUMNS = {"image": "bytes", "label": "int", "key": "str"}
 
 
-class StreamingDataError(SetupError):
-    """A shard could not be read: the one-line message names the remote, the split and the shard.
-
-    PyTorch re-raises a loader worker's exception in the main process as ``type(e)(text)`` where
-    the text carries the worker's traceback; only the last line (our message) is kept, so the
-    command line still prints one line.
-    """
-
-    def __init__(self, message: str) -> None:
-        if "Traceback" in message:
-            last = message.strip().splitlines()[-1]
-            message = last.split(f"{type(self).__name__}: ", 1)[-1]
-        super().__init__(message)
+class StreamingDataError(LoaderWorkerError):
+    """A shard could not be read: the one-line message names the remote, the split and the shard."""
 
 
 class ImageNetMDS(StreamingDataset):
@@ -77,7 +67,9 @@ class ImageNetMDS(StreamingDataset):
         """``idx`` is the global sample id (streaming's ``__iter__`` maps its sample ids here), so
         ``rng`` is the same for this sample in this epoch on any rank, worker or resumed run."""
         sample = super().__getitem__(idx)
-        return self.transform(sample["image"], sample_rng(self.seed, self.epoch, idx)), int(sample["label"])
+        rng = sample_rng(self.seed, self.epoch, idx)
+        where = lambda: f"sample {idx} ('{sample.get('key')}') in {self.describe_shard(self.spanner[idx][0])}"  # noqa: E731
+        return transform_sample(self.transform, sample["image"], rng, where), int(sample["label"])
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         # Where streaming's __iter__ learns its epoch, in each worker at each epoch start: counted

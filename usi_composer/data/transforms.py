@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,8 +22,16 @@ from torchvision.transforms.functional import pil_modes_mapping, pil_to_tensor, 
 
 from usi_composer.data.draws import TrainDrawSpec, draw_sample
 from usi_composer.data.randaugment import apply_pil
+from usi_composer.errors import CorruptSampleError
 
-__all__ = ["BytesTransform", "DeviceNormalize", "build_bytes_transform", "build_transform", "decode_rgb"]
+__all__ = [
+    "BytesTransform",
+    "DeviceNormalize",
+    "build_bytes_transform",
+    "build_transform",
+    "decode_rgb",
+    "transform_sample",
+]
 
 
 def build_transform(
@@ -86,6 +95,28 @@ class DeviceNormalize:
 # Pillow's two-step downscale in ``resize``: first an integer box reduction down to within this
 # factor of the output, then the bicubic resample; 3.0 is indistinguishable from a plain resample.
 REDUCING_GAP = 3.0
+
+
+# What Pillow raises for bytes that are not a readable image: truncated or corrupt data
+# (OSError, UnidentifiedImageError), a broken header (SyntaxError), a decompression bomb.
+UNREADABLE_IMAGE = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+def transform_sample(
+    transform: Callable[[bytes, np.random.Generator], Any],
+    data: bytes,
+    rng: np.random.Generator,
+    where: Callable[[], str],
+) -> Any:
+    """``transform(data, rng)``, where a sample that does not decode raises :class:`CorruptSampleError`
+    naming it (``where()``: its file, or its MDS key and shard), printed as one line even when it
+    is raised in a loader worker; the same for both pipelines, which decode or sniff in the worker."""
+    try:
+        return transform(data, rng)
+    except UNREADABLE_IMAGE as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(its bytes)", reason)  # PIL names the buffer
+        raise CorruptSampleError(f"cannot decode {where()}: {type(e).__name__}: {reason}") from None
 
 
 def decode_rgb(data: bytes) -> Image.Image:
