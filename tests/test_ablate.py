@@ -40,18 +40,19 @@ PAPER_GRIDS = {
 }
 
 
-@pytest.mark.parametrize("name", [*PAPER_GRIDS, "backbones"])
+@pytest.mark.parametrize("name", [*PAPER_GRIDS, "backbones", "backbones_demo"])
 def test_sweep_files_are_wandb_grids_over_the_recipe(name: str) -> None:
     doc = yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())
+    base = "yamls/demo.yaml" if name.endswith("_demo") else "yamls/usi.yaml"
     assert doc["method"] == "grid"
-    assert doc["command"] == ["composer", "train.py", "yamls/usi.yaml", "${args_no_hyphens}"]
+    assert doc["command"] == ["composer", "train.py", base, "${args_no_hyphens}"]
     assert doc["metric"] == {"name": "metrics/eval_best/top1", "goal": "maximize"}
     sweep = load_sweep(SWEEPS / f"{name}.yaml")
     if name in PAPER_GRIDS:
         assert sweep.parameters == dict([PAPER_GRIDS[name]])
     # Every point is a valid config for the yaml the command names (unknown keys would fail here).
     for params in grid(sweep.parameters):
-        cfg = load_config(REPO / "yamls" / "usi.yaml", point_args(params))
+        cfg = load_config(REPO / base, point_args(params))
         for key, value in params.items():
             section, *rest = key.split(".")
             node = getattr(cfg, section)
