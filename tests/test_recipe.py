@@ -33,9 +33,9 @@ def shrink(data: Path, teacher: Path, *extra: str) -> list[str]:
 
 FAMILIES = {
     "cnn": ["model.name=resnet18"],
-    "vision-transformer": ["model.name=deit_tiny_patch16_224", "model.kwargs.img_size=32"],
+    "vision-transformer": ["model.name=deit_tiny_patch16_224"],  # built for data.image_size (32)
     "mobile": ["model.name=mobilenetv3_small_050"],
-    "mlp-only": ["model.name=mixer_s16_224", "model.kwargs.img_size=32"],
+    "mlp-only": ["model.name=mixer_s16_224"],
 }
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,10 +17,11 @@ from timm.data import resolve_data_config
 
 from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistillation, MixUpCutMix
 from usi_composer.compilation import CompileTime, mark_batch_dynamic, resolve_compile
-from usi_composer.config import Config
+from usi_composer.config import Config, ConfigError
 from usi_composer.data import DeviceNormalize, build_bytes_transform, build_transform, folder_dataloader
 from usi_composer.data.mds import streaming_dataloader
-from usi_composer.models import USIClassifier, create_backbone
+from usi_composer.errors import CheckpointError, InputSizeError
+from usi_composer.models import USIClassifier, check_input_size, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
 from usi_composer.teacher import build_teacher
 from usi_composer.tracking import build_wandb_logger
@@ -28,6 +31,7 @@ __all__ = [
     "build_algorithms",
     "build_model",
     "build_trainer",
+    "check_model_sizes",
     "ema_smoothing",
     "scaled_lr",
     "separate_node_signal_files",
@@ -38,15 +42,58 @@ log = logging.getLogger(__name__)
 
 def build_model(cfg: Config) -> USIClassifier:
     m = cfg.model
-    backbone = create_backbone(
-        m.name,
-        cfg.data.num_classes,
-        checkpoint=m.checkpoint,
-        pretrained=m.pretrained,
-        drop_path_rate=m.drop_path_rate,
-        **m.kwargs,
-    )
+    with _checkpoint_key("model.checkpoint"):
+        backbone = create_backbone(
+            m.name,
+            cfg.data.num_classes,
+            checkpoint=m.checkpoint,
+            pretrained=m.pretrained,
+            img_size=m.img_size or cfg.data.image_size,
+            drop_path_rate=m.drop_path_rate,
+            **m.kwargs,
+        )
     return USIClassifier(backbone, num_classes=cfg.data.num_classes)
+
+
+@contextlib.contextmanager
+def _checkpoint_key(key: str) -> Iterator[None]:
+    """Weights that cannot be loaded are a config error (exit 2) naming the key that points at them."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise ConfigError("", key, str(e)) from None
+
+
+def check_model_sizes(cfg: Config) -> list[str]:
+    """Check, before anything is built, that the student (and the teacher, where distillation is
+    on) run at the size they will see; one line each saying what it is built for.
+
+    A model that cannot raises a :class:`ConfigError` naming the size's key and the nearest
+    sizes that run (``models.check_input_size``: a forward on the meta device, no weights).
+    """
+    d = cfg.data
+    roles = [("model", "student", cfg.model, d.image_size)]
+    if cfg.algorithms.distillation.enabled:
+        roles.append(("teacher", "teacher", cfg.teacher, cfg.teacher.img_size or d.image_size))
+    lines = []
+    for section, role, m, runs_at in roles:
+        built_for = m.img_size or d.image_size
+        key = f"{section}.img_size" if m.img_size else "data.image_size"
+        extra = {"drop_path_rate": cfg.model.drop_path_rate} if section == "model" else {}
+        try:
+            took = check_input_size(str(m.name), runs_at, d.num_classes, img_size=built_for, **extra, **m.kwargs)
+        except InputSizeError as e:
+            hint = ""
+            if section == "teacher" and not m.img_size:
+                hint = " (or set teacher.img_size to one: the student's batch is resized for the teacher)"
+            raise ConfigError("", key, f"{e}{hint}") from None
+        if took:
+            lines.append(f"{role} {m.name}: built for {built_for} px (timm's img_size), runs at {runs_at} px")
+        else:
+            lines.append(
+                f"{role} {m.name}: runs at {runs_at} px (no img_size in its timm constructor: any size it can)"
+            )
+    return lines
 
 
 def student_normalization(cfg: Config, backbone: torch.nn.Module) -> tuple[list[float], list[float]]:
@@ -89,20 +136,22 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float], compile: 
     if a.distillation.enabled:
         t = cfg.teacher
         assert t.name is not None  # validated
-        teacher = build_teacher(
-            t.name,
-            cfg.data.num_classes,
-            mean,
-            std,
-            checkpoint=t.checkpoint,
-            pretrained=t.pretrained,
-            teacher_mean=t.mean,
-            teacher_std=t.std,
-            fold_bn=t.fold_bn,
-            channels_last=t.channels_last,
-            compile=compile,
-            **t.kwargs,
-        )
+        with _checkpoint_key("teacher.checkpoint"):
+            teacher = build_teacher(
+                t.name,
+                cfg.data.num_classes,
+                mean,
+                std,
+                checkpoint=t.checkpoint,
+                pretrained=t.pretrained,
+                teacher_mean=t.mean,
+                teacher_std=t.std,
+                fold_bn=t.fold_bn,
+                channels_last=t.channels_last,
+                compile=compile,
+                img_size=t.img_size or cfg.data.image_size,
+                **t.kwargs,
+            )
         kd = a.distillation
         algorithms.append(
             KnowledgeDistillation(
@@ -255,6 +304,8 @@ def build_trainer(
     """Model, teacher, algorithms, data, optimizer, schedule, checkpointing and the configured
     loggers (``loggers.wandb``), plus ``loggers``/``callbacks`` given here -> a ready Trainer."""
     t = cfg.trainer
+    for line in check_model_sizes(cfg):  # before the data, the weights and the W&B run
+        log.info(line)
     wandb_logger = build_wandb_logger(cfg)
     loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
     reproducibility.seed_all(t.seed)

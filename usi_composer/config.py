@@ -29,7 +29,7 @@ class ConfigError(UsiError, ValueError):
 
     def __init__(self, source: str, key: str, message: str) -> None:
         self.source, self.key, self.message = source, key, message
-        location = f"{source}: {key}" if key else source
+        location = ": ".join(part for part in (source, key) if part)  # no source: found after loading
         super().__init__(f"{location}: {message}")
 
 
@@ -44,6 +44,9 @@ class ModelConfig:
     checkpoint: str | None = None  # initial weights: local path or object-store URI
     pretrained: bool = False  # timm's pretrained weights (needs network)
     drop_path_rate: float | None = None  # None: the backbone's own default
+    # The size timm builds the model for (img_size=, where its constructor takes it: ViT, Swin,
+    # LeViT, MLP-Mixer, ...); None: data.image_size. Its inputs are data.image_size regardless.
+    img_size: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
 
 
@@ -52,6 +55,9 @@ class TeacherConfig:
     name: str | None = None  # timm model name (a pretrained tag like '.miil_in21k_ft_in1k' is allowed)
     checkpoint: str | None = None  # weights: local path or object-store URI (s3://, gs://, ...)
     pretrained: bool = False  # timm's pretrained weights instead (needs network)
+    # The size the teacher is built for (as model.img_size) and sees: the student's batch is
+    # resized to it where they differ. None: data.image_size.
+    img_size: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     mean: list[float] | None = None  # the inputs the teacher was trained on; None: its timm pretrained_cfg
     std: list[float] | None = None
@@ -310,6 +316,15 @@ def _validate(cfg: Config, source_of: Any) -> None:
         cfg.model.drop_path_rate is None or 0 <= cfg.model.drop_path_rate < 1,
         f"must be in [0, 1), got {cfg.model.drop_path_rate}",
     )
+
+    for section in ("model", "teacher"):
+        m = getattr(cfg, section)
+        check(f"{section}.img_size", m.img_size is None or m.img_size >= 8, f"must be >= 8 pixels, got {m.img_size}")
+        check(
+            f"{section}.kwargs.img_size",
+            "img_size" not in m.kwargs,
+            f"set {section}.img_size instead (the recipe passes it to timm where the model takes it)",
+        )
 
     d = cfg.data
     if d.remote or d.local:

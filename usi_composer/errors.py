@@ -11,3 +11,11 @@ class SetupError(UsiError, RuntimeError):
 
 class LostPeerError(UsiError, RuntimeError):
     """Another process of a distributed job died or became unreachable (a lost node)."""
+
+
+class CheckpointError(SetupError):
+    """Weights that cannot be loaded into the model: a missing file, or another architecture's."""
+
+
+class InputSizeError(SetupError):
+    """A model that cannot run at the configured image size."""

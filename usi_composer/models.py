@@ -16,9 +16,9 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from usi_composer.errors import SetupError
+from usi_composer.errors import CheckpointError, InputSizeError, SetupError
 
-__all__ = ["USIClassifier", "create_backbone", "load_weights"]
+__all__ = ["USIClassifier", "check_input_size", "create_backbone", "load_weights"]
 
 
 def soft_target_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -75,10 +75,13 @@ def create_backbone(
     num_classes: int,
     checkpoint: str | None = None,
     pretrained: bool = False,
+    img_size: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model`` with weights from a checkpoint (path or object-store URI) or timm's hub.
 
+    ``img_size``: the input size, passed to timm where the model's constructor takes it
+    (ViT/DeiT, Swin, LeViT, MLP-Mixer, ...); convnets without it run at any size they can.
     Downloading pretrained weights needs network; offline, this stops with a message that says
     how to pass a checkpoint instead.
     """
@@ -87,7 +90,7 @@ def create_backbone(
         raise SetupError(f"{name}: give either a checkpoint or pretrained=true, not both")
     if pretrained:
         try:
-            return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+            return _create_model(name, img_size, pretrained=True, num_classes=num_classes, **kwargs)[0]
         except (OSError, RuntimeError, ValueError) as e:  # huggingface_hub raises OSError subclasses offline
             raise SetupError(
                 f"could not get timm's pretrained weights for '{name}' ({type(e).__name__}: "
@@ -95,16 +98,111 @@ def create_backbone(
                 f"(timm.create_model('{name}', pretrained=True) then torch.save(model.state_dict(), PATH)) "
                 "and pass checkpoint=PATH (a local path or an s3:// / gs:// URI) instead of pretrained=true."
             ) from None
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    model, _ = _create_model(name, img_size, pretrained=False, num_classes=num_classes, **kwargs)
     if checkpoint:
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint, name)
     return model
 
 
-def load_weights(module: nn.Module, checkpoint: str) -> None:
+def _create_model(name: str, img_size: int | None, **kwargs: Any) -> tuple[nn.Module, bool]:
+    """``timm.create_model`` built for ``img_size`` where the model's constructor takes it, and
+    whether it did.
+
+    timm has no registry of which models take ``img_size`` (entrypoints take ``**kwargs``), so
+    we ask the constructor: those without it raise TypeError before building anything.
+    """
+    if img_size is not None:
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs), True
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+    return timm.create_model(name, **kwargs), False
+
+
+def check_input_size(name: str, size: int, num_classes: int, img_size: int | None = None, **kwargs: Any) -> bool:
+    """Check that ``name`` built for ``img_size`` (default: ``size``) runs ``size`` px images;
+    return whether timm's constructor took ``img_size`` (else the model takes any size it can).
+
+    Builds the model on PyTorch's meta device (no memory, no weights: well under a second even
+    for a ViT-L) and runs one image through it there, so every shape check of the forward (a
+    patch size, Swin's windows, LeViT's attention biases, a convnet's kernels outgrowing the
+    feature map) runs before training. A meta failure is confirmed on the CPU (an op without a
+    meta kernel must not stop a model that works). Raises :class:`InputSizeError`, naming the
+    nearest sizes that run.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    built_for = img_size or size
+    try:
+        return _run_once(name, built_for, size, num_classes, "meta", kwargs)
+    except Exception:  # any failure of the forward: confirmed, and reported, below
+        pass
+    try:
+        return _run_once(name, built_for, size, num_classes, "cpu", kwargs)
+    except TypeError:  # a constructor argument it does not take (model.kwargs): not a size problem
+        raise
+    except Exception as e:  # the model's own shape check, whatever it raises
+        reason = f"{type(e).__name__}: {_first_line(e)[:160]}"
+    if built_for == size:
+        raise InputSizeError(
+            f"{name} cannot run at {size} px ({reason}); {_sizes_that_run(name, size, num_classes, kwargs)}"
+        )
+    message = f"{name} built for {built_for} px cannot run at {size} px ({reason})"
+    if _runs(name, size, size, num_classes, kwargs):
+        raise InputSizeError(f"{message}; built for {size} px it runs")
+    raise InputSizeError(
+        f"{message}; built for the size it runs at, {_sizes_that_run(name, size, num_classes, kwargs)}"
+    )
+
+
+def _run_once(name: str, img_size: int, size: int, num_classes: int, device: str, kwargs: dict[str, Any]) -> bool:
+    with torch.device(device), torch.no_grad():
+        model, took_img_size = _create_model(name, img_size, num_classes=num_classes, **kwargs)
+        model.eval()(torch.zeros(1, 3, size, size))
+    return took_img_size
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# Sizes tried for a model that cannot run at the requested one: multiples of 8 (what GPUs and
+# most strides like) nearest to it, then timm's default size for the model.
+_SEARCH_STEP, _SEARCH_PROBES = 8, 12
+
+
+def _runs(name: str, img_size: int, size: int, num_classes: int, kwargs: dict[str, Any]) -> bool:
+    try:
+        _run_once(name, img_size, size, num_classes, "meta", kwargs)
+    except Exception:  # a size that does not run
+        return False
+    return True
+
+
+def _sizes_that_run(name: str, size: int, num_classes: int, kwargs: dict[str, Any]) -> str:
+    def runs(s: int) -> bool:
+        return _runs(name, s, s, num_classes, kwargs)
+
+    below = size // _SEARCH_STEP * _SEARCH_STEP
+    down = [s for s in range(below, 7, -_SEARCH_STEP) if s != size][:_SEARCH_PROBES]
+    up = list(range(below + _SEARCH_STEP, below + _SEARCH_STEP * (_SEARCH_PROBES + 1), _SEARCH_STEP))
+    found = [s for s in (next((s for s in down if runs(s)), None), next((s for s in up if runs(s)), None)) if s]
+    if found:
+        return f"nearest sizes that run: {' or '.join(f'{s} px' for s in found)}"
+    default = timm.get_pretrained_cfg_value(name.split(".", 1)[0], "input_size")  # e.g. (3, 224, 224)
+    if default is not None and runs(default[-1]):
+        return f"no multiple of {_SEARCH_STEP} px near it runs; timm's default size, {default[-1]} px, does"
+    return f"no multiple of {_SEARCH_STEP} px from {down[-1] if down else size} to {up[-1]} px runs either"
+
+
+def load_weights(module: nn.Module, checkpoint: str, name: str | None = None) -> None:
     """Load a state dict, a timm checkpoint or a Composer checkpoint into ``module`` (strict).
 
     ``checkpoint`` is a local path or any URI Composer's ``get_file`` reads (s3://, gs://, oci://, ...).
+    Weights that do not fit raise :class:`CheckpointError` with one line counting the missing,
+    unexpected and mis-shaped keys, naming the first of each (``name``: the model, for the
+    message); the module is then partly loaded, to be discarded.
     """
     with tempfile.TemporaryDirectory() as tmp:
         local = checkpoint
@@ -112,15 +210,21 @@ def load_weights(module: nn.Module, checkpoint: str) -> None:
             local = os.path.join(tmp, "weights.pt")
             get_file(checkpoint, local, progress_bar=False)
         elif not os.path.isfile(checkpoint):
-            raise SetupError(f"checkpoint not found: {checkpoint}")
-        state = torch.load(local, map_location="cpu", weights_only=False)
-    state = _model_state_dict(state)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SetupError(
-            f"{checkpoint} does not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+            raise CheckpointError(f"checkpoint not found: {checkpoint}")
+        state = _model_state_dict(torch.load(local, map_location="cpu", weights_only=False))
+    # torch's own message is one line per mis-shaped key (tens of lines for another architecture):
+    # load what fits (torch decides what is missing or unexpected), then report all three in one line.
+    expected = module.state_dict()
+    misshaped = [k for k, v in state.items() if k in expected and getattr(v, "shape", None) != expected[k].shape]
+    missing, unexpected = module.load_state_dict({k: v for k, v in state.items() if k not in misshaped}, strict=False)
+    missing = [k for k in missing if k not in misshaped]  # held back above, not missing from the file
+    if missing or unexpected or misshaped:
+        shape = [f"{k}: {list(state[k].shape)} in the file, {list(expected[k].shape)} in the model" for k in misshaped]
+        counts = ", ".join(
+            f"{len(keys)} {what}" + (f" (first: {keys[0]})" if keys else "")
+            for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (shape, "mis-shaped"))
         )
+        raise CheckpointError(f"{checkpoint} does not fit {name or type(module).__name__}: {counts}")
 
 
 def _model_state_dict(state: dict) -> dict:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from usi_composer.models import create_backbone
@@ -23,6 +24,8 @@ class Renormalize(nn.Module):
 
     ``x_t = (x_s * std_s + mean_s - mean_t) / std_t``, folded into one multiply-add. (The
     official USI code forgets to divide the mean shift by ``std_t``; this does not.)
+    ``input_size``: where set and the batch has another size, the batch is resized to it
+    (bicubic, antialiased, as timm's eval transform), for a teacher built for another size.
     """
 
     def __init__(
@@ -33,10 +36,12 @@ class Renormalize(nn.Module):
         teacher_mean: Sequence[float],
         teacher_std: Sequence[float],
         channels_last: bool = False,
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.channels_last = channels_last
+        self.input_size = input_size
         # float64 buffers (cast to the input dtype on use) keep the fold exact up to rounding.
         mean_s, std_s, mean_t, std_t = (
             torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1)
@@ -49,6 +54,9 @@ class Renormalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.identity:
             x = torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
+        if self.input_size is not None and x.shape[-2:] != (self.input_size, self.input_size):
+            size = (self.input_size, self.input_size)
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
@@ -130,17 +138,23 @@ def build_teacher(
     fold_bn: bool = True,
     channels_last: bool = True,
     compile: bool = False,
+    img_size: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A ready teacher for ``KnowledgeDistillation``: eval mode, no gradients, BN folded,
     channels-last, taking the student's normalized inputs.
+
+    ``img_size``: the size the teacher is built for (timm's ``img_size`` where the model takes
+    it) and sees: a student batch of another size is resized to it. None: the batch's size.
 
     ``teacher_mean``/``teacher_std``: the normalization the teacher was trained with; by default
     its timm ``pretrained_cfg`` (right for timm's weights, not for a teacher trained with others).
     ``compile``: ``torch.compile`` the prepared teacher in place (``nn.Module.compile``: it stays
     this module, and compiles at its first call).
     """
-    model = create_backbone(name, num_classes, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
+    model = create_backbone(
+        name, num_classes, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size, **kwargs
+    )
     cfg = getattr(model, "pretrained_cfg", None) or {}
     teacher_mean = teacher_mean or cfg.get("mean", student_mean)
     teacher_std = teacher_std or cfg.get("std", student_std)
@@ -149,7 +163,7 @@ def build_teacher(
         model = fold_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    teacher = Renormalize(model, student_mean, student_std, teacher_mean, teacher_std, channels_last)
+    teacher = Renormalize(model, student_mean, student_std, teacher_mean, teacher_std, channels_last, img_size)
     teacher = teacher.eval().requires_grad_(False)
     if compile:
         teacher.compile()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from usi_composer.config import Config, dump_config, load_config
+from usi_composer.config import Config, ConfigError, dump_config, load_config
 from usi_composer.errors import LostPeerError, UsiError
 
 __all__ = ["final_metrics", "final_top1", "lost_peer", "main", "train"]
@@ -111,7 +111,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the config, print it resolved as YAML and exit (builds nothing)",
+        help="validate the config, print it resolved as YAML and exit; on stderr, the size each model "
+        "is built for (checked by one forward on PyTorch's meta device: no weights, no data, no training)",
     )
     parser.add_argument(
         "--metrics-out",
@@ -130,10 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        from usi_composer.builders import check_model_sizes
+
+        try:
+            sizes = check_model_sizes(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(dump_config(cfg), end="")
+        print("\n".join(sizes), file=sys.stderr)
         return 0
     try:
         trainer = train(cfg)
+    except ConfigError as e:  # found while building, before training: a model that cannot run at its size, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except UsiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
