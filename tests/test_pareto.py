@@ -13,6 +13,7 @@ import matplotlib.image
 import pytest
 
 from usi_composer.cli import benchmark as benchmark_cli
+from usi_composer.errors import UsiError
 from usi_composer.pareto import (
     Throughput,
     Top1,
@@ -41,6 +42,13 @@ def test_throughput_is_measured_with_batchnorm_folded() -> None:
         assert t.images_per_s > 0 and t.runs >= 1
         assert t.images_per_s == pytest.approx(2 / (t.median_ms / 1e3))
     assert folded.params_m == pytest.approx(plain.params_m)
+
+
+def test_transformers_are_timed_at_the_size_they_are_built_for() -> None:
+    kwargs = dict(batch_size=2, num_classes=4, warmup=1, min_run_time=0.05)
+    assert measure_throughput("deit_tiny_patch16_224", image_size=32, **kwargs).images_per_s > 0  # 2x2 patches
+    with pytest.raises(UsiError, match=r"deit_tiny_patch16_224 cannot run at 8 px"):
+        measure_throughput("deit_tiny_patch16_224", image_size=8, **kwargs)  # smaller than one patch
 
 
 @pytest.fixture(scope="module")

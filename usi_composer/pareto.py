@@ -65,18 +65,22 @@ def measure_throughput(
     warmup: int = 5,
     min_run_time: float = 2.0,
 ) -> Throughput:
-    """Images per second of timm's ``name`` (random weights: speed does not depend on them) in
-    eval mode, BN folded, after ``warmup`` batches; the median over the blocks that
+    """Images per second of timm's ``name`` built for ``image_size`` (random weights: speed does not
+    depend on them) in eval mode, BN folded, after ``warmup`` batches; the median over the blocks that
     ``torch.utils.benchmark`` times in ``min_run_time`` seconds (it synchronizes CUDA)."""
     import timm
     from torch.utils import benchmark
 
+    from usi_composer.models import check_input_size, create_backbone
     from usi_composer.teacher import fold_batchnorm
 
     if amp not in AMP_DTYPES:
         raise UsiError(f"--amp: must be one of {', '.join(AMP_DTYPES)}, got '{amp}'")
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if not timm.is_model(name):
+        raise UsiError(f"{name}: not a timm model (timm.list_models('*part-of-name*') lists them)")
+    try:  # built for image_size where the model takes it (ViT, Swin, LeViT, ...), as the recipe trains it
+        check_input_size(name, image_size, num_classes)  # a size it cannot run: one line, not a traceback
+        model = create_backbone(name, num_classes, img_size=image_size)
     except RuntimeError as e:  # timm: "Unknown model (...)"
         raise UsiError(f"{name}: {str(e).splitlines()[0]}") from None
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
