@@ -319,13 +319,14 @@ def _row(params: dict, top1: float | None, metric: str = "metrics/eval_best/top1
 
 def test_comparisons_pair_each_point_with_the_reference_by_seed(tmp_path: Path) -> None:
     key = "algorithms.distillation.temperature"
-    sweep = Sweep("t", Path("t.yaml"), "metrics/eval_best/top1", "maximize", {key: [1.0, 2.0, 4.0]}, None)
+    sweep = Sweep("t", Path("t.yaml"), "metrics/eval_best/top1", "maximize", {key: [1.0, 2.0, 4.0, 8.0]}, None)
     ref = {0: 0.90, 1: 0.80, 2: 0.70, 3: 0.95, 4: 0.60}
     rows = [_row({key: 1.0, "trainer.seed": s}, v) for s, v in ref.items()]
     # T=2: +0.01..+0.05 over the same seeds, listed in another order; T=4: seed 4 failed, seed 5 has no reference
     rows += [_row({key: 2.0, "trainer.seed": s}, ref[s] + 0.01 * (s + 1)) for s in (4, 2, 0, 3, 1)]
     rows += [_row({key: 4.0, "trainer.seed": s}, ref[s] - 0.02) for s in (0, 1, 2, 3)]
     rows += [_row({key: 4.0, "trainer.seed": 4}, None), _row({key: 4.0, "trainer.seed": 5}, 0.99)]
+    rows += [_row({key: 8.0, "trainer.seed": s}, ref[s] + (-0.02 if s else 0.08)) for s in ref]  # mean: -2e-17
     md = comparisons(sweep, rows, {key: 1.0})
     lines = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
     assert "reference (algorithms.distillation.temperature=1.0)" in md
@@ -335,6 +336,7 @@ def test_comparisons_pair_each_point_with_the_reference_by_seed(tmp_path: Path) 
         lines["2.0"] == f"| 2.0 | 5 | +0.0300 | [{0.03 - half:+.4f}, {0.03 + half:+.4f}] | 0.013 | 5 / 0 / 0 | 0.062 |"
     )
     assert lines["4.0"] == "| 4.0 | 4 | -0.0200 | [-0.0200, -0.0200] | 0.000 | 0 / 4 / 0 | 0.125 |"
+    assert lines["8.0"] == "| 8.0 | 5 | +0.0000 | [-0.0555, +0.0555] | 1.000 | 1 / 4 / 0 | 0.375 |"
     text = report(sweep, rows, {key: 1.0})
     assert text.startswith("# t\n") and table(sweep, rows) in text and md in text
     assert report(sweep, rows, None) == f"# t\n\n{table(sweep, rows)}\n"

@@ -353,8 +353,12 @@ def _stats(group: list[dict[str, Any]], metric: str) -> Estimate:
     return estimate(list(_ok_values(group, metric).values()))
 
 
+def _number(x: float, sign: str = "") -> str:
+    return f"{round(x, 4) + 0.0:{sign}.4f}"  # + 0.0: a difference rounding to zero shows no minus sign
+
+
 def _interval(e: Estimate, sign: str = "") -> str:
-    return "n/a" if math.isnan(e.low) else f"[{e.low:{sign}.4f}, {e.high:{sign}.4f}]"
+    return "n/a" if math.isnan(e.low) else f"[{_number(e.low, sign)}, {_number(e.high, sign)}]"
 
 
 def table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
@@ -429,7 +433,7 @@ def comparisons(sweep: Sweep, rows: list[dict[str, Any]], reference: dict[str, A
             continue
         p = paired([mine[s] for s in seeds], [ref_values[s] for s in seeds])
         t_p = "n/a" if math.isnan(p.t_p) else f"{p.t_p:.3f}"
-        cells += [str(p.diff.n), f"{p.diff.mean:+.4f}", _interval(p.diff, "+"), t_p]
+        cells += [str(p.diff.n), _number(p.diff.mean, "+"), _interval(p.diff, "+"), t_p]
         cells += [f"{p.better} / {p.worse} / {p.tied}", f"{p.sign_p:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
