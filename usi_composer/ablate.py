@@ -484,6 +484,7 @@ def plot(sweep: Sweep, rows: list[dict[str, Any]], path: Path, reference: dict[s
             [ys[i] for i in order],
             yerr=[[lows[i] for i in order], [highs[i] for i in order]],
             marker="o",
+            linestyle="-" if numeric else "none",  # no line between unordered categories (backbones)
             capsize=4,
             label=label,
             zorder=3,
@@ -504,7 +505,13 @@ def plot(sweep: Sweep, rows: list[dict[str, Any]], path: Path, reference: dict[s
                     zorder=4,
                     label="reference",
                 )
-    ax.set_xticks(list(position.values()), [str(v) for v in x_values])
+    long_names = max(len(str(v)) for v in x_values) * len(x_values) > 48
+    ax.set_xticks(
+        list(position.values()),
+        [str(v) for v in x_values],
+        rotation=25 if long_names else 0,
+        ha="right" if long_names else "center",
+    )
     ax.set_xlabel(x_key)
     ax.set_ylabel(sweep.metric)
     n_seeds = len({str(r["params"].get(SEED_KEY)) for r in rows})

@@ -279,10 +279,14 @@ def plot_pareto(speeds: list[Throughput], top1: dict[str, Top1], path: Path, met
     )
     frontier = sorted((x, y) for x, y, f in zip(xs, ys, front, strict=True) if f)
     ax.plot(*zip(*frontier, strict=True), "o-", color="tab:red", zorder=3, label="Pareto frontier")
-    for s, x, y in zip(joined, xs, ys, strict=True):
-        ax.annotate(
-            f"{s.model} ({top1[s.model].runs})", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small"
-        )
+    # Labels of points close together (within 5% of both axes' ranges) are stacked downwards, top first.
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for i in sorted(range(len(joined)), key=lambda i: -ys[i]):
+        near = sum(abs(xs[i] - px) < 0.05 * span_x and abs(ys[i] - py) < 0.05 * span_y for px, py in placed)
+        placed.append((xs[i], ys[i]))
+        label = f"{joined[i].model} ({top1[joined[i].model].runs})"
+        ax.annotate(label, (xs[i], ys[i]), textcoords="offset points", xytext=(6, 4 - 11 * near), fontsize="small")
     if max(xs) / min(xs) > 10:  # backbones' speeds span orders of magnitude
         ax.set_xscale("log")
     s0 = joined[0]
