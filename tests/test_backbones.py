@@ -15,7 +15,7 @@ from composer.loggers import InMemoryLogger
 from conftest import run_cli
 from usi_composer.builders import check_model_sizes
 from usi_composer.cli.train import main, train
-from usi_composer.config import load_config
+from usi_composer.config import ConfigError, load_config
 from usi_composer.errors import CheckpointError, InputSizeError
 from usi_composer.models import check_input_size, load_weights
 from usi_composer.teacher import build_teacher
@@ -92,6 +92,16 @@ def test_sizes_that_run_are_the_nearest_ones() -> None:
     # EfficientFormer's last stage attends over a fixed 7x7 grid: no size near 32 px runs, timm's 224 does
     with pytest.raises(InputSizeError, match=r"no multiple of 8 px near it runs; timm's default size, 224 px, does$"):
         check_input_size("efficientformer_l1", 32, 10)
+
+
+def test_img_size_is_validated_and_has_one_place() -> None:
+    with pytest.raises(
+        ConfigError, match=r"override 'teacher.img_size=4': teacher.img_size: must be >= 8 pixels, got 4"
+    ):
+        load_config(DEMO, ["teacher.img_size=4"])
+    with pytest.raises(ConfigError, match=r"model.kwargs.img_size: set model.img_size instead"):
+        load_config(DEMO, ["model.kwargs.img_size=32"])
+    assert load_config(DEMO).model.img_size is None, "None: data.image_size"
 
 
 def one_error_line(stderr: str) -> str:

@@ -126,10 +126,10 @@ def check_input_size(name: str, size: int, num_classes: int, img_size: int | Non
 
     Builds the model on PyTorch's meta device (no memory, no weights: well under a second even
     for a ViT-L) and runs one image through it there, so every shape check of the forward (a
-    patch size, Swin's windows, LeViT's attention biases, a convnet's kernels outgrowing the
-    feature map) runs before training. A meta failure is confirmed on the CPU (an op without a
-    meta kernel must not stop a model that works). Raises :class:`InputSizeError`, naming the
-    nearest sizes that run.
+    patch larger than the image, LeViT's attention biases, TResNet's space-to-depth, a convnet's
+    kernels outgrowing its feature map) runs before training. A meta failure is confirmed on the
+    CPU (an op without a meta kernel must not stop a model that works) and reported with the
+    CPU's reason. Raises :class:`InputSizeError`, naming the nearest sizes that run.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     built_for = img_size or size
