@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import yaml
 from _ablate_helpers import DEMO_YAML, NUM_CLASSES, REPO, TEACHER, tiny_image_folder, tiny_overrides
 
-from usi_composer.ablate import Sweep, grid, load_sweep, plot, point_args, run_sweep, table
+from usi_composer.ablate import (
+    Sweep,
+    SweepError,
+    comparisons,
+    estimate,
+    grid,
+    load_sweep,
+    paired,
+    plot,
+    point_args,
+    reference_point,
+    replace_values,
+    report,
+    run_sweep,
+    table,
+)
 from usi_composer.cli import ablate as ablate_cli
 from usi_composer.config import load_config
 
@@ -23,18 +40,19 @@ PAPER_GRIDS = {
 }
 
 
-@pytest.mark.parametrize("name", [*PAPER_GRIDS, "backbones"])
+@pytest.mark.parametrize("name", [*PAPER_GRIDS, "backbones", "backbones_demo"])
 def test_sweep_files_are_wandb_grids_over_the_recipe(name: str) -> None:
     doc = yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())
+    base = "yamls/demo.yaml" if name.endswith("_demo") else "yamls/usi.yaml"
     assert doc["method"] == "grid"
-    assert doc["command"] == ["composer", "train.py", "yamls/usi.yaml", "${args_no_hyphens}"]
+    assert doc["command"] == ["composer", "train.py", base, "${args_no_hyphens}"]
     assert doc["metric"] == {"name": "metrics/eval_best/top1", "goal": "maximize"}
     sweep = load_sweep(SWEEPS / f"{name}.yaml")
     if name in PAPER_GRIDS:
         assert sweep.parameters == dict([PAPER_GRIDS[name]])
     # Every point is a valid config for the yaml the command names (unknown keys would fail here).
     for params in grid(sweep.parameters):
-        cfg = load_config(REPO / "yamls" / "usi.yaml", point_args(params))
+        cfg = load_config(REPO / base, point_args(params))
         for key, value in params.items():
             section, *rest = key.split(".")
             node = getattr(cfg, section)
@@ -106,7 +124,6 @@ def test_two_point_grid_runs_logs_to_wandb_and_is_skipped_when_rerun(
     out = tiny["tmp"] / "two"
     path = tiny["tmp"] / "temperature.yaml"
     path.write_text((SWEEPS / "temperature.yaml").read_text())
-    from usi_composer.ablate import replace_values
 
     sweep = replace_values(load_sweep(path), ["algorithms.distillation.temperature=1.0,4.0"])
     overrides = [*tiny_overrides(tiny["data"], tiny["teacher"]), f"loggers.wandb.dir={tiny['tmp'] / 'wb'}"]
@@ -135,8 +152,10 @@ def test_two_point_grid_runs_logs_to_wandb_and_is_skipped_when_rerun(
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
 
     md = table(sweep, rows)
-    assert "| algorithms.distillation.temperature | metrics/eval_best/top1 | runs | failed |" in md
-    assert f"| 4.0 | {rows[1]['metrics']['metrics/eval_best/top1']:.4f} | 1 | 0 |" in md
+    assert (
+        "| algorithms.distillation.temperature | metrics/eval_best/top1 (mean ± std) | 95% CI | runs | failed |" in md
+    )
+    assert f"| 4.0 | {rows[1]['metrics']['metrics/eval_best/top1']:.4f} | n/a | 1 | 0 |" in md
     png = plot(sweep, rows, out / "t.png")
     assert matplotlib.image.imread(png).ndim == 3
 
@@ -215,8 +234,9 @@ def test_table_and_plot_average_over_seeds(tmp_path: Path) -> None:
 
     rows = [row(1.0, 0, 0.5), row(1.0, 1, 0.7), row(5.0, 0, 0.9), row(5.0, 1, None)]
     md = table(sweep, rows)
-    assert "| 1.0 | 0.6000 ± 0.1414 | 2 | 0 |" in md
-    assert "| 5.0 | 0.9000 | 1 | 1 |" in md
+    # 95% CI: 0.6 ± t(0.975, 1 df) * 0.1414 / sqrt(2) = 0.6 ± 12.7062 * 0.1
+    assert "| 1.0 | 0.6000 ± 0.1414 | [-0.6706, 1.8706] | 2 | 0 |" in md
+    assert "| 5.0 | 0.9000 | n/a | 1 | 1 |" in md
     image = matplotlib.image.imread(plot(sweep, rows, tmp_path / "p.png"))
     assert image.shape[0] > 100 and image.shape[1] > 100
 
@@ -234,6 +254,126 @@ def test_report_only_tables_the_finished_points_without_running(tmp_path: Path, 
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert ablate_cli.main([str(SWEEPS / "alpha.yaml"), "--out", str(out), "--report-only"]) == 0
     md = (out / "alpha.md").read_text()
-    assert "| 1.0 | 0.2500 | 1 | 0 |" in md and "| 5.0 | 0.7500 | 1 | 0 |" in md  # the retried point counts once
+    assert "| 1.0 | 0.2500 | n/a | 1 | 0 |" in md and "| 5.0 | 0.7500 | n/a | 1 | 0 |" in md  # retried: counted once
     assert (out / "alpha.png").is_file() and ": running" not in capsys.readouterr().out
     assert ablate_cli.main([str(SWEEPS / "temperature.yaml"), "--out", str(out), "--report-only"]) == 2
+
+
+# --------------------------------------------------------------------------- the statistics of the report
+
+T_975 = {1: 12.706204736, 4: 2.776445105}  # Student's t 97.5% quantiles, from printed tables
+
+
+def t_two_sided_p_4df(t: float) -> float:
+    """Two-sided p of Student's t with 4 degrees of freedom, from its closed-form CDF."""
+    u = t * t / (4 + t * t)
+    return 1 - 1.5 * math.sqrt(u) * (1 - u / 3)
+
+
+def test_estimate_is_mean_std_and_the_t_interval() -> None:
+    values = [0.90, 0.92, 0.95, 0.91, 0.93]
+    e = estimate(values)
+    half = T_975[4] * np.std(values, ddof=1) / math.sqrt(5)
+    assert e.n == 5 and e.mean == pytest.approx(np.mean(values)) and e.std == pytest.approx(np.std(values, ddof=1))
+    assert (e.low, e.high) == pytest.approx((np.mean(values) - half, np.mean(values) + half))
+    two = estimate([0.5, 0.7])
+    assert (two.low, two.high) == pytest.approx((0.6 - T_975[1] * 0.1, 0.6 + T_975[1] * 0.1))
+    one = estimate([0.8])
+    assert (one.mean, one.std, one.n) == (0.8, 0.0, 1) and math.isnan(one.low) and math.isnan(one.high)
+    assert estimate([]).n == 0 and math.isnan(estimate([]).mean)
+
+
+def test_paired_comparison_tests_the_per_seed_differences() -> None:
+    reference = [0.90, 0.80, 0.70, 0.95, 0.60]  # very different seeds: only the pairing sees the gain
+    values = [r + d for r, d in zip(reference, [0.01, 0.02, 0.03, 0.04, 0.05], strict=True)]
+    p = paired(values, reference)
+    # differences 0.01..0.05: mean 0.03, std sqrt(2.5) * 0.01, t = 0.03 / (0.01 * sqrt(0.5)) = 4.2426
+    assert p.diff.mean == pytest.approx(0.03) and p.diff.std == pytest.approx(math.sqrt(2.5) * 0.01)
+    half = T_975[4] * 0.01 * math.sqrt(0.5)
+    assert (p.diff.low, p.diff.high) == pytest.approx((0.03 - half, 0.03 + half))
+    assert p.t_p == pytest.approx(t_two_sided_p_4df(0.03 / (0.01 * math.sqrt(0.5))), rel=1e-6)
+    assert p.t_p == pytest.approx(0.01324, abs=1e-5)
+    assert (p.better, p.worse, p.tied) == (5, 0, 0) and p.sign_p == pytest.approx(2 / 32)
+    # Unpaired, the seeds' spread would hide the gain; the paired test must not.
+    assert estimate(values).low < estimate(reference).high
+
+    mixed = paired([1.0, 1.0, 1.0, 0.5, 0.2], [0.0, 0.0, 0.0, 0.5, 0.3])
+    assert (mixed.better, mixed.worse, mixed.tied) == (3, 1, 1)
+    assert mixed.sign_p == pytest.approx(2 * (1 + 4) / 16)  # ties dropped: P(<= 1 of 4) twice
+    assert paired([0.75, 0.5], [0.5, 0.25]).t_p == 0.0  # the same gain on every seed (exact in binary)
+    assert paired([0.7, 0.8], [0.7, 0.8]).t_p == 1.0 and paired([0.7, 0.8], [0.7, 0.8]).sign_p == 1.0
+    single = paired([0.9], [0.8])
+    assert math.isnan(single.t_p) and math.isnan(single.diff.low) and single.sign_p == 1.0
+
+
+def _row(params: dict, top1: float | None, metric: str = "metrics/eval_best/top1") -> dict:
+    ok = top1 is not None
+    point = " ".join(f"{k}={v}" for k, v in params.items())
+    return {
+        "point": point,
+        "params": params,
+        "status": "ok" if ok else "failed",
+        "metrics": {metric: top1} if ok else {},
+    }
+
+
+def test_comparisons_pair_each_point_with_the_reference_by_seed(tmp_path: Path) -> None:
+    key = "algorithms.distillation.temperature"
+    sweep = Sweep("t", Path("t.yaml"), "metrics/eval_best/top1", "maximize", {key: [1.0, 2.0, 4.0, 8.0]}, None)
+    ref = {0: 0.90, 1: 0.80, 2: 0.70, 3: 0.95, 4: 0.60}
+    rows = [_row({key: 1.0, "trainer.seed": s}, v) for s, v in ref.items()]
+    # T=2: +0.01..+0.05 over the same seeds, listed in another order; T=4: seed 4 failed, seed 5 has no reference
+    rows += [_row({key: 2.0, "trainer.seed": s}, ref[s] + 0.01 * (s + 1)) for s in (4, 2, 0, 3, 1)]
+    rows += [_row({key: 4.0, "trainer.seed": s}, ref[s] - 0.02) for s in (0, 1, 2, 3)]
+    rows += [_row({key: 4.0, "trainer.seed": 4}, None), _row({key: 4.0, "trainer.seed": 5}, 0.99)]
+    rows += [_row({key: 8.0, "trainer.seed": s}, ref[s] + (-0.02 if s else 0.08)) for s in ref]  # mean: -2e-17
+    md = comparisons(sweep, rows, {key: 1.0})
+    lines = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert "reference (algorithms.distillation.temperature=1.0)" in md
+    assert lines["1.0"].startswith("| 1.0 | 5 | reference |")
+    half = T_975[4] * 0.01 * math.sqrt(0.5)
+    assert (
+        lines["2.0"] == f"| 2.0 | 5 | +0.0300 | [{0.03 - half:+.4f}, {0.03 + half:+.4f}] | 0.013 | 5 / 0 / 0 | 0.062 |"
+    )
+    assert lines["4.0"] == "| 4.0 | 4 | -0.0200 | [-0.0200, -0.0200] | 0.000 | 0 / 4 / 0 | 0.125 |"
+    assert lines["8.0"] == "| 8.0 | 5 | +0.0000 | [-0.0555, +0.0555] | 1.000 | 1 / 4 / 0 | 0.375 |"
+    text = report(sweep, rows, {key: 1.0})
+    assert text.startswith("# t\n") and table(sweep, rows) in text and md in text
+    assert report(sweep, rows, None) == f"# t\n\n{table(sweep, rows)}\n"
+    assert matplotlib.image.imread(plot(sweep, rows, tmp_path / "p.png", {key: 1.0})).ndim == 3
+
+
+def test_the_reference_is_the_base_configs_point_unless_given() -> None:
+    cfg = load_config(DEMO_YAML)  # temperature 1.0, alpha 5.0, 3 epochs
+    temperature = load_sweep(SWEEPS / "temperature.yaml")
+    assert reference_point(temperature, cfg) == {"algorithms.distillation.temperature": 1.0}
+    given = reference_point(temperature, cfg, ["algorithms.distillation.temperature=4"])
+    assert given == {"algorithms.distillation.temperature": 4.0}
+    epochs = replace_values(load_sweep(SWEEPS / "epochs.yaml"), ["trainer.max_duration=3ep,6ep"])
+    assert reference_point(epochs, cfg) == {"trainer.max_duration": "3ep"}
+    assert reference_point(load_sweep(SWEEPS / "epochs.yaml"), cfg) is None  # 3ep is not in the paper's grid
+    with pytest.raises(SweepError, match=r"'trainer\.seed' is not swept"):
+        reference_point(temperature, cfg, ["trainer.seed=0"])
+    with pytest.raises(SweepError, match="not one of the swept values"):
+        reference_point(temperature, cfg, ["algorithms.distillation.temperature=3.0"])
+
+
+def test_report_only_compares_with_the_given_reference(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    key = "algorithms.distillation.alpha"
+    rows = [
+        _row({key: a, "trainer.seed": s}, 0.5 + 0.1 * s + (0.01 * s if a == 10.0 else 0))
+        for a in (5.0, 10.0)
+        for s in (0, 1, 2)
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [str(SWEEPS / "alpha.yaml"), "--out", str(tmp_path), "--report-only"]
+    assert ablate_cli.main(args) == 0  # default reference: usi.yaml's alpha = 5
+    md = (tmp_path / "alpha.md").read_text()
+    assert (
+        "| 5.0 | 3 | reference |" in md
+        and "| 10.0 | 3 | +0.0100 | [-0.0148, +0.0348] | 0.225 | 2 / 0 / 1 | 0.500 |" in md
+    )
+    assert ablate_cli.main([*args, "--reference", f"{key}=10.0"]) == 0
+    assert "| 5.0 | 3 | -0.0100 |" in (tmp_path / "alpha.md").read_text()
+    assert ablate_cli.main([*args, "--reference", f"{key}=7.0"]) == 2
+    assert "not one of the swept values" in capsys.readouterr().err

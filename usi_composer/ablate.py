@@ -30,14 +30,21 @@ from usi_composer.config import load_config
 from usi_composer.errors import UsiError
 
 __all__ = [
+    "Estimate",
+    "Paired",
     "Sweep",
     "SweepError",
+    "comparisons",
+    "estimate",
     "finished_rows",
     "grid",
     "load_sweep",
+    "paired",
     "plot",
     "point_args",
+    "reference_point",
     "replace_values",
+    "report",
     "run_sweep",
     "table",
 ]
@@ -275,24 +282,169 @@ def _groups(rows: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[dic
     return groups
 
 
-def _stats(group: list[dict[str, Any]], metric: str) -> tuple[float, float, int]:
-    values = [r["metrics"][metric] for r in group if r.get("status") == "ok" and metric in r.get("metrics", {})]
-    if not values:
-        return math.nan, math.nan, 0
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+@dataclass(frozen=True)
+class Estimate:
+    """Mean of ``n`` values with their sample standard deviation and a t-interval for the mean."""
+
+    mean: float
+    std: float  # sample standard deviation (n - 1); 0 for one value
+    n: int
+    low: float  # the confidence interval; nan for fewer than 2 values
+    high: float
+
+
+def estimate(values: Sequence[float], level: float = 0.95) -> Estimate:
+    """Mean, standard deviation and the ``level`` t-interval (Student's t, n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return Estimate(math.nan, math.nan, 0, math.nan, math.nan)
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Estimate(mean, 0.0, 1, math.nan, math.nan)
+    std = statistics.stdev(values)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return Estimate(mean, std, n, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A point against the reference over the seeds both finished: differences point - reference."""
+
+    diff: Estimate  # mean difference and its t-interval
+    t_p: float  # two-sided paired t-test p-value; nan for fewer than 2 pairs
+    better: int  # seeds where the point beat the reference
+    worse: int
+    tied: int
+    sign_p: float  # two-sided exact sign test p-value over the untied pairs
+
+
+def paired(values: Sequence[float], reference: Sequence[float], level: float = 0.95) -> Paired:
+    """Paired comparison of ``values`` with ``reference`` (the same seeds, in the same order):
+    the mean difference with its t-interval, the paired t-test and the sign test, which assumes
+    nothing about the differences' distribution (with 5 pairs its smallest p is 2/32 = 0.0625)."""
+    from scipy import stats
+
+    diffs = [v - r for v, r in zip(values, reference, strict=True)]
+    diff = estimate(diffs, level)
+    if diff.n < 2:
+        t_p = math.nan
+    elif diff.std == 0:  # every seed moved by the same amount: t is infinite, or 0/0 when nothing moved
+        t_p = 1.0 if diff.mean == 0 else 0.0
+    else:
+        t = diff.mean / (diff.std / math.sqrt(diff.n))
+        t_p = float(2 * stats.t.sf(abs(t), diff.n - 1))
+    better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    sign_p = float(stats.binomtest(better, better + worse).pvalue) if better + worse else 1.0
+    return Paired(diff, t_p, better, worse, len(diffs) - better - worse, sign_p)
+
+
+def _ok_values(group: list[dict[str, Any]], metric: str) -> dict[Any, float]:
+    """The metric of each finished run, by seed (None where the seed is the base config's)."""
+    return {
+        r["params"].get(SEED_KEY): r["metrics"][metric]
+        for r in group
+        if r.get("status") == "ok" and metric in r.get("metrics", {})
+    }
+
+
+def _stats(group: list[dict[str, Any]], metric: str) -> Estimate:
+    return estimate(list(_ok_values(group, metric).values()))
+
+
+def _number(x: float, sign: str = "") -> str:
+    return f"{round(x, 4) + 0.0:{sign}.4f}"  # + 0.0: a difference rounding to zero shows no minus sign
+
+
+def _interval(e: Estimate, sign: str = "") -> str:
+    return "n/a" if math.isnan(e.low) else f"[{_number(e.low, sign)}, {_number(e.high, sign)}]"
 
 
 def table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
-    """Markdown table: one line per swept value, the metric's mean (and std over seeds), runs, failures."""
+    """Markdown table: one line per swept value, the metric's mean ± standard deviation over seeds,
+    the 95% t-interval of the mean, runs, failures."""
     keys = _swept(sweep)
-    header = [*keys, sweep.metric, "runs", "failed"]
+    header = [*keys, f"{sweep.metric} (mean ± std)", "95% CI", "runs", "failed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for values, group in _groups(rows, keys).items():
-        mean, std, n = _stats(group, sweep.metric)
-        shown = "n/a" if n == 0 else (f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}")
+        e = _stats(group, sweep.metric)
+        shown = "n/a" if e.n == 0 else (f"{e.mean:.4f} ± {e.std:.4f}" if e.n > 1 else f"{e.mean:.4f}")
         failed = sum(r.get("status") != "ok" for r in group)
-        lines.append("| " + " | ".join([*(str(v) for v in values), shown, str(n), str(failed)]) + " |")
+        lines.append("| " + " | ".join([*(str(v) for v in values), shown, _interval(e), str(e.n), str(failed)]) + " |")
     return "\n".join(lines)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or str(a) == str(b)
+
+
+def reference_point(sweep: Sweep, config: Any, assignments: Sequence[str] = ()) -> dict[str, Any] | None:
+    """The point the others are compared with: ``key=value`` ``assignments`` (values read as YAML),
+    and for the swept keys they leave out, the value ``config`` (the base config) has.
+    None when that point is not in the grid (no comparison, e.g. a backbone sweep)."""
+    keys = _swept(sweep)
+    reference: dict[str, Any] = {}
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            node = getattr(node, part, None)
+        reference[key] = node
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not text.strip():
+            raise SweepError(f"--reference '{assignment}': expected key=value")
+        if key not in keys:
+            raise SweepError(f"--reference '{assignment}': '{key}' is not swept by {sweep.path} ({', '.join(keys)})")
+        value = yaml.safe_load(text)
+        if not any(_same(value, v) for v in sweep.parameters[key]):
+            raise SweepError(f"--reference '{assignment}': not one of the swept values {sweep.parameters[key]}")
+        reference[key] = value
+    if not all(any(_same(reference[k], v) for v in sweep.parameters[k]) for k in keys):
+        return None
+    return {k: next(v for v in sweep.parameters[k] if _same(reference[k], v)) for k in keys}
+
+
+def comparisons(sweep: Sweep, rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
+    """Markdown table of every point against ``reference``, paired by seed (the same seed means the
+    same initialization and data order): mean difference, its 95% t-interval, paired t-test and sign test."""
+    keys = _swept(sweep)
+    groups = _groups(rows, keys)
+    ref_key = tuple(reference[k] for k in keys)
+    ref_values = _ok_values(groups.get(ref_key, []), sweep.metric)
+    name = ", ".join(f"{k}={v}" for k, v in reference.items())
+    header = [*keys, "pairs", "mean difference", "95% CI", "paired t-test p", "better / worse / tied", "sign test p"]
+    lines = [
+        f"Each point minus the reference ({name}), paired by seed; {sweep.metric}, "
+        f"higher is {'better' if sweep.goal == 'maximize' else 'worse'}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for values, group in groups.items():
+        cells = [str(v) for v in values]
+        if values == ref_key:
+            lines.append("| " + " | ".join([*cells, str(len(ref_values)), "reference", "", "", "", ""]) + " |")
+            continue
+        mine = _ok_values(group, sweep.metric)
+        seeds = [s for s in mine if s in ref_values]
+        if not seeds:
+            lines.append("| " + " | ".join([*cells, "0", "n/a", "", "", "", ""]) + " |")
+            continue
+        p = paired([mine[s] for s in seeds], [ref_values[s] for s in seeds])
+        t_p = "n/a" if math.isnan(p.t_p) else f"{p.t_p:.3f}"
+        cells += [str(p.diff.n), _number(p.diff.mean, "+"), _interval(p.diff, "+"), t_p]
+        cells += [f"{p.better} / {p.worse} / {p.tied}", f"{p.sign_p:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(sweep: Sweep, rows: list[dict[str, Any]], reference: dict[str, Any] | None) -> str:
+    """The sweep's markdown report: the per-point table and, with a reference, the paired comparisons."""
+    parts = [f"# {sweep.name}", "", table(sweep, rows)]
+    if reference is not None:
+        parts += ["", comparisons(sweep, rows, reference)]
+    return "\n".join(parts) + "\n"
 
 
 def _as_number(value: Any) -> float | None:
@@ -300,9 +452,9 @@ def _as_number(value: Any) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def plot(sweep: Sweep, rows: list[dict[str, Any]], path: Path) -> Path:
-    """PNG of the metric against the first swept parameter (one line per value of any others;
-    mean over seeds, bars: std)."""
+def plot(sweep: Sweep, rows: list[dict[str, Any]], path: Path, reference: dict[str, Any] | None = None) -> Path:
+    """PNG of the metric against the first swept parameter (one line per value of any others):
+    each seed's run as a dot, the mean over seeds, bars: its 95% t-interval; the reference ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,31 +468,56 @@ def plot(sweep: Sweep, rows: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     by_rest = _groups(rows, rest) if rest else {(): rows}
     for rest_values, group in by_rest.items():
-        xs, ys, errs = [], [], []
+        xs, ys, lows, highs, dots = [], [], [], [], []
         for (x,), cell in _groups(group, [x_key]).items():
-            mean, std, n = _stats(cell, sweep.metric)
-            if n:
+            e = _stats(cell, sweep.metric)
+            if e.n:
                 xs.append(position[str(x)])
-                ys.append(mean)
-                errs.append(std)
+                ys.append(e.mean)
+                lows.append(0.0 if math.isnan(e.low) else e.mean - e.low)
+                highs.append(0.0 if math.isnan(e.high) else e.high - e.mean)
+                dots += [(position[str(x)], v) for v in _ok_values(cell, sweep.metric).values()]
         order = sorted(range(len(xs)), key=lambda i: xs[i])
-        label = ", ".join(f"{k}={v}" for k, v in zip(rest, rest_values, strict=True)) or None
-        ax.errorbar(
+        label = ", ".join(f"{k}={v}" for k, v in zip(rest, rest_values, strict=True)) or "mean, 95% CI"
+        line = ax.errorbar(
             [xs[i] for i in order],
             [ys[i] for i in order],
-            yerr=[errs[i] for i in order],
+            yerr=[[lows[i] for i in order], [highs[i] for i in order]],
             marker="o",
-            capsize=3,
+            linestyle="-" if numeric else "none",  # no line between unordered categories (backbones)
+            capsize=4,
             label=label,
+            zorder=3,
         )
-    ax.set_xticks(list(position.values()), [str(v) for v in x_values])
+        if dots:
+            color = line.lines[0].get_color()
+            seeds_label = "one run per seed" if not rest else None
+            ax.scatter(*zip(*dots, strict=True), s=10, color=color, alpha=0.35, zorder=2, label=seeds_label)
+        if reference is not None and rest_values == tuple(reference[k] for k in rest):
+            ref = _stats(_groups(group, [x_key]).get((reference[x_key],), []), sweep.metric)
+            if ref.n:
+                ax.scatter(
+                    [position[str(reference[x_key])]],
+                    [ref.mean],
+                    s=160,
+                    facecolors="none",
+                    edgecolors="black",
+                    zorder=4,
+                    label="reference",
+                )
+    long_names = max(len(str(v)) for v in x_values) * len(x_values) > 48
+    ax.set_xticks(
+        list(position.values()),
+        [str(v) for v in x_values],
+        rotation=25 if long_names else 0,
+        ha="right" if long_names else "center",
+    )
     ax.set_xlabel(x_key)
     ax.set_ylabel(sweep.metric)
     n_seeds = len({str(r["params"].get(SEED_KEY)) for r in rows})
-    ax.set_title(f"{sweep.name} ({n_seeds} seed{'s' if n_seeds != 1 else ''} per point)")
+    ax.set_title(f"{sweep.name} ({n_seeds} seed{'s' if n_seeds != 1 else ''} per point; bars: 95% CI)")
     ax.grid(alpha=0.3)
-    if rest:
-        ax.legend(fontsize="small")
+    ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import os
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from usi_composer.errors import UsiError
 
 __all__ = [
     "Throughput",
+    "Top1",
     "load_top1",
     "markdown_table",
     "measure_throughput",
@@ -63,18 +65,22 @@ def measure_throughput(
     warmup: int = 5,
     min_run_time: float = 2.0,
 ) -> Throughput:
-    """Images per second of timm's ``name`` (random weights: speed does not depend on them) in
-    eval mode, BN folded, after ``warmup`` batches; the median over the blocks that
+    """Images per second of timm's ``name`` built for ``image_size`` (random weights: speed does not
+    depend on them) in eval mode, BN folded, after ``warmup`` batches; the median over the blocks that
     ``torch.utils.benchmark`` times in ``min_run_time`` seconds (it synchronizes CUDA)."""
     import timm
     from torch.utils import benchmark
 
+    from usi_composer.models import check_input_size, create_backbone
     from usi_composer.teacher import fold_batchnorm
 
     if amp not in AMP_DTYPES:
         raise UsiError(f"--amp: must be one of {', '.join(AMP_DTYPES)}, got '{amp}'")
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if not timm.is_model(name):
+        raise UsiError(f"{name}: not a timm model (timm.list_models('*part-of-name*') lists them)")
+    try:  # built for image_size where the model takes it (ViT, Swin, LeViT, ...), as the recipe trains it
+        check_input_size(name, image_size, num_classes)  # a size it cannot run: one line, not a traceback
+        model = create_backbone(name, num_classes, img_size=image_size)
     except RuntimeError as e:  # timm: "Unknown model (...)"
         raise UsiError(f"{name}: {str(e).splitlines()[0]}") from None
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
@@ -123,37 +129,55 @@ def _wandb_runs(root: Path) -> Iterable[Path]:
         yield from sorted({p.parent for p in root.rglob("run-*.wandb")})
 
 
+@dataclass(frozen=True)
+class Top1:
+    """A model's top-1 over its finished runs (e.g. the seeds of one sweep point)."""
+
+    mean: float
+    std: float  # sample standard deviation over the runs; 0 for one run
+    runs: int
+    sources: tuple[str, ...]
+
+
 def load_top1(
     results: Iterable[str | os.PathLike] = (),
     wandb_dirs: Iterable[str | os.PathLike] = (),
     csvs: Iterable[str | os.PathLike] = (),
     metrics: Sequence[str] = DEFAULT_METRICS,
-) -> dict[str, tuple[float, str]]:
-    """Best top-1 per model name over finished runs: model -> (value, where it came from).
+) -> dict[str, Top1]:
+    """Top-1 per model name, mean and standard deviation over its finished runs.
 
     A run's top-1 is the first of ``metrics`` it has (by default USI's better-of-EMA-and-raw
-    ``metrics/eval_best/top1``, else ``metrics/eval/top1``).
+    ``metrics/eval_best/top1``, else ``metrics/eval/top1``). Pass the runs of one recipe per
+    model (e.g. ``usi-ablate ... --seeds 0,1,2``): every run of a model counts.
 
-    ``results``: the local runner's results.jsonl files; ``wandb_dirs``: W&B run directories or
-    folders holding them (offline or synced runs; the model is the logged ``model.name``);
-    ``csvs``: files with a ``model`` column and a ``top1`` column.
+    ``results``: the local runner's results.jsonl files (the latest row of each point); ``wandb_dirs``:
+    W&B run directories or folders holding them (offline or synced runs; the model is the logged
+    ``model.name``); ``csvs``: files with a ``model`` column and a ``top1`` column, one row per run.
+    A run found both in a results.jsonl and in a W&B folder (the same W&B run id) counts once.
     """
-    best: dict[str, tuple[float, str]] = {}
+    runs: dict[tuple[str, ...], tuple[str, float, str]] = {}  # run key -> (model, top-1, where from)
 
     def pick(values: dict[str, Any]) -> Any:
         return next((values[m] for m in metrics if values.get(m) is not None), None)
 
-    def offer(model: str | None, value: Any, source: str) -> None:
-        if model and isinstance(value, int | float) and (model not in best or value > best[model][0]):
-            best[model] = (float(value), source)
+    def offer(key: tuple[str, ...], model: str | None, value: Any, source: str) -> None:
+        if model and isinstance(value, int | float) and not isinstance(value, bool):
+            runs[key] = (model, float(value), source)
 
     for path in map(Path, results):
         if not path.is_file():
             raise UsiError(f"{path}: no such results file")
+        latest: dict[str, dict[str, Any]] = {}  # a point run again (after a failure) counts once
         for line in path.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
+            if "point" in row:
+                latest[row["point"]] = row
+        for point, row in latest.items():
             if row.get("status") == "ok":
-                offer(row.get("model"), pick(row.get("metrics", {})), f"{path}: {row.get('point')}")
+                run_dir = row.get("wandb_run_dir")
+                key = ("wandb", Path(run_dir).name.rsplit("-", 1)[-1]) if run_dir else ("results", str(path), point)
+                offer(key, row.get("model"), pick(row.get("metrics", {})), f"{path}: {point}")
     for root in map(Path, wandb_dirs):
         if not root.exists():
             raise UsiError(f"{root}: no such W&B folder")
@@ -161,7 +185,8 @@ def load_top1(
 
         for run_dir in _wandb_runs(root):
             run = read_wandb_run(run_dir)
-            offer(run["config"].get("model", {}).get("name"), pick(run["summary"]), f"W&B run {run.get('id')}")
+            model = run["config"].get("model", {}).get("name")
+            offer(("wandb", str(run.get("id"))), model, pick(run["summary"]), f"W&B run {run.get('id')}")
     for path in map(Path, csvs):
         if not path.is_file():
             raise UsiError(f"{path}: no such CSV file")
@@ -169,9 +194,21 @@ def load_top1(
             reader = csv.DictReader(f)
             if not {"model", "top1"} <= set(reader.fieldnames or []):
                 raise UsiError(f"{path}: needs columns 'model' and 'top1', has {reader.fieldnames}")
-            for row in reader:
-                offer(row["model"], float(row["top1"]), str(path))
-    return best
+            for i, row in enumerate(reader):
+                offer(("csv", str(path), str(i)), row["model"], float(row["top1"]), str(path))
+
+    by_model: dict[str, list[tuple[float, str]]] = {}
+    for model, value, source in runs.values():
+        by_model.setdefault(model, []).append((value, source))
+    return {
+        model: Top1(
+            mean=statistics.fmean(v for v, _ in found),
+            std=statistics.stdev(v for v, _ in found) if len(found) > 1 else 0.0,
+            runs=len(found),
+            sources=tuple(source for _, source in found),
+        )
+        for model, found in by_model.items()
+    }
 
 
 # --------------------------------------------------------------------------- the frontier
@@ -186,17 +223,24 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     ]
 
 
-def markdown_table(speeds: list[Throughput], top1: dict[str, tuple[float, str]]) -> str:
+def _top1(top1: dict[str, Top1], model: str) -> str:
+    t = top1[model]
+    return f"{t.mean:.4f} ± {t.std:.4f} ({t.runs} runs)" if t.runs > 1 else f"{t.mean:.4f} (1 run)"
+
+
+def markdown_table(speeds: list[Throughput], top1: dict[str, Top1]) -> str:
     joined = [s for s in speeds if s.model in top1]
     front = dict(
-        zip([s.model for s in joined], pareto_front([(s.images_per_s, top1[s.model][0]) for s in joined]), strict=True)
+        zip(
+            [s.model for s in joined], pareto_front([(s.images_per_s, top1[s.model].mean) for s in joined]), strict=True
+        )
     )
     lines = [
-        "| model | images/s | ms/batch (median, IQR) | params (M) | BN folded | top-1 | Pareto |",
+        "| model | images/s | ms/batch (median, IQR) | params (M) | BN folded | top-1 (mean ± std) | Pareto |",
         "|---|---:|---:|---:|---:|---:|:---:|",
     ]
     for s in sorted(speeds, key=lambda s: -s.images_per_s):
-        acc = f"{top1[s.model][0]:.4f}" if s.model in top1 else "no run"
+        acc = _top1(top1, s.model) if s.model in top1 else "no run"
         lines.append(
             f"| {s.model} | {s.images_per_s:.1f} | {s.median_ms:.2f} ± {s.iqr_ms:.2f} | {s.params_m:.2f} "
             f"| {s.bn_folded} | {acc} | {'★' if front.get(s.model) else ''} |"
@@ -204,14 +248,13 @@ def markdown_table(speeds: list[Throughput], top1: dict[str, tuple[float, str]])
     s0 = speeds[0]
     lines.append(
         f"\nThroughput: batch {s0.batch_size}, {s0.image_size}px, {s0.device}, amp={s0.amp}, "
-        f"channels_last={s0.channels_last}, BatchNorm folded; top-1: the best finished run per model."
+        f"channels_last={s0.channels_last}, BatchNorm folded; top-1: mean ± standard deviation over each "
+        "model's finished runs; the frontier is drawn through the means."
     )
     return "\n".join(lines)
 
 
-def plot_pareto(
-    speeds: list[Throughput], top1: dict[str, tuple[float, str]], path: Path, metric: str = "top-1"
-) -> Path:
+def plot_pareto(speeds: list[Throughput], top1: dict[str, Top1], path: Path, metric: str = "top-1") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,21 +264,38 @@ def plot_pareto(
     if not joined:
         raise UsiError("no benchmarked model has a finished run with a top-1: nothing to plot")
     xs = [s.images_per_s for s in joined]
-    ys = [top1[s.model][0] for s in joined]
+    ys = [top1[s.model].mean for s in joined]
     front = pareto_front(list(zip(xs, ys, strict=True)))
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
-    ax.scatter(xs, ys, color="tab:gray", zorder=2, label="backbone")
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    ax.errorbar(
+        xs,
+        ys,
+        yerr=[top1[s.model].std for s in joined],
+        fmt="o",
+        color="tab:gray",
+        capsize=3,
+        zorder=2,
+        label="backbone (mean ± std over runs)",
+    )
     frontier = sorted((x, y) for x, y, f in zip(xs, ys, front, strict=True) if f)
     ax.plot(*zip(*frontier, strict=True), "o-", color="tab:red", zorder=3, label="Pareto frontier")
-    for s, x, y in zip(joined, xs, ys, strict=True):
-        ax.annotate(s.model, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    # Labels of points close together (within 5% of both axes' ranges) are stacked downwards, top first.
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for i in sorted(range(len(joined)), key=lambda i: -ys[i]):
+        near = sum(abs(xs[i] - px) < 0.05 * span_x and abs(ys[i] - py) < 0.05 * span_y for px, py in placed)
+        placed.append((xs[i], ys[i]))
+        label = f"{joined[i].model} ({top1[joined[i].model].runs})"
+        ax.annotate(label, (xs[i], ys[i]), textcoords="offset points", xytext=(6, 4 - 11 * near), fontsize="small")
+    if max(xs) / min(xs) > 10:  # backbones' speeds span orders of magnitude
+        ax.set_xscale("log")
     s0 = joined[0]
     ax.set_xlabel(
         f"inference throughput (images/s; {s0.device}, batch {s0.batch_size}, {s0.image_size}px, amp={s0.amp})"
     )
     ax.set_ylabel(metric)
-    ax.set_title("speed-accuracy Pareto (BatchNorm folded)")
-    ax.grid(alpha=0.3)
+    ax.set_title("speed-accuracy Pareto (BatchNorm folded; (n): runs per model)")
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,12 @@
 
 One training run per grid point, one after another; results are appended to
 ``<out>/results.jsonl`` as each point finishes (rerun to resume: finished points are skipped,
-failed ones retried), then a markdown table and a PNG plot of the sweep's metric against the
-swept value are written next to it. With the embedded demo's yaml as base (``yamls/demo.yaml``),
-the demo's data and teacher are prepared first (reused when present), as ``usi-demo`` does.
+failed ones retried), then a markdown report and a PNG plot of the sweep's metric against the
+swept value are written next to it: per point the mean, standard deviation and 95% t-interval over
+seeds, and each point against a reference point (``--reference``, default: the base config's
+values) paired by seed. ``--report-only`` (or rerunning a finished sweep) rewrites them. With the
+embedded demo's yaml as base (``yamls/demo.yaml``), the demo's data and teacher are prepared first
+(reused when present), as ``usi-demo`` does.
 """
 
 from __future__ import annotations
@@ -16,7 +19,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from usi_composer.ablate import REPO_ROOT, finished_rows, load_sweep, plot, replace_values, run_sweep, table
+from usi_composer.ablate import (
+    REPO_ROOT,
+    finished_rows,
+    load_sweep,
+    plot,
+    reference_point,
+    replace_values,
+    report,
+    run_sweep,
+)
+from usi_composer.config import load_config
 from usi_composer.errors import UsiError
 
 __all__ = ["main"]
@@ -70,6 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=_seeds, default=[], help="repeat each point with these trainer.seed values")
     parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the point the others are compared with, paired by seed (repeatable; default: the base config's values)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: write the table and plot from the points already in results.jsonl",
@@ -82,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = replace_values(load_sweep(args.sweep), args.values)
         base = _resolve_base(args.base, sweep.base)
         out = args.out or Path("runs/ablations") / args.sweep.stem
+        reference = reference_point(sweep, load_config(base, args.overrides), args.reference)
         if args.report_only:
             rows = finished_rows(sweep, out)
         else:
@@ -93,10 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished points are in results.jsonl; rerun the same command to resume", file=sys.stderr)
         return 130
-    report = table(sweep, rows)
-    (out / f"{args.sweep.stem}.md").write_text(f"# {sweep.name}\n\n{report}\n")
-    png = plot(sweep, rows, out / f"{args.sweep.stem}.png")
-    print(f"\n{report}\n\ntable: {out / (args.sweep.stem + '.md')}\nplot:  {png}")
+    text = report(sweep, rows, reference)
+    (out / f"{args.sweep.stem}.md").write_text(text)
+    png = plot(sweep, rows, out / f"{args.sweep.stem}.png", reference)
+    print(f"\n{text}\ntable: {out / (args.sweep.stem + '.md')}\nplot:  {png}")
     failed = sum(r.get("status") != "ok" for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} points failed (see the logs; rerun to retry them)", file=sys.stderr)

@@ -4,8 +4,9 @@
     usi-benchmark-backbones resnet50 deit_small_patch16_224 --wandb-dir wandb/ --device cuda --amp bf16
 
 Measures each model's inference throughput (BatchNorm folded, warm-up, median over timed
-blocks), takes each model's best top-1 from finished runs (the runner's results.jsonl, W&B run
-folders, or a CSV with model,top1 columns) and writes <out>/pareto.png, pareto.md and
+blocks), takes each model's top-1 from finished runs (the runner's results.jsonl, W&B run
+folders, or a CSV with model,top1 columns; mean and standard deviation over a model's runs, e.g.
+its seeds) and writes <out>/pareto.png (the spread drawn as error bars), pareto.md and
 throughput.json. Models not given: those that have a finished run.
 """
 
