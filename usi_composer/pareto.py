@@ -279,16 +279,23 @@ def plot_pareto(speeds: list[Throughput], top1: dict[str, Top1], path: Path, met
     )
     frontier = sorted((x, y) for x, y, f in zip(xs, ys, front, strict=True) if f)
     ax.plot(*zip(*frontier, strict=True), "o-", color="tab:red", zorder=3, label="Pareto frontier")
-    # Labels of points close together (within 5% of both axes' ranges) are stacked downwards, top first.
-    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    placed: list[tuple[float, float]] = []
-    for i in sorted(range(len(joined)), key=lambda i: -ys[i]):
-        near = sum(abs(xs[i] - px) < 0.05 * span_x and abs(ys[i] - py) < 0.05 * span_y for px, py in placed)
-        placed.append((xs[i], ys[i]))
-        label = f"{joined[i].model} ({top1[joined[i].model].runs})"
-        ax.annotate(label, (xs[i], ys[i]), textcoords="offset points", xytext=(6, 4 - 11 * near), fontsize="small")
     if max(xs) / min(xs) > 10:  # backbones' speeds span orders of magnitude
         ax.set_xscale("log")
+    # Each label goes right of its point, moved down a line at a time while it overlaps one
+    # already placed (top points first), as drawn: names are long, so closeness of the points
+    # alone does not tell.
+    fig.canvas.draw()  # fixes the axes' limits: text extents are only right after a draw
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for i in sorted(range(len(joined)), key=lambda i: -ys[i]):
+        label = f"{joined[i].model} ({top1[joined[i].model].runs})"
+        text = ax.annotate(label, (xs[i], ys[i]), textcoords="offset points", xytext=(6, 4), fontsize="small")
+        box, lines = text.get_window_extent(renderer), 0
+        line = 11 * fig.dpi / 72  # 11 points in pixels
+        while lines < 8 and any(box.translated(0, -line * lines).overlaps(other) for other in placed):
+            lines += 1
+        text.xyann = (6, 4 - 11 * lines)
+        placed.append(box.translated(0, -line * lines))
     s0 = joined[0]
     ax.set_xlabel(
         f"inference throughput (images/s; {s0.device}, batch {s0.batch_size}, {s0.image_size}px, amp={s0.amp})"
