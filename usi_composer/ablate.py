@@ -117,13 +117,19 @@ def replace_values(sweep: Sweep, assignments: Sequence[str]) -> Sweep:
     short epochs grid on the demo: ``trainer.max_duration=3ep,6ep,12ep``."""
     parameters = dict(sweep.parameters)
     for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        if not sep or not text.strip():
-            raise SweepError(f"--values '{assignment}': expected key=v1,v2,...")
-        if key not in parameters:
-            raise SweepError(f"--values '{assignment}': '{key}' is not swept by {sweep.path} ({', '.join(parameters)})")
+        key, text = _swept_assignment("--values", assignment, "key=v1,v2,...", sweep, list(parameters))
         parameters[key] = [yaml.safe_load(v) for v in text.split(",") if v.strip()]
     return Sweep(sweep.name, sweep.path, sweep.metric, sweep.goal, parameters, sweep.base)
+
+
+def _swept_assignment(option: str, assignment: str, expected: str, sweep: Sweep, keys: list[str]) -> tuple[str, str]:
+    """``key=text`` given to ``option`` -> (key, text); a one-line error unless ``key`` is one of ``keys``."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not text.strip():
+        raise SweepError(f"{option} '{assignment}': expected {expected}")
+    if key not in keys:
+        raise SweepError(f"{option} '{assignment}': '{key}' is not swept by {sweep.path} ({', '.join(keys)})")
+    return key, text
 
 
 def grid(parameters: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -391,11 +397,7 @@ def reference_point(sweep: Sweep, config: Any, assignments: Sequence[str] = ()) 
             node = getattr(node, part, None)
         reference[key] = node
     for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        if not sep or not text.strip():
-            raise SweepError(f"--reference '{assignment}': expected key=value")
-        if key not in keys:
-            raise SweepError(f"--reference '{assignment}': '{key}' is not swept by {sweep.path} ({', '.join(keys)})")
+        key, text = _swept_assignment("--reference", assignment, "key=value", sweep, keys)
         value = yaml.safe_load(text)
         if not any(_same(value, v) for v in sweep.parameters[key]):
             raise SweepError(f"--reference '{assignment}': not one of the swept values {sweep.parameters[key]}")
