@@ -231,19 +231,22 @@ def _kill_source(root: Path, copies: int) -> Path:
     return root
 
 
-def _kill_when(args: list[str], first_shard_written: Callable[[], bool], env: dict[str, str] | None = None) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", BLOCKING_CHILD, str(BLOCK_AT), *args, "--no-progress", "--workers", "1"],
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _kill_when(
+    args: list[str], first_shard_written: Callable[[], bool], log: Path, env: dict[str, str] | None = None
+) -> None:
+    """Run the held conversion, SIGKILL it once ``first_shard_written()``; its stderr goes to ``log``."""
+    with log.open("w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-c", BLOCKING_CHILD, str(BLOCK_AT), *args, "--no-progress", "--workers", "1"],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stderr=stderr,
+        )
     try:
         deadline = time.monotonic() + 60
         while not first_shard_written():
-            assert child.poll() is None, f"the conversion ended ({child.returncode}) before it was killed"
-            assert time.monotonic() < deadline, "no shard of the new generation appeared"
+            assert child.poll() is None, f"the conversion ended ({child.returncode}): {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"no shard of the new generation appeared: {log.read_text()[-2000:]}"
             time.sleep(0.05)  # polling the output: the shard file is the signal
         assert child.poll() is None
     finally:
@@ -262,6 +265,7 @@ def test_a_killed_local_overwrite_leaves_the_previous_split_complete(tmp_path: P
     _kill_when(
         [str(src), str(out), "--overwrite", "--shard-size", "128kb"],
         lambda: any(os.fsencode(p.relative_to(out)) not in before for p in out.glob("train/gen-*/shard.00000.mds")),
+        tmp_path / "child.err",
     )
     after = tree_hash(out)
     assert {k: v for k, v in after.items() if k in before} == before  # the previous output, byte for byte
@@ -298,7 +302,9 @@ def test_a_killed_s3_overwrite_leaves_the_previous_split_complete(tmp_path: Path
             keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="kill-test").get("Contents", [])]
             return any(k.endswith("/shard.00000.mds") and k not in before for k in keys)
 
-        _kill_when([str(src), out, "--overwrite", "--shard-size", "128kb"], first_new_shard, env=s3.env())
+        _kill_when(
+            [str(src), out, "--overwrite", "--shard-size", "128kb"], first_new_shard, tmp_path / "child.err", s3.env()
+        )
         after = _objects(s3, "kill-test")
         assert {k: v for k, v in after.items() if k in before} == before
         killed = {k.split("/")[2] for k in after.keys() - before.keys()}
@@ -487,7 +493,11 @@ def test_the_default_pixel_limit_is_pils(src: Path, tmp_path: Path, capsys, monk
     assert code == 1 and f"{largest} ({w}x{h} = {w * h} pixels, over --max-pixels {w * h - 1})" in one_line_error(err)
 
 
-@pytest.mark.parametrize(("plant", "reason"), [(_plant_non_utf8, "not UTF-8"), (_plant_loop, "symlink loop")])
+@pytest.mark.parametrize(
+    ("plant", "reason"),
+    [(_plant_non_utf8, "not UTF-8"), (_plant_loop, "symlink loop")],
+    ids=["non-utf8", "symlink-loop"],
+)
 def test_a_bad_name_or_a_loop_fails_the_folder_dataset_at_construction(src: Path, plant, reason: str) -> None:
     bad = plant(src / "train")
     with pytest.raises(SetupError) as e:

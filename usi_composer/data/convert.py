@@ -39,13 +39,13 @@ converter, whose shards lie directly in ``OUT/<split>/``). Re-running the same c
 complete splits and converts the others; ``--overwrite`` rewrites all (each stays the previous
 split until the new one is complete).
 
-``OUT/classes.json`` agrees with the splits. It is written once per run, atomically like an
-index: when no complete split exists, just before the first split is published (so a later
-split's failure leaves the published ones usable); otherwise after all the splits. Keeping a
-complete split while ``classes.json`` lists other classes than SRC has is refused (exit 2). If the
-class list changes, every split is converted before any is published; the publications then
-follow each other within milliseconds (indexes first, ``classes.json`` last, so a kill between
-them is caught by the next run's check).
+``OUT/classes.json`` agrees with the splits. Keeping a complete split while ``classes.json`` lists
+other classes than SRC has is refused (exit 2; ``--overwrite`` rewrites them). Where the file
+changes, it is written once, atomically like an index: when no complete split exists, just before
+the first split is published (so a later split's failure leaves the published ones usable);
+otherwise (new labels for existing splits) every split is converted before any is published, and
+the indexes are replaced one after the other within milliseconds, ``classes.json`` last, so that
+a kill between them is caught by the next run's check.
 
 Exit status: 0 done; 1 the conversion failed on source files (all listed; ``--skip-corrupt``);
 2 refused before anything was written (arguments, paths, the source's layout, the output).
@@ -211,9 +211,10 @@ def _split_complete(out: str) -> bool:
 
 def _index_files(index: dict | None) -> list[str]:
     """Every file an index names, relative to its split's folder."""
-    if index is None:
-        return []
-    return [shard[key]["basename"] for shard in index["shards"] for key in SHARD_FILES if shard.get(key)]
+    entries = [
+        shard.get(key) for shard in (index or {}).get("shards", []) if isinstance(shard, dict) for key in SHARD_FILES
+    ]
+    return [e["basename"] for e in entries if isinstance(e, dict) and isinstance(e.get("basename"), str)]
 
 
 def _generations(index: dict | None) -> set[str]:
@@ -554,6 +555,8 @@ def convert_imagenet(
         listed[split] = (samples, problems)
 
     with _output_lock(out):
+        if not _is_remote(out):
+            Path(out, ".classes.json.tmp").unlink(missing_ok=True)  # of a run killed while writing it
         indexes = {s: _read_index(_join(out, s)) for s in sorted({*splits, "train", "val"})}
         rewrite = [s for s in splits if overwrite or indexes[s] is None]
         kept = [s for s, index in indexes.items() if index is not None and s not in rewrite]
@@ -599,7 +602,7 @@ def convert_imagenet(
             raise
         for generation, stats in pending:
             stats.notes += generation.publish()
-        if together or (published is None and kept):  # a kept split without classes.json: the source's
+        if together:
             _write_classes(out, train.classes)
     return all_stats
 
