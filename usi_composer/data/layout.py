@@ -72,7 +72,7 @@ def _log_skipped(root: Path, skipped: list[str]) -> None:
         _logged.add(str(root))
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         log.warning(
-            "%s: skipped %d hidden or lost+found entr(ies), not classes or images: %s", root, len(skipped), shown
+            "%s: skipped %d hidden or lost+found name(s), neither classes nor images: %s", root, len(skipped), shown
         )
 
 
