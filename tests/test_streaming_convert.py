@@ -53,7 +53,7 @@ def test_convert_keeps_bytes_labels_classes_and_decodes_odd_files_to_rgb(odd_ima
     assert classes["names"][0] == "tench, Tinca tinca"  # n01440764, from timm's ImageNet info
     samples = _read_split(out)
     assert len(samples) == 9 and len({s["key"] for s in samples}) == 9
-    assert len(list((out / "train").glob("shard.*.mds"))) > 1
+    assert len(list((out / "train").glob("gen-*/shard.*.mds"))) > 1  # in the split's generation folder
     for s in samples:
         source = odd_imagenet / "train" / s["key"]
         assert s["image"] == source.read_bytes()  # original bytes, no re-encode
@@ -75,13 +75,13 @@ def test_corrupt_files_fail_listing_every_one_or_are_skipped(odd_imagenet: Path,
     out = tmp_path / "mds"
     assert main([str(odd_imagenet), str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: 2 file(s) in train cannot be decoded") and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: 2 file(s) in train cannot be converted") and len(err.strip().splitlines()) == 1
     assert str(truncated) in err and str(garbage) in err
     assert not (out / "train" / "index.json").exists()  # nothing that looks complete
 
     assert main([str(odd_imagenet), str(out), "--no-progress", "--skip-corrupt"]) == 0
     captured = capsys.readouterr()
-    assert "skipped 2 undecodable file(s)" in captured.err
+    assert "skipped 2 file(s) that cannot be converted" in captured.err
     assert str(truncated) in captured.err and str(garbage) in captured.err
     keys = {s["key"] for s in _read_split(out)}
     assert len(keys) == 9 and not any("truncated" in k or "garbage" in k for k in keys)
@@ -245,7 +245,7 @@ def test_a_shard_that_fails_to_load_ends_the_epoch_with_one_error(tmp_path: Path
         persistent_workers=False,
     )
     with pytest.raises(
-        StreamingDataError, match=r"cannot read shard 'shard\.\d+\.mds' of .*mds: OSError: connection reset"
+        StreamingDataError, match=r"cannot read shard 'gen-[^/']+/shard\.\d+\.mds' of .*mds: OSError: connection reset"
     ):
         for _ in loader:
             pass

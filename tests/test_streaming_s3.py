@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,7 +95,7 @@ def test_train_two_batches_streaming_from_the_bucket(bucket: str, s3: MotoServer
         timeout=150,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list((tmp_path / "cache" / "train").glob("shard.*.mds")), "no shard was downloaded"
+    assert list((tmp_path / "cache" / "train").glob("gen-*/shard.*.mds")), "no shard was downloaded"
 
 
 def test_wrong_bucket_is_a_clear_error(s3: MotoServer, tmp_path: Path) -> None:
@@ -125,6 +126,12 @@ def test_wrong_credentials_are_a_clear_error(tmp_path: Path) -> None:
                 os.environ[k] = v
 
 
+def _shard_name(s3: MotoServer, prefix: str, shard: int) -> str:
+    """The file name of a shard in its split's index: ``gen-.../shard.NNNNN.mds``."""
+    index = s3.client().get_object(Bucket="imagenet-sample", Key=f"{prefix}/train/index.json")["Body"].read()
+    return json.loads(index)["shards"][shard]["raw_data"]["basename"]
+
+
 def _copy_dataset(s3: MotoServer, src: str, dst: str) -> None:
     c = s3.client()
     for o in c.list_objects_v2(Bucket="imagenet-sample", Prefix=f"{src}/")["Contents"]:
@@ -138,12 +145,13 @@ def _copy_dataset(s3: MotoServer, src: str, dst: str) -> None:
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_missing_shard_names_remote_and_shard(bucket: str, s3: MotoServer, tmp_path: Path, num_workers: int) -> None:
     _copy_dataset(s3, "mds", f"missing{num_workers}")
-    s3.client().delete_object(Bucket="imagenet-sample", Key=f"missing{num_workers}/train/shard.00003.mds")
+    shard = _shard_name(s3, f"missing{num_workers}", 3)
+    s3.client().delete_object(Bucket="imagenet-sample", Key=f"missing{num_workers}/train/{shard}")
     start = time.monotonic()
     with pytest.raises(StreamingDataError) as e:
         _iterate(_loader(f"s3://imagenet-sample/missing{num_workers}", tmp_path / "c", num_workers=num_workers))
     assert str(e.value).startswith(
-        f"cannot read shard 'shard.00003.mds' of s3://imagenet-sample/missing{num_workers}/train: "
+        f"cannot read shard '{shard}' of s3://imagenet-sample/missing{num_workers}/train: "
     ), str(e.value)
     assert "\n" not in str(e.value) and time.monotonic() - start < BOUND_S
 
@@ -151,14 +159,14 @@ def test_missing_shard_names_remote_and_shard(bucket: str, s3: MotoServer, tmp_p
 def test_corrupted_shard_fails_hash_validation(bucket: str, s3: MotoServer, tmp_path: Path) -> None:
     _copy_dataset(s3, "mds", "corrupt")
     c = s3.client()
-    key = "corrupt/train/shard.00001.mds"
+    shard = _shard_name(s3, "corrupt", 1)
+    key = f"corrupt/train/{shard}"
     data = bytearray(c.get_object(Bucket="imagenet-sample", Key=key)["Body"].read())
     data[len(data) // 2] ^= 0xFF
     c.put_object(Bucket="imagenet-sample", Key=key, Body=bytes(data))
     with pytest.raises(
         StreamingDataError,
-        match=r"shard 'shard.00001.mds' of s3://imagenet-sample/corrupt/train: "
-        r"hash validation failed",
+        match=rf"shard '{shard}' of s3://imagenet-sample/corrupt/train: hash validation failed",
     ):
         _iterate(_loader("s3://imagenet-sample/corrupt", tmp_path / "c", validate_hash="sha1"))
 
@@ -192,7 +200,7 @@ def test_server_stopped_mid_epoch_is_a_clear_error_not_a_hang(bucket: str, tmp_p
             next(it)
             other.stop()
             start = time.monotonic()
-            expected = r"cannot read shard 'shard\.\d+\.mds' of s3://stopping/mds/train: "
+            expected = r"cannot read shard 'gen-[^/']+/shard\.\d+\.mds' of s3://stopping/mds/train: "
             with pytest.raises(StreamingDataError, match=expected):
                 for _ in it:
                     pass

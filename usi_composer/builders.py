@@ -263,6 +263,7 @@ def build_dataloaders(
                 eval_batch,
                 shuffle=False,
                 drop_last=False,
+                classes=train.dataset.classes,  # val's labels are train's class indices
                 **loader_args,
             )
     train_transform, eval_transform = (gpu.train_device, gpu.eval_device) if gpu else (normalize, normalize)

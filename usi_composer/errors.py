@@ -9,6 +9,11 @@ class SetupError(UsiError, RuntimeError):
     """Something the config points to cannot be built: missing data, unreachable weights."""
 
 
+class BadFilesError(SetupError):
+    """Source files that cannot be converted (undecodable, too large, names not UTF-8, symlink
+    loops): the one-line message lists every one of them."""
+
+
 class LoaderWorkerError(SetupError):
     """An error raised in a data loader worker that still prints as one line.
 

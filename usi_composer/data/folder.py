@@ -10,16 +10,16 @@ the trained batches; their draws are never reused).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.datasets import ImageFolder
 
 from usi_composer.data.draws import sample_rng
+from usi_composer.data.layout import describe_problems, list_images
 from usi_composer.data.transforms import transform_sample
 from usi_composer.errors import SetupError
 
@@ -32,21 +32,39 @@ def read_bytes(path: str) -> bytes:
 
 
 class ImageFolderBytes(Dataset):
-    """torchvision's ``ImageFolder`` indexed by ``(epoch, index)``, yielding
-    ``(transform(encoded bytes, sample_rng(seed, epoch, index)), label)``."""
+    """An ImageNet-layout folder (listed by :mod:`usi_composer.data.layout`) indexed by ``(epoch, index)``,
+    yielding ``(transform(encoded bytes, sample_rng(seed, epoch, index)), label)``.
 
-    def __init__(self, root: str, transform: Callable[[bytes, np.random.Generator], Any], seed: int) -> None:
-        self.images = ImageFolder(root, loader=read_bytes)
+    ``classes`` None: the folder's own class folders (a training split); else the training split's
+    classes, whose indices are the labels (a validation folder lacking a class keeps train's labels).
+    A file name that is not UTF-8 or a symlink loop is a one-line :class:`SetupError` here.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        transform: Callable[[bytes, np.random.Generator], Any],
+        seed: int,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        listing = list_images(root, classes)
+        if listing.problems:
+            raise SetupError(
+                f"{len(listing.problems)} file(s) in {root} cannot be read: {describe_problems(listing.problems, 10)}"
+            )
+        if not listing.samples:
+            raise SetupError(f"no images in {root} (expected <class>/<image> sub-folders)")
+        self.classes, self.samples = listing.classes, listing.samples
         self.transform, self.seed = transform, seed
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
         epoch, index = key
-        data, label = self.images[index]
-        where = lambda: self.images.samples[index][0]  # noqa: E731
-        return transform_sample(self.transform, data, sample_rng(self.seed, epoch, index), where), label
+        path, label = self.samples[index]
+        data = read_bytes(path)
+        return transform_sample(self.transform, data, sample_rng(self.seed, epoch, index), lambda: path), label
 
 
 class EpochIndexSampler(DistributedSampler):
@@ -71,15 +89,18 @@ def folder_dataloader(
     persistent_workers: bool = True,
     seed: int = 0,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> DataLoader:
     """A per-process ``DataLoader`` over ``root``; each process reads its shard of the samples.
 
-    Classes are the sorted sub-folder names (for ImageNet, sorted wnids give the standard 0..999).
-    ``seed`` keys both the shuffle and the samples' draws; ``collate_fn`` None: torch's default.
+    Classes are the sorted sub-folder names (for ImageNet, sorted wnids give the standard 0..999),
+    hidden ones and ``lost+found`` left out; a validation folder passes the training split's
+    ``classes`` (``loader.dataset.classes``) to get its labels. ``seed`` keys both the shuffle and
+    the samples' draws; ``collate_fn`` None: torch's default.
     """
     if not Path(root).is_dir():
         raise SetupError(f"data folder not found: {root} (expected <class>/<image> sub-folders)")
-    dataset = ImageFolderBytes(root, transform, seed)
+    dataset = ImageFolderBytes(root, transform, seed, classes)
     sampler = EpochIndexSampler(
         dataset,
         num_replicas=dist.get_world_size(),
