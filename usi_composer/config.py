@@ -256,8 +256,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML; ``load_config`` on it gives back an equal ``Config``."""
+def dump_config(cfg: Config, redacted: bool = False) -> str:
+    """The resolved config as YAML; ``load_config`` on it gives back an equal ``Config`` (``redacted``:
+    with secrets replaced, for printing: ``usi_composer.redaction.redact``)."""
+    if redacted:
+        from usi_composer.redaction import redact
+
+        return OmegaConf.to_yaml(OmegaConf.create(redact(config_to_dict(cfg))))
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
