@@ -162,16 +162,45 @@ def test_slurm_starts_one_composer_launcher_per_node(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "requeued").exists()
 
 
-@pytest.mark.parametrize(("restarts", "requeued"), [("0", True), ("3", False)])
-def test_slurm_requeues_a_failed_run(tmp_path: Path, restarts: str, requeued: bool) -> None:
-    """A failed run (e.g. a lost node) is requeued, to autoresume, until MAX_RESTARTS (3) is spent."""
-    env = _slurm_env(FAKE_COMPOSER_EXIT="1", SLURM_RESTART_COUNT=restarts)
+@pytest.mark.parametrize(
+    ("exit_code", "restarts", "requeued"), [("1", "0", True), ("1", "3", False), ("2", "0", False)]
+)
+def test_slurm_requeues_a_failed_run_but_not_a_config_error(
+    tmp_path: Path, exit_code: str, restarts: str, requeued: bool
+) -> None:
+    """A failed run (e.g. a lost node) is requeued, to autoresume, until MAX_RESTARTS (3) is spent;
+    a config error (exit 2) would fail the same way again and is not."""
+    env = _slurm_env(FAKE_COMPOSER_EXIT=exit_code, SLURM_RESTART_COUNT=restarts)
     done, calls = _run_rendered(["bash", str(LAUNCH / "slurm.sbatch")], env, tmp_path)
     assert len(calls) == NODES  # the script got as far as launching on every node
-    assert done.returncode != 0  # the job itself still reports the failure
+    assert done.returncode == int(exit_code)  # the job itself still reports the failure
     assert (tmp_path / "requeued").exists() == requeued
     if requeued:
         assert (tmp_path / "requeued").read_text().split() == ["4242"]
+    if exit_code == "2":
+        assert "configuration error (exit 2): not requeued" in done.stdout
+
+
+# Extra overrides as a user writes them: one with spaces, one with a glob character. Each must reach
+# train.py as one argument, unchanged.
+EXTRA = ["loggers.wandb.notes=two words *", "trainer.eval_interval=2ep"]
+
+
+def _assert_extra_args_arrive_whole(calls: list[dict[str, Any]]) -> None:
+    for call in calls:
+        assert call["argv"][-len(EXTRA) :] == EXTRA, call["argv"]
+
+
+def test_slurm_passes_extra_args_as_an_array(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    assert "\nEXTRA_ARGS=()\n" in text
+    edited = tmp_path / "slurm.sbatch"
+    edited.write_text(text.replace("\nEXTRA_ARGS=()\n", f"\nEXTRA_ARGS=({' '.join(map(repr, EXTRA))})\n"))
+    done, calls = _run_rendered(["bash", str(edited)], _slurm_env(), tmp_path)
+    assert done.returncode == 0, done.stderr
+    _assert_extra_args_arrive_whole(calls)
+    cfg = _dry_run("train.py", _composer_args(calls[0]["argv"], {}).training_script_args, REPO, capsys)
+    assert cfg["loggers"]["wandb"]["notes"] == "two words *"
 
 
 # -- Kubernetes: the Kubeflow training operator's PyTorchJob ---------------------------------------
@@ -234,12 +263,42 @@ def test_pytorchjob_starts_one_composer_launcher_per_pod(tmp_path: Path, capsys:
             "RANK": str(index + (rtype == "worker")),
             "PYTHONUNBUFFERED": "0",
         }
-        done, pod_calls = _run_rendered(container["command"], env, tmp_path)
+        done, pod_calls = _run_rendered([*container["command"], *container["args"]], env, tmp_path)
         assert done.returncode == 0, done.stderr
         calls += pod_calls
         node_envs.append(env)
     parsed = _check_nodes(calls, node_envs, capsys)
     assert parsed[0].master_addr == "usi-resnet50-master-0"
+
+
+def _master_container(job: dict[str, Any]) -> dict[str, Any]:
+    (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    return container
+
+
+def _pod_env(container: dict[str, Any]) -> dict[str, str]:
+    env = {e["name"]: e["value"] for e in container["env"]}
+    return env | {"MASTER_ADDR": "m", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "0"}
+
+
+def test_pytorchjob_passes_extra_args_as_a_list(tmp_path: Path) -> None:
+    container = _master_container(_pytorchjob())
+    assert container["args"] == []
+    done, calls = _run_rendered([*container["command"], *EXTRA], _pod_env(container), tmp_path)
+    assert done.returncode == 0, done.stderr
+    _assert_extra_args_arrive_whole(calls)
+
+
+@pytest.mark.parametrize(("exit_code", "pod_exit"), [("0", 0), ("2", 2), ("1", 129), ("137", 137)])
+def test_pytorchjob_restarts_a_pod_unless_the_config_is_wrong(tmp_path: Path, exit_code: str, pod_exit: int) -> None:
+    """restartPolicy ExitCode: the operator restarts a pod for exit codes >= 128 only. A config error
+    (2) stays final; any other failure becomes retryable (>= 128), so the pod restarts and autoresumes."""
+    job = _pytorchjob()
+    assert {s["restartPolicy"] for s in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
+    container = _master_container(job)
+    env = _pod_env(container) | {"FAKE_COMPOSER_EXIT": exit_code}
+    done, _ = _run_rendered(container["command"], env, tmp_path)
+    assert done.returncode == pod_exit
 
 
 # -- MosaicML platform (mcli) ----------------------------------------------------------------------
@@ -297,3 +356,17 @@ def test_mcli_starts_one_composer_launcher_per_node(tmp_path: Path, capsys: pyte
         calls += node_calls
         node_envs.append(env)
     _check_nodes(calls, node_envs, capsys)
+
+
+def test_mcli_passes_extra_args_as_an_array(tmp_path: Path) -> None:
+    config = _mcli_config()
+    assert config["command"].startswith("EXTRA_ARGS=()\n")
+    command = config["command"].replace("EXTRA_ARGS=()", f"EXTRA_ARGS=({' '.join(map(repr, EXTRA))})", 1)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "usi-composer").symlink_to(REPO)
+    env = {k: str(v) for k, v in config["env_variables"].items()}
+    env |= {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "NODE_RANK": "0", "MASTER_ADDR": "m", "MASTER_PORT": "7501"}
+    done, calls = _run_rendered(["bash", "-c", command], env, tmp_path, cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    _assert_extra_args_arrive_whole(calls)

@@ -14,7 +14,8 @@ from _ablate_helpers import DEMO_YAML, NUM_CLASSES, TEACHER, tiny_image_folder, 
 
 from conftest import run_cli
 from usi_composer.config import ConfigError, load_config
-from usi_composer.tracking import REDACTED, build_wandb_logger, read_wandb_run, redact, redact_argv
+from usi_composer.redaction import REDACTED, redact, redact_argv
+from usi_composer.tracking import build_wandb_logger, read_wandb_run
 
 API_KEY = "local-0123456789abcdef0123456789abcdef01234567"
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"

@@ -28,6 +28,7 @@ import yaml
 
 from usi_composer.config import load_config
 from usi_composer.errors import UsiError
+from usi_composer.redaction import redact, redact_argv, redact_text
 
 __all__ = [
     "Estimate",
@@ -215,35 +216,39 @@ def run_sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "logs").mkdir(exist_ok=True)
     results = out_dir / "results.jsonl"
-    signature = {"base": str(base), "overrides": fixed}
+    # What the runner writes (results.jsonl, the logs' first line) is redacted: a point is found
+    # again by its redacted command line (secrets do not tell points apart).
+    signature = {"base": str(base), "overrides": redact_argv(fixed)}
     done = {
         r["point"]: r
         for r in _read_rows(results)
-        if r.get("status") == "ok" and r.get("base") == signature["base"] and r.get("overrides") == fixed
+        if r.get("status") == "ok" and all(r.get(k) == v for k, v in signature.items())
     }
     rows: list[dict[str, Any]] = []
     echo(f"{sweep.name}: {len(points)} points on {base}, results in {results}")
     for i, params in enumerate(points, 1):
         pid = _point_id(params)
-        if pid in done:
-            echo(f"[{i}/{len(points)}] {pid}: done before, skipped ({sweep.metric} = {_fmt(done[pid], sweep.metric)})")
-            rows.append(done[pid])
+        point = " ".join(redact_argv(point_args(params)))  # the point as written and printed (redacted)
+        if point in done:
+            value = _fmt(done[point], sweep.metric)
+            echo(f"[{i}/{len(points)}] {point}: done before, skipped ({sweep.metric} = {value})")
+            rows.append(done[point])
             continue
-        log = out_dir / "logs" / f"{_slug(pid)}.log"
-        metrics_file = out_dir / "logs" / f"{_slug(pid)}.metrics.json"
+        log = out_dir / "logs" / f"{_slug(point)}.log"
+        metrics_file = out_dir / "logs" / f"{_slug(point)}.metrics.json"
         metrics_file.unlink(missing_ok=True)
         command = [python, "-m", "usi_composer.cli.train", str(base), *fixed, *point_args(params)]
         command += ["--metrics-out", str(metrics_file)]
-        echo(f"[{i}/{len(points)}] {pid}: running (log: {log})")
+        echo(f"[{i}/{len(points)}] {point}: running (log: {log})")
         start = time.perf_counter()
         with log.open("w") as f:
-            f.write(" ".join(command) + "\n\n")
+            f.write(" ".join(redact_argv(command)) + "\n\n")
             f.flush()
             returncode = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         seconds = round(time.perf_counter() - start, 1)
         row: dict[str, Any] = {
-            "point": pid,
-            "params": params,
+            "point": point,
+            "params": redact(params),
             "model": configs[pid].model.name,
             **signature,
             "seconds": seconds,
@@ -252,10 +257,10 @@ def run_sweep(
         if returncode == 0 and metrics_file.is_file():
             metrics = json.loads(metrics_file.read_text())
             row.update(status="ok", wandb_run_dir=metrics.pop("wandb_run_dir", None), metrics=metrics)
-            echo(f"[{i}/{len(points)}] {pid}: ok, {sweep.metric} = {_fmt(row, sweep.metric)} ({seconds:.0f} s)")
+            echo(f"[{i}/{len(points)}] {point}: ok, {sweep.metric} = {_fmt(row, sweep.metric)} ({seconds:.0f} s)")
         else:
-            row.update(status="failed", error=_error_line(log, returncode), metrics={})
-            echo(f"[{i}/{len(points)}] {pid}: FAILED ({row['error']}); continuing")
+            row.update(status="failed", error=redact_text(_error_line(log, returncode)), metrics={})
+            echo(f"[{i}/{len(points)}] {point}: FAILED ({row['error']}); continuing")
         _append_row(results, row)
         rows.append(row)
     return rows

@@ -19,7 +19,7 @@ from timm.data import resolve_data_config
 
 from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistillation, MixUpCutMix
 from usi_composer.compilation import CompileTime, mark_batch_dynamic, resolve_compile
-from usi_composer.config import Config, ConfigError
+from usi_composer.config import Config, ConfigError, DataConfig
 from usi_composer.data import DeviceNormalize, build_bytes_transform, folder_dataloader
 from usi_composer.data.draws import TrainDrawSpec
 from usi_composer.data.gpu_pipeline import (
@@ -29,7 +29,7 @@ from usi_composer.data.gpu_pipeline import (
     num_samples,
     split_encoded,
 )
-from usi_composer.data.mds import streaming_dataloader
+from usi_composer.data.mds import read_classes_json, streaming_dataloader
 from usi_composer.errors import CheckpointError, InputSizeError
 from usi_composer.models import USIClassifier, check_input_size, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
@@ -104,6 +104,25 @@ def check_model_sizes(cfg: Config) -> list[str]:
                 f"{role} {m.name}: runs at {runs_at} px (no img_size in its timm constructor: any size it can)"
             )
     return lines
+
+
+def check_classes(cfg: Config) -> None:
+    """The data's classes against ``data.num_classes``, before anything is built: the MDS root's
+    ``classes.json`` (usi-convert-imagenet writes it) or the training folder's class folders. A
+    mismatch is a :class:`ConfigError` on ``data.num_classes``; labels are also checked per sample
+    as they are read (``LabelError``), since a label out of range is an opaque assert on a GPU."""
+    d = cfg.data
+    if d.remote or d.local:
+        where = f"{(d.remote or d.local or '').rstrip('/')}/classes.json"
+        wnids = read_classes_json(d.remote, d.local)
+        if wnids is None:
+            log.warning("no %s beside the shards: labels are checked sample by sample only", where)
+            return
+        found = f"{where} lists {len(wnids)} classes"
+    else:
+        return
+    if len(wnids) != d.num_classes:
+        raise ConfigError("", "data.num_classes", f"is {d.num_classes}, but {found}: set data.num_classes={len(wnids)}")
 
 
 def student_normalization(cfg: Config, backbone: torch.nn.Module) -> tuple[list[float], list[float]]:
@@ -205,7 +224,9 @@ def build_dataloaders(
         loader_args["collate_fn"] = collate_encoded
     else:
         fast = d.streaming.fast_decode
-        transform_args: dict[str, Any] = dict(crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean)
+        transform_args: dict[str, Any] = dict(
+            crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean, max_pixels=d.max_image_pixels
+        )
         train_args: dict[str, Any] = dict(
             scale=d.scale, ratio=d.ratio, hflip=d.hflip, auto_augment=d.auto_augment, **transform_args
         )
@@ -224,7 +245,8 @@ def build_dataloaders(
             cache_limit=s.cache_limit,
             download_timeout=s.download_timeout,
             download_retry=s.download_retry,
-            validate_hash=s.validate_hash,
+            validate_hash=validate_hash(d),
+            num_classes=d.num_classes,
             **loader_args,
         )
         train = streaming_dataloader(
@@ -278,6 +300,13 @@ def build_dataloaders(
     return train_spec, DataSpec(val, microbatch_transforms=eval_transform, **split)
 
 
+def validate_hash(d: DataConfig) -> str | None:
+    """``data.streaming.validate_hash``: ``auto`` checks every shard downloaded from ``data.remote``
+    against the sha1 in its index (the converter writes it), and nothing for a local root."""
+    setting = d.streaming.validate_hash
+    return ("sha1" if d.remote else None) if setting == "auto" else setting
+
+
 @dataclass
 class GPUPipeline:
     """``data.pipeline=gpu``: the workers' sample transforms and the device transforms."""
@@ -298,6 +327,7 @@ def build_gpu_pipeline(cfg: Config, mean: list[float], std: list[float]) -> GPUP
         auto_augment=d.auto_augment,
     )
     eval_size = math.floor(d.image_size / d.crop_pct)
+    pixels = d.max_image_pixels
     device_args: dict[str, Any] = dict(
         mean=mean,
         std=std,
@@ -306,8 +336,10 @@ def build_gpu_pipeline(cfg: Config, mean: list[float], std: list[float]) -> GPUP
         channels_last=cfg.algorithms.channels_last,
     )
     return GPUPipeline(
-        train_sample=EncodedSample(draw_spec, d.image_size, decode_on_device=d.gpu_decode),
-        eval_sample=EncodedSample(None, d.image_size, eval_size=eval_size, decode_on_device=d.gpu_decode),
+        train_sample=EncodedSample(draw_spec, d.image_size, decode_on_device=d.gpu_decode, max_pixels=pixels),
+        eval_sample=EncodedSample(
+            None, d.image_size, eval_size=eval_size, decode_on_device=d.gpu_decode, max_pixels=pixels
+        ),
         train_device=DeviceTransform(d.image_size, training=True, randaugment=draw_spec.randaugment, **device_args),
         eval_device=DeviceTransform(d.image_size, training=False, **device_args),
     )
@@ -365,6 +397,7 @@ def build_trainer(
     t = cfg.trainer
     for line in check_model_sizes(cfg):  # before the data, the weights and the W&B run
         log.info(line)
+    check_classes(cfg)
     wandb_logger = build_wandb_logger(cfg)
     loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
     reproducibility.seed_all(t.seed)

@@ -18,6 +18,7 @@ import yaml
 from composer.core import Time
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from PIL import Image
 
 from usi_composer.errors import UsiError
 
@@ -79,7 +80,8 @@ class StreamingConfig:
     cache_limit: str | None = None  # e.g. 100gb: evict shards beyond this; None: keep all
     download_timeout: float = 60.0  # seconds per shard
     download_retry: int = 2
-    validate_hash: str | None = None  # e.g. sha1 (the converter stores sha1 per shard)
+    # auto: sha1 for data.remote (the converter stores sha1 per shard), none for a local root; null: never
+    validate_hash: str | None = "auto"
     fast_decode: bool = True  # reduced-size JPEG decode + one-call crop/resize (same views); folders too
 
 
@@ -100,6 +102,9 @@ class DataConfig:
     auto_augment: str | None = "rand-m7-mstd0.5-inc1"
     mean: list[float] | None = None  # None: the student backbone's own
     std: list[float] | None = None
+    # Larger images (width x height from the header) stop with one line naming them, undecoded.
+    # Default: PIL's decompression-bomb threshold; null: no limit.
+    max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS
     num_workers: int = 8
     pin_memory: bool = True
     persistent_workers: bool = True
@@ -256,8 +261,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML; ``load_config`` on it gives back an equal ``Config``."""
+def dump_config(cfg: Config, redacted: bool = False) -> str:
+    """The resolved config as YAML; ``load_config`` on it gives back an equal ``Config`` (``redacted``:
+    with secrets replaced, for printing: ``usi_composer.redaction.redact``)."""
+    if redacted:
+        from usi_composer.redaction import redact
+
+        return OmegaConf.to_yaml(OmegaConf.create(redact(config_to_dict(cfg))))
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
@@ -363,6 +373,11 @@ def _validate(cfg: Config, source_of: Any) -> None:
             check(key, value is None or len(value) == 3, f"must be 3 numbers (RGB) or null, got {value}")
         check(f"{section}.std", std is None or all(s > 0 for s in std), f"must be > 0, got {std}")
     check("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}")
+    check(
+        "data.max_image_pixels",
+        d.max_image_pixels is None or d.max_image_pixels > 0,
+        f"must be > 0 or null, got {d.max_image_pixels}",
+    )
     check("data.pipeline", d.pipeline in ("cpu", "gpu"), f"must be cpu or gpu, got '{d.pipeline}'")
     if d.auto_augment and d.pipeline == "gpu":
         check(
@@ -546,12 +561,12 @@ def _validate_streaming(d: DataConfig, fail: Any, check: Any) -> None:
         except (ValueError, TypeError):
             ok = False
         check("data.streaming.cache_limit", ok, f"not a size: '{s.cache_limit}' (e.g. 100gb, or null for no limit)")
-    if s.validate_hash is not None:
+    if s.validate_hash not in (None, "auto"):
         hashes = sorted(get_hashes())
         check(
             "data.streaming.validate_hash",
             s.validate_hash in hashes,
-            f"unknown hash '{s.validate_hash}' (one of {', '.join(hashes)}; the converter stores sha1)",
+            f"unknown hash '{s.validate_hash}' (auto, null or one of {', '.join(hashes)}; the converter stores sha1)",
         )
 
 

@@ -42,3 +42,18 @@ class CheckpointError(SetupError):
 
 class InputSizeError(SetupError):
     """A model that cannot run at the configured image size."""
+
+
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first non-empty line of ``error``'s message (``limit``: at most that many characters),
+    or its type's name when the message is empty."""
+    text = str(getattr(error, "msg", None) or error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line[:limit] if limit is not None else line
+
+
+def error_line(error: BaseException) -> str:
+    """How every command prints a user-facing error: ``error: <message>`` on one line, secrets redacted."""
+    from usi_composer.redaction import redact_text
+
+    return f"error: {redact_text(' '.join(str(error).split()))}"

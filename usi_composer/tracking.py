@@ -5,94 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from usi_composer.config import Config, WandBConfig, config_to_dict
+from usi_composer.redaction import redact, redact_argv
 
-__all__ = [
-    "REDACTED",
-    "build_wandb_logger",
-    "iter_wandb_records",
-    "loggable_config",
-    "read_wandb_run",
-    "redact",
-    "redact_argv",
-]
-
-REDACTED = "<redacted>"
-
-# Names of keys (in the config) and environment variables whose values are secrets.
-_SECRET_NAME = re.compile(
-    r"(api[_-]?key|secret|token|passw(or)?d|passwd|credential|private[_-]?key|access[_-]?key|signature|authorization|(^|_)key$)",
-    re.IGNORECASE,
-)
-_MIN_SECRET_LEN = 6  # shorter environment values are too likely to occur by chance in paths and names
-
-
-def _secret_env_values(environ: dict[str, str]) -> list[str]:
-    values = {v for k, v in environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN}
-    return sorted(values, key=len, reverse=True)  # longest first, so a secret containing another goes whole
-
-
-def _redact_string(text: str, env_secrets: list[str]) -> str:
-    for secret in env_secrets:
-        text = text.replace(secret, REDACTED)
-    if "://" in text:
-        # user:password@host and query strings (pre-signed URLs carry signatures and tokens there)
-        parts = urlsplit(text)
-        netloc = parts.netloc
-        if "@" in netloc:
-            netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
-        query = REDACTED if parts.query else ""
-        text = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return text
-
-
-def redact(value: Any, environ: dict[str, str] | None = None, *, _env_secrets: list[str] | None = None) -> Any:
-    """A copy of ``value`` (nested dicts/lists) fit for logging.
-
-    Values under secret-looking keys (``*api_key``, ``*secret*``, ``*token*``, ``*password*``, ...)
-    become ``<redacted>``; so do URL credentials and query strings, and every occurrence of the
-    value of a secret-looking environment variable (``WANDB_API_KEY``, ``AWS_SECRET_ACCESS_KEY``,
-    ``AWS_SESSION_TOKEN``, ``HF_TOKEN``, ...) inside any string.
-    """
-    if _env_secrets is None:
-        _env_secrets = _secret_env_values(dict(os.environ if environ is None else environ))
-    env_secrets = _env_secrets
-    if isinstance(value, dict):
-        return {
-            k: REDACTED if _SECRET_NAME.search(str(k)) and v not in (None, "") else redact(v, _env_secrets=env_secrets)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [redact(v, _env_secrets=env_secrets) for v in value]
-    if isinstance(value, str):
-        return _redact_string(value, env_secrets)
-    return value
+__all__ = ["build_wandb_logger", "iter_wandb_records", "loggable_config", "read_wandb_run"]
 
 
 def loggable_config(cfg: Config, environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """The fully resolved config as a nested dict, secrets redacted (see :func:`redact`)."""
+    """The fully resolved config as a nested dict, secrets redacted (``usi_composer.redaction.redact``)."""
     return redact(config_to_dict(cfg), environ)
-
-
-def redact_argv(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
-    """Command-line arguments with secrets redacted (``key=value`` overrides as :func:`redact` would)."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and _SECRET_NAME.search(key.rsplit(".", 1)[-1]) and value:
-            out.append(f"{key}={REDACTED}")
-        elif sep:
-            out.append(f"{key}={redact(value, environ)}")
-        else:
-            out.append(redact(arg, environ))
-    return out
 
 
 def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from usi_composer import redaction
 from usi_composer.ablate import (
     REPO_ROOT,
     finished_rows,
@@ -30,7 +31,7 @@ from usi_composer.ablate import (
     run_sweep,
 )
 from usi_composer.config import load_config
-from usi_composer.errors import UsiError
+from usi_composer.errors import UsiError, error_line
 
 __all__ = ["main"]
 
@@ -67,6 +68,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    redaction.install()
     parser = argparse.ArgumentParser(
         prog="usi-ablate", description="Run a W&B sweep file's grid locally, one training run per point, no W&B server."
     )
@@ -109,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides = [*_demo_overrides(base, args.demo_workdir), *args.overrides]
             rows = run_sweep(sweep, base, overrides, out, seeds=args.seeds)
     except UsiError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished points are in results.jsonl; rerun the same command to resume", file=sys.stderr)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from usi_composer.errors import UsiError
+from usi_composer import redaction
+from usi_composer.errors import UsiError, error_line
 from usi_composer.pareto import (
     AMP_DTYPES,
     DEFAULT_METRICS,
@@ -34,6 +35,7 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    redaction.install()
     parser = argparse.ArgumentParser(prog="usi-benchmark-backbones", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="timm model names (default: the models with finished runs)")
     parser.add_argument("--results", action="append", default=[], help="usi-ablate results.jsonl (repeatable)")
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / "pareto.md").write_text(f"# Speed-accuracy Pareto\n\n{report}\n")
         png = plot_pareto(speeds, top1, args.out / "pareto.png", "top-1 (" + " or ".join(metrics) + ")")
     except UsiError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     print(f"\n{report}\n\ntable: {args.out / 'pareto.md'}\nplot:  {png}")
     return 0

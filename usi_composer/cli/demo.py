@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from usi_composer import redaction
 from usi_composer.config import Config, load_config
-from usi_composer.errors import UsiError
+from usi_composer.errors import UsiError, error_line
 
 __all__ = [
     "DemoResult",
@@ -146,6 +147,7 @@ def _banner(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    redaction.install()
     parser = argparse.ArgumentParser(prog="usi-demo", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--workdir",
@@ -160,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run_demo(args.workdir, args.yamls, args.seed, args.overrides)
     except UsiError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     print("\n" + result.table())
     return 0

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from usi_composer import redaction
 from usi_composer.config import Config, ConfigError, dump_config, load_config
-from usi_composer.errors import LostPeerError, UsiError
+from usi_composer.errors import LostPeerError, UsiError, error_line
 
 __all__ = ["final_metrics", "final_top1", "lost_peer", "main", "train"]
 
@@ -124,11 +125,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    redaction.install()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except UsiError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     if args.dry_run:
         from usi_composer.builders import check_model_sizes
@@ -136,18 +138,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             sizes = check_model_sizes(cfg)
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(error_line(e), file=sys.stderr)
             return 2
-        print(dump_config(cfg), end="")
+        print(dump_config(cfg, redacted=True), end="")
         print("\n".join(sizes), file=sys.stderr)
         return 0
     try:
         trainer = train(cfg)
     except ConfigError as e:  # found while building, before training: a model that cannot run at its size, ...
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     except UsiError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     metrics = final_metrics(trainer)
     trainer.close()  # finishes the W&B run (its summary and files) before we report success

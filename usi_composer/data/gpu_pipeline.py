@@ -23,7 +23,6 @@ every sample this way, at a reduced DCT size (PIL ``draft``), and leaves the res
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -36,7 +35,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from usi_composer.data.draws import TrainDrawSpec, draw_sample
 from usi_composer.data.randaugment import DRAW_COLUMNS, RandAugmentSpec, apply_batch
-from usi_composer.data.transforms import DeviceNormalize, decode_rgb
+from usi_composer.data.transforms import DeviceNormalize, decode_rgb, open_image
 
 __all__ = [
     "DeviceTransform",
@@ -82,14 +81,15 @@ class EncodedSample:
         *,
         eval_size: int | None = None,
         decode_on_device: bool = True,
+        max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
     ) -> None:
-        self.draw_spec, self.image_size, self.eval_size = draw_spec, image_size, eval_size
+        self.draw_spec, self.image_size, self.eval_size, self.max_pixels = draw_spec, image_size, eval_size, max_pixels
         self.decode_on_device = decode_on_device
         ra = draw_spec.randaugment if draw_spec is not None else None
         self.row_size = RANDAUGMENT + (ra.num_ops * DRAW_COLUMNS if ra is not None else 0)
 
     def __call__(self, data: bytes, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        img = Image.open(io.BytesIO(data))  # reads the header only; the CPU path's error for a non-image
+        img = open_image(data, self.max_pixels)  # the header only; the CPU path's error for a non-image
         width, height = img.size
         row = np.zeros(self.row_size, np.float32)
         row[[SOURCE_HEIGHT, SOURCE_WIDTH]] = height, width

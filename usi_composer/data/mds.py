@@ -17,6 +17,7 @@ fixes the epoch's global batches, so a run may resume on another number of nodes
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -34,9 +35,11 @@ from usi_composer.errors import LoaderWorkerError, SetupError
 __all__ = [
     "MDS_COLUMNS",
     "ImageNetMDS",
+    "LabelError",
     "StreamingDataError",
     "check_resumable",
     "default_cache_dir",
+    "read_classes_json",
     "streaming_dataloader",
 ]
 
@@ -49,6 +52,10 @@ class StreamingDataError(LoaderWorkerError):
     """A shard could not be read: the one-line message names the remote, the split and the shard."""
 
 
+class LabelError(LoaderWorkerError):
+    """A sample whose label is not a class index of ``data.num_classes``: names the sample."""
+
+
 class ImageNetMDS(StreamingDataset):
     """A ``StreamingDataset`` of converted ImageNet shards yielding ``(transform(image bytes), label)``.
 
@@ -57,9 +64,16 @@ class ImageNetMDS(StreamingDataset):
     failure in its background download thread is only "Background thread failed".
     """
 
-    def __init__(self, *, transform: Callable[[bytes, np.random.Generator], Any], seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        transform: Callable[[bytes, np.random.Generator], Any],
+        seed: int = 0,
+        num_classes: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
-        self.transform, self.seed = transform, seed
+        self.transform, self.seed, self.num_classes = transform, seed, num_classes
         self.epoch = 0  # the epoch this process (loader worker) iterates; set in _resume_incr_epoch
         self._shard_error: StreamingDataError | None = None
 
@@ -69,7 +83,14 @@ class ImageNetMDS(StreamingDataset):
         sample = super().__getitem__(idx)
         rng = sample_rng(self.seed, self.epoch, idx)
         where = lambda: f"sample {idx} ('{sample.get('key')}') in {self.describe_shard(self.spanner[idx][0])}"  # noqa: E731
-        return transform_sample(self.transform, sample["image"], rng, where), int(sample["label"])
+        label = int(sample["label"])
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            # Checked here, on the host: on a GPU an index out of range is an opaque device-side assert.
+            raise LabelError(
+                f"{where()} has label {label}, not a class of data.num_classes={self.num_classes} "
+                f"(0..{self.num_classes - 1}): is data.num_classes right for this dataset?"
+            )
+        return transform_sample(self.transform, sample["image"], rng, where), label
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         # Where streaming's __iter__ learns its epoch, in each worker at each epoch start: counted
@@ -174,6 +195,35 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def read_classes_json(remote: str | None, local: str | None) -> list[str] | None:
+    """The class names (wnids) in ``classes.json`` at the MDS root (written by usi-convert-imagenet),
+    downloaded from ``remote`` where set; None when there is none (shards written by another tool)."""
+    from streaming.base.storage import CloudDownloader
+
+    if remote is None:
+        path = Path(local or "", "classes.json")
+        return _wnids(path) if path.is_file() else None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "classes.json")
+        try:
+            CloudDownloader.direct_download(f"{remote.rstrip('/')}/classes.json", str(path), timeout=60)
+        except Exception as e:  # streaming raises its storage client's errors; a missing key among them
+            if isinstance(e, FileNotFoundError) or "not found" in str(e).lower() or "404" in str(e):
+                return None
+            raise SetupError(f"cannot read {remote.rstrip('/')}/classes.json: {_reason(e)}") from e
+        return _wnids(path)
+
+
+def _wnids(path: Path) -> list[str]:
+    try:
+        wnids = json.loads(path.read_text())["wnids"]
+        if not isinstance(wnids, list):
+            raise TypeError("'wnids' is not a list")
+    except (ValueError, KeyError, TypeError) as e:
+        raise SetupError(f"{path}: not a classes.json of usi-convert-imagenet ({type(e).__name__}: {e})") from None
+    return [str(w) for w in wnids]
+
+
 def default_cache_dir(remote: str) -> str:
     """Where shards of ``remote`` are cached when ``data.local`` is not set: stable across runs, so
     a restarted run reuses what it downloaded (streaming's own default must not exist yet)."""
@@ -194,14 +244,16 @@ def streaming_dataloader(
     pin_memory: bool = True,
     persistent_workers: bool = True,
     seed: int = 0,
+    num_classes: int | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     **streaming_kwargs: Any,
 ) -> StreamingDataLoader:
     """A per-process ``StreamingDataLoader`` over ``<remote or local>/<split>``.
 
-    ``transform(data, sample_rng(seed, epoch, index))`` makes each sample; ``collate_fn`` None:
-    torch's default. ``streaming_kwargs`` go to ``StreamingDataset`` (shuffle_algo, shuffle_seed,
-    predownload, cache_limit, num_canonical_nodes, download_timeout, download_retry, validate_hash, ...).
+    ``transform(data, sample_rng(seed, epoch, index))`` makes each sample; a label outside
+    ``range(num_classes)`` raises :class:`LabelError` naming the sample; ``collate_fn`` None: torch's
+    default. ``streaming_kwargs`` go to ``StreamingDataset`` (shuffle_algo, shuffle_seed, predownload,
+    cache_limit, num_canonical_nodes, download_timeout, download_retry, validate_hash, ...).
     """
     where = f"{remote.rstrip('/')}/{split}" if remote else os.path.join(local or "", split)
     if remote is None:
@@ -218,6 +270,7 @@ def streaming_dataloader(
         dataset = ImageNetMDS(
             transform=transform,
             seed=seed,
+            num_classes=num_classes,
             remote=remote,
             local=local,
             split=split,

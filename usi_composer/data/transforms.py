@@ -30,6 +30,7 @@ __all__ = [
     "build_bytes_transform",
     "build_transform",
     "decode_rgb",
+    "open_image",
     "transform_sample",
 ]
 
@@ -102,17 +103,37 @@ REDUCING_GAP = 3.0
 UNREADABLE_IMAGE = (OSError, SyntaxError, Image.DecompressionBombError)
 
 
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than allowed, refused from its header before it is decoded."""
+
+
+def open_image(data: bytes, max_pixels: int | None) -> Image.Image:
+    """PIL's lazy open (the header only), refusing an image over ``max_pixels`` (width x height)
+    before a pixel is decoded: a decompression bomb, or a huge scan decoded at full size on the device."""
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{width} x {height} = {width * height:,} pixels, over data.max_image_pixels={max_pixels:,} "
+            "(refused before decoding; raise the limit to use it)"
+        )
+    return img
+
+
 def transform_sample(
     transform: Callable[[bytes, np.random.Generator], Any],
     data: bytes,
     rng: np.random.Generator,
     where: Callable[[], str],
 ) -> Any:
-    """``transform(data, rng)``, where a sample that does not decode raises :class:`CorruptSampleError`
-    naming it (``where()``: its file, or its MDS key and shard), printed as one line even when it
-    is raised in a loader worker; the same for both pipelines, which decode or sniff in the worker."""
+    """``transform(data, rng)``, where a sample that does not decode, or is too large to, raises
+    :class:`CorruptSampleError` naming it (``where()``: its file, or its MDS key and shard), printed
+    as one line even when it is raised in a loader worker; the same for both pipelines, which decode
+    or sniff in the worker."""
     try:
         return transform(data, rng)
+    except ImageTooLargeError as e:
+        raise CorruptSampleError(f"{where()} is {e}") from None
     except UNREADABLE_IMAGE as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(its bytes)", reason)  # PIL names the buffer
@@ -133,7 +154,8 @@ class BytesTransform:
     """``(encoded image bytes, rng) -> uint8 CHW tensor``: USI's timm transform (:func:`build_transform`)
     with every random draw taken from ``rng`` (:func:`~usi_composer.data.draws.sample_rng` of the
     sample's seed, epoch and index), so a sample's view is a pure function of those. Same keyword
-    arguments as :func:`build_transform`. The eval transform ignores ``rng``.
+    arguments as :func:`build_transform`, and ``max_pixels`` (:func:`open_image`). The eval transform
+    ignores ``rng``.
 
     Training: the crop box, interpolation, flip and RandAugment ops are drawn by
     :func:`~usi_composer.data.draws.draw_sample` (timm's distributions) from the image header,
@@ -163,8 +185,9 @@ class BytesTransform:
         hflip: float = 0.5,
         auto_augment: str | None = "rand-m7-mstd0.5-inc1",
         mean: Sequence[float] = (0.485, 0.456, 0.406),
+        max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
     ) -> None:
-        self.image_size, self.is_training, self.fast = image_size, is_training, fast
+        self.image_size, self.is_training, self.fast, self.max_pixels = image_size, is_training, fast, max_pixels
         if is_training:
             self.spec: TrainDrawSpec | None = TrainDrawSpec(
                 scale=(scale[0], scale[1]),
@@ -184,7 +207,7 @@ class BytesTransform:
             self.eval_size = None if resize is None else int(max(_as_tuple(resize.size)))
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> torch.Tensor:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data, self.max_pixels)
         if self.spec is None:
             if self.fast and self.eval_size is not None and img.format == "JPEG":
                 # Both sides stay >= twice the resize target: the eval image is the reference, so the
