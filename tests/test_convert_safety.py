@@ -24,7 +24,7 @@ from streaming_fixtures import REPO, MotoServer, make_imagenet, sample_files
 from usi_composer.data.convert import _split_complete, main
 from usi_composer.data.folder import ImageFolderBytes, folder_dataloader
 from usi_composer.data.layout import find_classes, list_images
-from usi_composer.data.mds import MDS_COLUMNS
+from usi_composer.data.mds import MDS_COLUMNS, refresh_cached_index
 from usi_composer.errors import SetupError
 
 pytestmark = pytest.mark.timeout(120)
@@ -320,6 +320,11 @@ def test_a_killed_s3_overwrite_leaves_the_previous_split_complete(tmp_path: Path
         assert set(old_shards) <= set(_objects(s3, "kill-test"))  # left for runs that still read them
         new = keys_and_labels(out, cache=tmp_path / "c2")
         assert new == source_samples(src / "train", find_classes(src / "train")) and len(new) == 36
+        # A training cache made before the overwrite: streaming would keep reading its index (the old
+        # split); the recipe's loader brings the cached index up to date first.
+        assert keys_and_labels(out, cache=tmp_path / "c1") == old_samples
+        refresh_cached_index(out, str(tmp_path / "c1"), "train")
+        assert keys_and_labels(out, cache=tmp_path / "c1") == new
 
 
 # --- classes.json ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from usi_composer.data.gpu_pipeline import (
     num_samples,
     split_encoded,
 )
+from usi_composer.data.layout import find_classes
 from usi_composer.data.mds import read_classes_json, streaming_dataloader
 from usi_composer.errors import CheckpointError, InputSizeError
 from usi_composer.models import USIClassifier, check_input_size, create_backbone
@@ -120,7 +122,9 @@ def check_classes(cfg: Config) -> None:
             return
         found = f"{where} lists {len(wnids)} classes"
     else:
-        return
+        assert d.train_dir is not None  # validated
+        wnids = find_classes(d.train_dir)
+        found = f"{d.train_dir} has {len(wnids)} class folders"
     if len(wnids) != d.num_classes:
         raise ConfigError("", "data.num_classes", f"is {d.num_classes}, but {found}: set data.num_classes={len(wnids)}")
 
@@ -395,6 +399,10 @@ def build_trainer(
     """Model, teacher, algorithms, data, optimizer, schedule, checkpointing and the configured
     loggers (``loggers.wandb``), plus ``loggers``/``callbacks`` given here -> a ready Trainer."""
     t = cfg.trainer
+    # Composer warns on every batch about things that are expected here: MixUp/CutMix targets
+    # sum to 1 only up to float rounding, and the last eval batch is smaller than the others.
+    warnings.filterwarnings("ignore", message="Some targets have less than 1 total probability")
+    warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     for line in check_model_sizes(cfg):  # before the data, the weights and the W&B run
         log.info(line)
     check_classes(cfg)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,6 @@ def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
     from usi_composer.builders import build_trainer  # heavy imports only when training
     from usi_composer.compilation import compile_failure
 
-    # Composer warns on every batch about things that are expected here: MixUp/CutMix targets
-    # sum to 1 only up to float rounding, and the last eval batch is smaller than the others.
-    warnings.filterwarnings("ignore", message="Some targets have less than 1 total probability")
-    warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     trainer = build_trainer(cfg, **build_kwargs)  # type: ignore[arg-type]
     try:
         trainer.fit()

@@ -84,9 +84,10 @@ from streaming import MDSWriter
 from streaming.base.storage import CloudDownloader, CloudUploader
 from tqdm import tqdm
 
+from usi_composer import redaction
 from usi_composer.data.layout import IMG_EXTENSIONS, describe_problems, list_images
 from usi_composer.data.mds import MDS_COLUMNS
-from usi_composer.errors import BadFilesError, SetupError, UsiError
+from usi_composer.errors import BadFilesError, SetupError, UsiError, error_line
 
 __all__ = ["ConvertStats", "convert_imagenet", "main"]
 
@@ -615,6 +616,7 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    redaction.install()
     parser = argparse.ArgumentParser(
         prog="usi-convert-imagenet",
         description="Convert an ImageNet folder (SRC/train/<wnid>/*.JPEG, optional SRC/val) to MDS shards "
@@ -663,10 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_pixels=args.max_pixels,
         )
     except BadFilesError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     except UsiError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     for s in all_stats:
         where = _join(args.out, s.split)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from streaming import StreamingDataLoader, StreamingDataset
+from streaming.base.storage import CloudDownloader
 
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.transforms import transform_sample
@@ -40,6 +41,7 @@ __all__ = [
     "check_resumable",
     "default_cache_dir",
     "read_classes_json",
+    "refresh_cached_index",
     "streaming_dataloader",
 ]
 
@@ -195,11 +197,33 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def refresh_cached_index(remote: str, local: str, split: str) -> None:
+    """Make the cache's copy of ``<remote>/<split>/index.json`` the remote's own.
+
+    streaming downloads a split's index into the cache once and reads that copy ever after, so a
+    split the converter replaced in the object store (``--overwrite``: a new index naming a new
+    generation of shards) would silently stay the old one. The remote index is small: it is read
+    at every start and replaces a cached copy that differs (atomically: a reader sees one or the
+    other). Shards are named by generation, so the new index never points at an old cached shard.
+    """
+    cached = Path(local, split, "index.json")
+    if not cached.is_file():
+        return  # streaming downloads it
+    with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+        fresh = Path(tmp, "index.json")
+        url = f"{remote.rstrip('/')}/{split}/index.json"
+        try:
+            CloudDownloader.direct_download(url, str(fresh), timeout=60)
+        except Exception as e:  # streaming raises its storage client's errors
+            raise SetupError(f"cannot read {url}: {_reason(e)}") from e
+        if fresh.read_bytes() != cached.read_bytes():
+            log.warning("%s changed since it was cached in %s: using the new split", url, cached.parent)
+            os.replace(fresh, cached)
+
+
 def read_classes_json(remote: str | None, local: str | None) -> list[str] | None:
     """The class names (wnids) in ``classes.json`` at the MDS root (written by usi-convert-imagenet),
     downloaded from ``remote`` where set; None when there is none (shards written by another tool)."""
-    from streaming.base.storage import CloudDownloader
-
     if remote is None:
         path = Path(local or "", "classes.json")
         return _wnids(path) if path.is_file() else None
@@ -266,6 +290,7 @@ def streaming_dataloader(
         # registrations (their file locks remain), so a restarted run needs no cleanup here
         # (tests/test_streaming_s3.py kills a run with SIGKILL and starts the next one).
         local = local or default_cache_dir(remote)
+        refresh_cached_index(remote, local, split)
     try:
         dataset = ImageNetMDS(
             transform=transform,
