@@ -187,9 +187,9 @@ def test_runner_survives_a_failing_point_and_retries_it(
         calls.append((workdir, yamls))
         return tiny["data"], tiny["teacher"], None
 
-    import usi_composer.cli.demo
+    import usi_composer.demo
 
-    monkeypatch.setattr(usi_composer.cli.demo, "prepare_teacher", fake_prepare_teacher)
+    monkeypatch.setattr(usi_composer.demo, "prepare_teacher", fake_prepare_teacher)
     tiny_args = [o for o in tiny_overrides(tiny["data"], tiny["teacher"]) if not o.startswith(("data.", "teacher.ch"))]
     args = [str(sweep), "--base", str(DEMO_YAML), "--out", str(tmp_path / "out"), "--demo-workdir", "wd"]
     args += [*tiny_args, f"data.num_classes={4}", "data.image_size=16", "data.num_workers=0"]

@@ -3,11 +3,13 @@ lifts the same student above its baseline (fixed seed; the margin is robust acro
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from usi_composer.cli.demo import DemoResult, main, run_demo
+from usi_composer.cli.demo import main
+from usi_composer.demo import DemoResult, run_demo
 
 # Observed KD gains over the baseline on the demo (student seeds 0-4, the seed-0 teacher): +1.1 to +8.4 points.
 MARGIN = 0.01
@@ -27,11 +29,18 @@ def test_demo_distillation_beats_the_baseline(demo: tuple[Path, DemoResult]) -> 
 
 
 def test_demo_cli_reuses_the_teacher_and_prints_the_table(demo: tuple[Path, DemoResult], capsys) -> None:
+    """What a person sees: one line per run (not a terminal here: printed when the run ends), then
+    the table; no Composer config banner, no blank lines, nothing on stderr."""
     workdir, result = demo
-    assert main(["--workdir", str(workdir), "trainer.max_duration=1ba", "trainer.progress_bar=false"]) == 0
-    out = capsys.readouterr().out
-    assert "student + USI distillation" in out and "top-1 (held-out)" in out
-    teacher_row = next(line for line in out.splitlines() if line.startswith("teacher "))
+    assert main(["--workdir", str(workdir), "trainer.max_duration=2ba", "trainer.eval_interval=1ba"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert err == "" and "Config:" not in out and "" not in lines, out
+    assert lines[0] == f"1/3 teacher: reusing {workdir / 'teacher-seed0.pt'}"
+    for line, run in zip(lines[1:3], ("2/3 student baseline", "3/3 student + USI distillation"), strict=True):
+        assert re.fullmatch(rf"{re.escape(run)}: 2 batches in \d+ s \(loss \d\.\d{{3}}, top-1 \d+\.\d%\)", line), line
+    assert lines[3].startswith("run ") and "top-1 (held-out)" in lines[3] and len(lines) == 8
+    teacher_row = next(line for line in lines if line.startswith("teacher "))
     assert f"{result.teacher_top1:.1%}" in teacher_row, "the reused teacher scores as after training"
 
 

@@ -31,6 +31,7 @@ from usi_composer.ablate import (
     run_sweep,
 )
 from usi_composer.config import load_config
+from usi_composer.demo import demo_overrides
 from usi_composer.errors import UsiError, error_line
 
 __all__ = ["main"]
@@ -45,19 +46,6 @@ def _resolve_base(base: Path | None, sweep_base: Path | None) -> Path:
     if not path.is_file():
         raise UsiError(f"{path}: no such base config")
     return path
-
-
-def _demo_overrides(base: Path, workdir: Path, echo=print) -> list[str]:
-    """Data and teacher for the embedded demo's student yaml; none for any other base."""
-    if base.name != "demo.yaml" or not (base.parent / "demo_teacher.yaml").is_file():
-        return []
-    from usi_composer.cli.demo import data_overrides, prepare_teacher
-
-    echo(f"demo: preparing the digits and the teacher in {workdir} (reused when present)")
-    data_root, checkpoint, top1 = prepare_teacher(workdir, base.parent)
-    if top1 is not None:
-        echo(f"demo: teacher trained, top-1 {top1:.4f}")
-    return [*data_overrides(data_root), f"teacher.checkpoint={checkpoint}"]
 
 
 def _seeds(text: str) -> list[int]:
@@ -108,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report_only:
             rows = finished_rows(sweep, out)
         else:
-            overrides = [*_demo_overrides(base, args.demo_workdir), *args.overrides]
+            overrides = [*demo_overrides(base, args.demo_workdir), *args.overrides]
             rows = run_sweep(sweep, base, overrides, out, seeds=args.seeds)
     except UsiError as e:
         print(error_line(e), file=sys.stderr)
