@@ -20,6 +20,7 @@ import torch
 from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 
+from usi_composer.algorithms import BestOfEMAAndRaw
 from usi_composer.config import Config, load_config
 
 __all__ = [
@@ -95,10 +96,15 @@ class RunProgress(Callback):
             self._bar.update(1)
             self._bar.set_postfix(self._facts, refresh=False)
 
-    def eval_end(self, state: State, logger: Logger) -> None:
-        metric = next(iter(state.eval_metrics.values()), {}).get("top1")
-        if metric is not None:
-            self._facts["top-1"] = f"{float(metric.compute()):.1%}"
+    def eval_after_all(self, state: State, logger: Logger) -> None:
+        # the number the run reports: the better of EMA and raw weights where both were validated
+        # (BestOfEMAAndRaw, a callback registered before this one, has compared them by now)
+        best = next((c for c in state.callbacks if isinstance(c, BestOfEMAAndRaw)), None)
+        label, metrics = next(iter(state.eval_metrics.items()), ("", {}))
+        if best is not None and label in best.scores:
+            self._facts["top-1"] = f"{max(best.scores[label].values()):.1%}"
+        elif "top1" in metrics:
+            self._facts["top-1"] = f"{float(metrics['top1'].compute()):.1%}"
         if self._bar is not None:
             self._bar.set_postfix(self._facts)
 
