@@ -43,10 +43,10 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from usi_composer.cli.train import train
 from usi_composer.config import load_config
 from usi_composer.data.mds import ImageNetMDS
 from usi_composer.errors import UsiError
+from usi_composer.training import train
 
 _getitem = ImageNetMDS.__getitem__
 

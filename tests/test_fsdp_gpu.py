@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from usi_composer.algorithms import FusedEMA, KnowledgeDistillation
-from usi_composer.cli.train import train
 from usi_composer.config import load_config
+from usi_composer.training import train
 
 pytestmark = [
     pytest.mark.gpu,

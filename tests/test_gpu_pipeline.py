@@ -254,8 +254,8 @@ class _InputRecorder(Callback):
 
 def test_the_demo_trains_with_the_gpu_pipeline_on_the_cpu(repo: Path, digits: Path, saved_teacher) -> None:
     """yamls/demo.yaml (digits as MDS shards) with data.pipeline=gpu, a short run on the CPU."""
-    from usi_composer.cli.train import final_top1, train
     from usi_composer.demo import data_overrides
+    from usi_composer.training import final_top1, train
 
     cfg = load_config(
         repo / "yamls" / "demo.yaml",

@@ -359,8 +359,8 @@ def test_a_lost_peer_becomes_one_line_saying_how_to_resume(
 ) -> None:
     from composer.utils import dist
 
-    from usi_composer.cli.train import lost_peer
     from usi_composer.config import load_config
+    from usi_composer.training import lost_peer
 
     monkeypatch.setattr(dist, "get_world_size", lambda: world_size)
     cfg = load_config(REPO / "yamls" / "demo.yaml")

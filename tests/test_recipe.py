@@ -10,8 +10,8 @@ import torch
 from composer.loggers import InMemoryLogger
 
 from conftest import launch
-from usi_composer.cli.train import train
 from usi_composer.config import load_config
+from usi_composer.training import train
 
 
 def shrink(data: Path, teacher: Path, *extra: str) -> list[str]:

@@ -138,8 +138,8 @@ def _total_batches(state: State) -> int | None:
 def train_and_score(cfg: Config, save_to: Path | None = None, label: str | None = None) -> float:
     """Train ``cfg`` through the recipe's ``train()``; return the final held-out top-1.
     ``label``: show the run's progress on one line (:class:`RunProgress`)."""
-    from usi_composer.cli.train import final_top1, train
     from usi_composer.models import save_weights
+    from usi_composer.training import final_top1, train
 
     callbacks = [RunProgress(label)] if label else []
     trainer = train(cfg, callbacks=callbacks)
