@@ -2,11 +2,22 @@
 
 They depend on torch, composer and timm only (never on the recipe glue in ``usi_composer``).
 ``FusedEMA`` is Composer's ``EMA`` with a fused update; channels-last is Composer's own (``ChannelsLast``).
+Each algorithm declares the ranges of its hyper-parameters as ``<Algorithm>.ranges`` (name -> ``Range``).
 """
 
+from ._hparams import Range
 from .best_of_ema import BestOfEMAAndRaw
 from .ema import FusedEMA
 from .knowledge_distillation import KnowledgeDistillation, kd_loss
-from .mixup_cutmix import MixUpCutMix, mixup_cutmix_batch
+from .mixup_cutmix import MixUpCutMix, batch_rng, mixup_cutmix_batch
 
-__all__ = ["BestOfEMAAndRaw", "FusedEMA", "KnowledgeDistillation", "MixUpCutMix", "kd_loss", "mixup_cutmix_batch"]
+__all__ = [
+    "BestOfEMAAndRaw",
+    "FusedEMA",
+    "KnowledgeDistillation",
+    "MixUpCutMix",
+    "Range",
+    "batch_rng",
+    "kd_loss",
+    "mixup_cutmix_batch",
+]

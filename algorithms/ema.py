@@ -28,6 +28,8 @@ from composer.core import Event, State
 from composer.loggers import Logger
 from composer.utils import misc
 
+from ._hparams import Range, declare_ranges
+
 __all__ = ["FusedEMA"]
 
 _Pairs = list[tuple[list[torch.Tensor], list[torch.Tensor]]]  # (averages, live tensors) per device/dtype
@@ -53,7 +55,12 @@ class FusedEMA(EMA):
         ema_start: time string, how much training runs before averaging starts.
         update_interval: time string, how often the average is updated; defaults to one unit of
             ``half_life``, or ``"1ba"`` with ``smoothing``.
+
+    ``ValueError`` for a ``smoothing`` outside ``FusedEMA.ranges``, ``(0, 1)`` (Composer's ``EMA``
+    does not check it; at 1 the average never moves, at 0 it is the raw weights).
     """
+
+    ranges = declare_ranges(smoothing=Range.open(0, 1))
 
     def __init__(
         self,
@@ -62,6 +69,8 @@ class FusedEMA(EMA):
         ema_start: str = "0.0dur",
         update_interval: str | None = None,
     ) -> None:
+        if smoothing is not None:
+            self.ranges["smoothing"].check("smoothing", smoothing)
         if half_life is None and update_interval is None:
             update_interval = "1ba"  # Composer's EMA reads the unset half_life here and crashes
         super().__init__(half_life, smoothing, ema_start, update_interval)

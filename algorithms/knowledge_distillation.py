@@ -18,7 +18,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
-from ._hparams import hparams_state, warn_if_changed
+from ._hparams import HparamsMixin, Range, declare_ranges
 
 __all__ = ["KnowledgeDistillation", "kd_loss"]
 
@@ -28,22 +28,23 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
     Computed in fp32 whatever dtype the logits come in: a bf16/fp16 softmax of large logits
     loses the tail of the distribution, which is what distillation transfers. The ``T^2``
-    factor keeps the gradient scale independent of ``T`` (Hinton et al., 2015).
+    factor keeps the gradient scale independent of ``T`` (Hinton et al., 2015). The teacher's
+    logits are the target, a constant: the gradient flows to the student's logits only, even
+    where the teacher's came with a graph.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    KnowledgeDistillation.ranges["temperature"].check("temperature", temperature)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in shape: do the two models have the same classes?"
         )
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
 
-class KnowledgeDistillation(Algorithm):
+class KnowledgeDistillation(HparamsMixin, Algorithm):
     """Adds ``alpha * kd_loss(student, teacher)`` to the loss, with a frozen ``teacher``.
 
     Runs on ``Event.AFTER_LOSS``: by then every ``BEFORE_FORWARD`` algorithm (MixUp/CutMix)
@@ -77,9 +78,19 @@ class KnowledgeDistillation(Algorithm):
         ce_weight: weight of the model's own loss; 0 distils from the teacher alone. USI: 1.
         log_interval: batches between the host's reads of the distillation statistics (one
             host sync each): the logged ce/kd means and the non-finite check.
+
+    ``ValueError`` for a value outside ``KnowledgeDistillation.ranges`` (``alpha >= 0``,
+    ``temperature > 0``, ``ce_weight >= 0``, ``log_interval >= 1``).
     """
 
     hparams = ("alpha", "temperature", "ce_weight", "log_interval")
+    repr_by_name = ("teacher",)
+    ranges = declare_ranges(
+        alpha=Range.at_least(0),
+        temperature=Range.above(0),
+        ce_weight=Range.at_least(0),
+        log_interval=Range.at_least(1),
+    )
 
     def __init__(
         self,
@@ -89,36 +100,17 @@ class KnowledgeDistillation(Algorithm):
         ce_weight: float = 1.0,
         log_interval: int = 100,
     ) -> None:
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if ce_weight < 0:
-            raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
-        if log_interval < 1:
-            raise ValueError(f"log_interval must be >= 1, got {log_interval}")
-        self.teacher = teacher.eval().requires_grad_(False)
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.ce_weight = float(ce_weight)
         self.log_interval = int(log_interval)
+        self.check_ranges()
+        self.teacher = teacher.eval().requires_grad_(False)
         # On the device since the last read: sample-weighted sums of ce, kd and of non-finite
         # totals, and the first batch with one (-1: none). Samples are counted on the host.
         self._stats: torch.Tensor | None = None
         self._first_non_finite: torch.Tensor | None = None
         self._samples = 0
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(teacher=teacher, alpha={self.alpha}, temperature={self.temperature}, "
-            f"ce_weight={self.ce_weight}, log_interval={self.log_interval})"
-        )
-
-    def state_dict(self) -> dict:
-        return hparams_state(self, self.hparams)
-
-    def load_state_dict(self, state: dict) -> None:
-        warn_if_changed(self, state, self.hparams)
 
     def match(self, event: Event, state: State) -> bool:
         if event == Event.BATCH_END:

@@ -52,7 +52,7 @@ ALGORITHM_SETS: dict[str, Callable[[], list]] = {
 }
 
 
-def _trainer(name: str, folder: Path, load_path: str | None = None) -> Trainer:
+def _trainer(name: str, folder: Path, load_path: str | None = None, max_duration: str = "2ba") -> Trainer:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, NUM_CLASSES, (64,), generator=g))
     sampler = dist.get_sampler(data, shuffle=True, seed=0)
@@ -61,7 +61,7 @@ def _trainer(name: str, folder: Path, load_path: str | None = None) -> Trainer:
         model=model,
         train_dataloader=DataLoader(data, batch_size=4, sampler=sampler, drop_last=True),
         optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2),
-        max_duration="2ba",
+        max_duration=max_duration,
         algorithms=ALGORITHM_SETS[name](),
         save_folder=str(folder),
         save_filename="ba{batch}-rank{rank}.pt",

@@ -1,6 +1,8 @@
-"""USI's algorithms inside a real Composer Trainer: ordering, loss composition, freezing."""
+"""USI's algorithms in a real Composer Trainer (ordering, loss composition, freezing); the mixing; the ranges."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +14,15 @@ from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix, kd_loss
+from usi_composer.algorithms import (
+    FusedEMA,
+    KnowledgeDistillation,
+    MixUpCutMix,
+    Range,
+    batch_rng,
+    kd_loss,
+    mixup_cutmix_batch,
+)
 
 NUM_CLASSES = 5
 
@@ -243,21 +253,150 @@ def test_mixup_cutmix_uses_input_and_target_keys() -> None:
     assert not torch.allclose(torch.cat([i for i, _ in seen]), data.images), "the images were mixed"
 
 
-def test_mixup_cutmix_batch_is_the_algorithms_mixing() -> None:
-    from usi_composer.algorithms import mixup_cutmix_batch
-    from usi_composer.algorithms.mixup_cutmix import batch_rng
+def _one_hot(targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    return torch.nn.functional.one_hot(targets, NUM_CLASSES).double() * (1 - smoothing) + smoothing / NUM_CLASSES
 
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_mixup_cutmix_batch_targets_describe_the_mixed_images(label_smoothing: float) -> None:
+    """Read off each output: CutMix pastes one box of the reversed batch and weighs the targets by
+    the area left; MixUp blends the whole batch with its reverse at the weight of the targets.
+    The draws come from the generator alone: the same generator state gives the same batch."""
     g = torch.Generator().manual_seed(0)
-    inputs, targets = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, NUM_CLASSES, (8,), generator=g)
-    for batch in range(4):  # both MixUp and CutMix get drawn
-        mixed, soft = mixup_cutmix_batch(inputs.clone(), targets, NUM_CLASSES, switch_prob=0.5, batch_index=batch)
-        again, _ = mixup_cutmix_batch(inputs.clone(), targets, NUM_CLASSES, switch_prob=0.5, batch_index=batch)
-        rng = batch_rng(0, batch)
-        expected, expected_soft = MixUpCutMix(NUM_CLASSES, switch_prob=0.5).mix(inputs.clone(), targets, rng)
-        torch.testing.assert_close(mixed, expected, rtol=0, atol=0)
-        torch.testing.assert_close(soft, expected_soft, rtol=0, atol=0)
-        assert torch.equal(mixed, again), "a function of (seed, batch index)"
-        assert soft.shape == (8, NUM_CLASSES) and not torch.equal(mixed, inputs)
+    inputs, targets = torch.rand(8, 3, 12, 16, generator=g), torch.randperm(NUM_CLASSES, generator=g)[[0, 1] * 4]
+    reverse = inputs.flip(0)
+    kinds = set()
+    for batch in range(12):
+        mixed, soft = mixup_cutmix_batch(
+            inputs.clone(), targets, NUM_CLASSES, batch_rng(0, batch), label_smoothing=label_smoothing
+        )
+        again, _ = mixup_cutmix_batch(
+            inputs.clone(), targets, NUM_CLASSES, batch_rng(0, batch), label_smoothing=label_smoothing
+        )
+        assert torch.equal(mixed, again)
+        changed = (mixed != inputs).any(0).any(0)  # (H, W): where any sample changed
+        rows, cols = changed.any(1).nonzero().squeeze(1), changed.any(0).nonzero().squeeze(1)
+        box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        pasted = torch.equal(mixed[..., box[0], box[1]], reverse[..., box[0], box[1]])
+        if pasted and changed[box].all() and changed.sum() < changed.numel():  # CutMix: one box, exactly
+            kinds.add("cutmix")
+            lam = 1 - changed.sum().item() / changed.numel()
+            outside = ~changed
+            assert torch.equal(mixed[..., outside], inputs[..., outside])
+        else:  # MixUp: mixed = lam * inputs + (1 - lam) * reverse, one lam for the batch
+            kinds.add("mixup")
+            difference = inputs - reverse
+            lam = ((mixed - reverse) * difference).sum().item() / difference.square().sum().item()  # least squares
+            torch.testing.assert_close(mixed, lam * inputs + (1 - lam) * reverse)
+            assert 0 < lam < 1
+        expected = lam * _one_hot(targets, label_smoothing) + (1 - lam) * _one_hot(targets.flip(0), label_smoothing)
+        torch.testing.assert_close(soft.double(), expected, rtol=0, atol=1e-5)
+    assert kinds == {"mixup", "cutmix"}, "both were drawn"
+
+
+def test_mixup_cutmix_applies_the_function_with_keyed_draws() -> None:
+    """In the Trainer, microbatch k of batch b gets ``mixup_cutmix_batch`` with the draws of
+    ``batch_rng(seed, b, rank, k)`` and the algorithm's hyper-parameters: images and targets."""
+    targets_seen: list[torch.Tensor] = []
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets_seen.append(targets.detach().clone())
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    student = Recorder()
+    hparams = dict(mixup_alpha=0.3, cutmix_alpha=2.0, switch_prob=0.8, prob=0.7, label_smoothing=0.1)
+    Trainer(
+        model=ComposerClassifier(student, num_classes=NUM_CLASSES, loss_fn=loss_fn),
+        train_dataloader=_loader(n=64),
+        max_duration="8ba",
+        algorithms=[MixUpCutMix(NUM_CLASSES, **hparams)],
+        device="cpu",
+        device_train_microbatch_size=4,
+        progress_bar=False,
+        seed=7,
+    ).fit()
+    assert len(student.seen) == len(targets_seen) == 16
+    for b, (x, y) in enumerate(_loader(n=64)):
+        for k in range(2):
+            micro = slice(4 * k, 4 * k + 4)
+            rng = batch_rng(7, b, 0, k)
+            images, targets = mixup_cutmix_batch(x[micro].clone(), y[micro], NUM_CLASSES, rng, **hparams)
+            torch.testing.assert_close(student.seen[2 * b + k], images, rtol=0, atol=0)
+            torch.testing.assert_close(targets_seen[2 * b + k], targets, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: KnowledgeDistillation(Recorder(), alpha=-1), "alpha must be >= 0, got -1.0"),
+        (lambda: KnowledgeDistillation(Recorder(), temperature=0), "temperature must be > 0, got 0.0"),
+        (lambda: KnowledgeDistillation(Recorder(), ce_weight=-0.5), "ce_weight must be >= 0, got -0.5"),
+        (lambda: KnowledgeDistillation(Recorder(), log_interval=0), "log_interval must be >= 1, got 0"),
+        (lambda: MixUpCutMix(NUM_CLASSES, mixup_alpha=-1), "mixup_alpha must be >= 0, got -1.0"),
+        (lambda: MixUpCutMix(NUM_CLASSES, cutmix_alpha=-1), "cutmix_alpha must be >= 0, got -1.0"),
+        (
+            lambda: MixUpCutMix(NUM_CLASSES, mixup_alpha=0, cutmix_alpha=0),
+            "one of mixup_alpha and cutmix_alpha must be > 0",
+        ),
+        (lambda: MixUpCutMix(NUM_CLASSES, switch_prob=1.5), "switch_prob must be in [0, 1], got 1.5"),
+        (lambda: MixUpCutMix(NUM_CLASSES, prob=-0.1), "prob must be in [0, 1], got -0.1"),
+        (lambda: MixUpCutMix(NUM_CLASSES, label_smoothing=2), "label_smoothing must be in [0, 1], got 2.0"),
+        (lambda: FusedEMA(half_life=None, smoothing=1.0), "smoothing must be in (0, 1), got 1.0"),
+        (lambda: FusedEMA(half_life=None, smoothing=0.0), "smoothing must be in (0, 1), got 0.0"),
+        (
+            lambda: mixup_cutmix_batch(torch.zeros(2, 3, 4, 4), torch.zeros(2).long(), 2, batch_rng(0, 0), prob=1.5),
+            "prob must be in [0, 1], got 1.5",
+        ),
+    ],
+)
+def test_values_outside_the_declared_ranges_are_refused(make, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        make()
+    assert str(info.value) == message
+
+
+def test_range_ends_are_allowed_where_declared() -> None:
+    KnowledgeDistillation(Recorder(), alpha=0, ce_weight=0, log_interval=1)
+    for p in (0, 1):
+        MixUpCutMix(NUM_CLASSES, switch_prob=p, prob=p, label_smoothing=p)
+    MixUpCutMix(NUM_CLASSES, mixup_alpha=0)
+    MixUpCutMix(NUM_CLASSES, cutmix_alpha=0)
+    FusedEMA(half_life=None, smoothing=0.999)
+
+
+def test_ranges_are_declared_per_hyperparameter() -> None:
+    """What a config schema reads: one ``Range`` per hyper-parameter, its message without the name."""
+    for cls in (KnowledgeDistillation, MixUpCutMix):
+        assert set(cls.ranges) <= set(cls.hparams), cls
+    assert set(KnowledgeDistillation.ranges) == {"alpha", "temperature", "ce_weight", "log_interval"}
+    assert set(MixUpCutMix.ranges) == {"mixup_alpha", "cutmix_alpha", "switch_prob", "prob", "label_smoothing"}
+    assert KnowledgeDistillation.ranges["alpha"].violation(-1.0) == "must be >= 0, got -1.0"
+    assert KnowledgeDistillation.ranges["alpha"].violation(0.0) is None
+    assert MixUpCutMix.alphas_violation(0.0, 0.0) == "one of mixup_alpha and cutmix_alpha must be > 0"
+    assert MixUpCutMix.alphas_violation(0.0, 1.0) is None
+    with pytest.raises(TypeError):
+        KnowledgeDistillation.ranges["alpha"] = Range.above(0)  # read-only: shared by the checks and the schema
+
+
+@pytest.mark.parametrize(
+    ("allowed", "inside", "outside", "text"),
+    [
+        (Range.at_least(0), [0, 1e9], [-1e-9, float("nan")], ">= 0"),
+        (Range.above(0), [1e-9], [0, -1], "> 0"),
+        (Range.closed(0, 1), [0, 0.5, 1], [-0.1, 1.1], "in [0, 1]"),
+        (Range.open(0, 1), [1e-9, 0.5], [0, 1], "in (0, 1)"),
+        (Range(0, 1, high_included=False), [0, 0.999], [1], "in [0, 1)"),
+        (Range(high=8), [-5, 8], [9], "<= 8"),
+    ],
+)
+def test_range(allowed: Range, inside: list[float], outside: list[float], text: str) -> None:
+    for value in inside:
+        assert allowed.violation(value) is None, value
+        allowed.check("x", value)
+    for value in outside:
+        assert allowed.violation(value) == f"must be {text}, got {value}"
+        with pytest.raises(ValueError, match=rf"^x must be {re.escape(text)}, got {value}$"):
+            allowed.check("x", value)
 
 
 def _mixing_outcomes(mix, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -278,19 +417,17 @@ def test_mixup_cutmix_draws_follow_timms_distribution() -> None:
     from scipy.stats import ks_2samp
     from timm.data import Mixup
 
-    from usi_composer.algorithms.mixup_cutmix import batch_rng
-
-    ours = MixUpCutMix(NUM_CLASSES, switch_prob=0.5)
     timm_mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.0, num_classes=NUM_CLASSES)
     np.random.seed(0)
     n = 3000
-    c_ours, l_ours = _mixing_outcomes(lambda x, t, i: ours.mix(x, t, batch_rng(3, i)), n)
+    c_ours, l_ours = _mixing_outcomes(lambda x, t, i: mixup_cutmix_batch(x, t, NUM_CLASSES, batch_rng(3, i)), n)
     c_timm, l_timm = _mixing_outcomes(lambda x, t, i: timm_mixup(x, t), n)
     assert abs(c_ours.mean() - c_timm.mean()) < 0.04 and 0.4 < c_ours.mean() < 0.6
     for kind in (True, False):
         p = ks_2samp(l_ours[c_ours == kind], l_timm[c_timm == kind]).pvalue
         assert p > 1e-3, f"cutmix={kind}: KS p={p:.2g}"
     # and the comparison can tell another alpha apart
-    other = MixUpCutMix(NUM_CLASSES, mixup_alpha=0.3, switch_prob=0.5)
-    c_other, l_other = _mixing_outcomes(lambda x, t, i: other.mix(x, t, batch_rng(3, i)), n)
+    c_other, l_other = _mixing_outcomes(
+        lambda x, t, i: mixup_cutmix_batch(x, t, NUM_CLASSES, batch_rng(3, i), mixup_alpha=0.3), n
+    )
     assert ks_2samp(l_other[~c_other], l_timm[~c_timm]).pvalue < 1e-3

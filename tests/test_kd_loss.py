@@ -1,4 +1,4 @@
-"""kd_loss against a hand computation."""
+"""kd_loss against a hand computation, a float64 reference and its analytic gradient."""
 
 import math
 
@@ -35,19 +35,49 @@ def test_kd_loss_zero_when_student_equals_teacher() -> None:
         assert kd_loss(logits, logits.clone(), t).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_kd_loss_is_fp32_for_half_inputs() -> None:
-    s, t = torch.randn(4, 1000) * 30, torch.randn(4, 1000) * 30
-    loss = kd_loss(s.bfloat16(), t.bfloat16(), 1.0)
+def _reference(student: torch.Tensor, teacher: torch.Tensor, t: float) -> float:
+    """The KD term in float64, from the same (already rounded) logits."""
+    log_p, log_q = (x.double().div(t).log_softmax(-1) for x in (teacher, student))
+    return float(t * t * (log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kd_loss_of_half_logits_is_the_float64_value(dtype: torch.dtype, temperature: float) -> None:
+    """bf16/fp16 logits (as autocast gives them) over 1000 classes: kd_loss equals the float64 KD of
+    the same logits to fp32 precision; the same formula in the logits' own dtype, which rounds every
+    log-probability to 8 (bf16) or 11 (fp16) bits, is off by orders of magnitude more."""
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(8, 1000, generator=g) * 10).to(dtype)
+    teacher = (student.float() + torch.randn(8, 1000, generator=g) * 3).to(dtype)
+    reference = _reference(student, teacher, temperature)
+    loss = kd_loss(student, teacher, temperature)
     assert loss.dtype == torch.float32
-    reference = kd_loss(s.bfloat16().float(), t.bfloat16().float(), 1.0)
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(reference, rel=1e-5)
+    in_dtype = torch.nn.functional.kl_div(
+        (student / temperature).log_softmax(-1),
+        (teacher / temperature).log_softmax(-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    assert abs(in_dtype.item() * temperature**2 - reference) > 1e-4 * reference, "the test can tell the dtypes apart"
 
 
 def test_kd_loss_gradient_flows_to_student_only() -> None:
-    s = torch.randn(4, 5, requires_grad=True)
-    t = torch.randn(4, 5)
+    """The student's gradient is the KD gradient ``T * (softmax(s/T) - softmax(t/T)) / N``; the
+    teacher's logits are a constant target: neither they nor the parameters that made them get
+    a gradient, even when they come with a graph (a teacher not run under no_grad)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 5, generator=g, requires_grad=True)
+    teacher = torch.nn.Linear(3, 5)
+    t = teacher(torch.randn(4, 3, generator=g))
+    t.retain_grad()
     kd_loss(s, t, 2.0).backward()
-    assert s.grad is not None and s.grad.abs().sum() > 0
+    expected = 2.0 * (torch.softmax(s / 2.0, -1) - torch.softmax(t / 2.0, -1)) / 4
+    assert s.grad is not None
+    torch.testing.assert_close(s.grad, expected.detach())
+    assert t.grad is None
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_kd_loss_rejects_bad_input() -> None:

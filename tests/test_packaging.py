@@ -37,6 +37,7 @@ def test_algorithms_import_only_torch_composer_timm() -> None:
         "logging",
         "copy",
         "warnings",
+        "types",
         "numpy",
     }
     for path in (REPO / "algorithms").glob("*.py"):

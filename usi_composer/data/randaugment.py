@@ -50,11 +50,6 @@ RAND_OPS: tuple[str, ...] = tuple(op.name for op in _timm_rand_augment("rand-inc
 # magnitude after the noise and clip; sign +1/-1 for the ops timm negates at random).
 DRAW_COLUMNS = 3
 
-# Ops whose level -> argument map in timm calls ``_randomly_negate`` (a draw from the global ``random``).
-_SIGNED_OPS = frozenset(
-    {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
-    | {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
-)
 _LUT_OPS = frozenset(
     {"AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing"}
     | {"SolarizeAdd", "Contrast", "ContrastIncreasing", "Brightness", "BrightnessIncreasing"}
@@ -118,44 +113,74 @@ def draw_randaugment(rng: np.random.Generator, spec: RandAugmentSpec) -> np.ndar
 
 
 # --------------------------------------------------------------------------- level -> op argument
+#
+# timm's ``LEVEL_TO_ARG`` (timm/data/auto_augment.py) maps an op's magnitude ("level") to its
+# argument. For the ops it negates at random, its maps call ``_randomly_negate`` (a draw from the
+# global ``random``) inside, so those maps are written here, timm's arithmetic in its order, with OUR
+# drawn sign: ``_SIGNED_LEVEL_TO_ARG``, on Python floats (apply_pil) and float64 tensors (apply_batch).
+# ``_TENSOR_LEVEL_TO_ARG`` is timm's map of every other op, on float64 tensors for apply_batch
+# (``trunc`` for timm's ``int()``: the same integers); apply_pil uses timm's own ``LEVEL_TO_ARG``.
 
 
-def _signed_level_to_arg(name: str, level, sign):
-    """timm's LEVEL_TO_ARG for the ops it negates at random, with OUR sign instead of timm's global ``random``.
+def _negated(scale: float) -> Callable:
+    """timm's ``_rotate``/``_shear``/``_translate_rel_level_to_arg``: ``(level / 10) * scale``, signed."""
+    return lambda level, sign: sign * ((level / _LEVEL_DENOM) * scale)
 
-    Written by hand because timm's maps call ``_randomly_negate`` (``random.random()``) inside; the
-    arithmetic is timm's, in its order, and works on Python floats (apply_pil) and tensors (apply_batch).
-    """
-    fraction = level / _LEVEL_DENOM
-    if name == "Rotate":
-        return sign * (fraction * 30.0)
-    if name in ("ShearX", "ShearY"):
-        return sign * (fraction * 0.3)
-    if name in ("TranslateXRel", "TranslateYRel"):
-        return sign * (fraction * _TRANSLATE_PCT)
-    # *Increasing enhance ops: the no-change factor 1.0 +- up to 0.9, kept >= 0.1
-    factor = 1.0 + sign * (fraction * 0.9)
+
+def _enhance_increasing(level, sign):
+    """timm's ``_enhance_increasing_level_to_arg``: the no-change factor 1.0 +- up to 0.9, kept >= 0.1."""
+    factor = 1.0 + sign * ((level / _LEVEL_DENOM) * 0.9)
     return factor.clamp(min=0.1) if isinstance(factor, torch.Tensor) else max(0.1, factor)
 
 
+def _enhance(level: torch.Tensor) -> torch.Tensor:
+    """timm's ``_enhance_level_to_arg``: a factor in [0.1, 1.9]."""
+    return (level / _LEVEL_DENOM) * 1.8 + 0.1
+
+
+def _posterize(level: torch.Tensor) -> torch.Tensor:
+    """timm's ``_posterize_level_to_arg``: bits to keep, 0..4."""
+    return torch.trunc((level / _LEVEL_DENOM) * 4)
+
+
+def _solarize(level: torch.Tensor) -> torch.Tensor:
+    """timm's ``_solarize_level_to_arg``: the threshold, 0..256."""
+    return torch.trunc((level / _LEVEL_DENOM) * 256).clamp(max=256)
+
+
+_SIGNED_LEVEL_TO_ARG: dict[str, Callable] = {
+    "Rotate": _negated(30.0),  # degrees
+    "ShearX": _negated(0.3),
+    "ShearY": _negated(0.3),
+    "TranslateXRel": _negated(_TRANSLATE_PCT),  # fraction of the image size
+    "TranslateYRel": _negated(_TRANSLATE_PCT),
+    "ColorIncreasing": _enhance_increasing,
+    "ContrastIncreasing": _enhance_increasing,
+    "BrightnessIncreasing": _enhance_increasing,
+    "SharpnessIncreasing": _enhance_increasing,
+}
+_TENSOR_LEVEL_TO_ARG: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
+    "AutoContrast": None,  # no argument
+    "Equalize": None,
+    "Invert": None,
+    "Posterize": _posterize,
+    "PosterizeIncreasing": lambda level: 4 - _posterize(level),
+    "Solarize": _solarize,
+    "SolarizeIncreasing": lambda level: 256 - _solarize(level),
+    "SolarizeAdd": lambda level: torch.trunc((level / _LEVEL_DENOM) * 110).clamp(max=128),
+    "Color": _enhance,
+    "Contrast": _enhance,
+    "Brightness": _enhance,
+    "Sharpness": _enhance,
+}
+
+
 def _batch_level_to_arg(name: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """timm's LEVEL_TO_ARG on a float64 batch of levels (Python's float arithmetic, so the same integers)."""
-    if name in _SIGNED_OPS:
-        return _signed_level_to_arg(name, level, sign)
-    fraction = level / _LEVEL_DENOM
-    if name == "Posterize":
-        return torch.trunc(fraction * 4)
-    if name == "PosterizeIncreasing":
-        return 4 - torch.trunc(fraction * 4)
-    if name == "Solarize":
-        return torch.trunc(fraction * 256).clamp(max=256)
-    if name == "SolarizeIncreasing":
-        return 256 - torch.trunc(fraction * 256).clamp(max=256)
-    if name == "SolarizeAdd":
-        return torch.trunc(fraction * 110).clamp(max=128)
-    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        return fraction * 1.8 + 0.1
-    return level  # AutoContrast, Equalize, Invert take no argument
+    """The op's argument for a float64 batch of levels and signs (the level itself for an op without one)."""
+    if name in _SIGNED_LEVEL_TO_ARG:
+        return _SIGNED_LEVEL_TO_ARG[name](level, sign)
+    level_to_arg = _TENSOR_LEVEL_TO_ARG[name]
+    return level if level_to_arg is None else level_to_arg(level)
 
 
 # --------------------------------------------------------------------------- PIL (CPU pipeline)
@@ -179,8 +204,8 @@ def apply_pil(
         if op_index < 0:
             continue
         name = spec.ops[int(op_index)]
-        if name in _SIGNED_OPS:
-            args: tuple = (_signed_level_to_arg(name, float(level), float(sign)),)
+        if name in _SIGNED_LEVEL_TO_ARG:
+            args: tuple = (_SIGNED_LEVEL_TO_ARG[name](float(level), float(sign)),)
         elif LEVEL_TO_ARG[name] is not None:
             args = LEVEL_TO_ARG[name](float(level), {})
         else:
