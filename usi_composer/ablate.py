@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from usi_composer.config import load_config
+from usi_composer.config import find_yaml, load_config
 from usi_composer.errors import UsiError
 from usi_composer.redaction import redact, redact_argv, redact_text
 
@@ -50,7 +50,6 @@ __all__ = [
     "table",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED_KEY = "trainer.seed"
 
 
@@ -69,9 +68,10 @@ class Sweep:
 
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
-    """Read and check a W&B sweep file (grid method, ``values``/``value`` parameters)."""
-    path = Path(path)
+    """Read and check a W&B sweep file (grid method, ``values``/``value`` parameters); ``path`` may
+    name one of the recipe's own sweeps from anywhere (``yamls/sweeps/temperature.yaml``: :func:`find_yaml`)."""
     where = str(path)
+    path = find_yaml(path)
     if not path.is_file():
         raise SweepError(f"{where}: no such sweep file")
     try:

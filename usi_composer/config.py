@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,15 @@ from PIL import Image
 
 from usi_composer.errors import UsiError
 
-__all__ = ["Config", "ConfigError", "config_to_dict", "dump_config", "load_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "config_to_dict",
+    "dump_config",
+    "find_yaml",
+    "load_config",
+    "packaged_yamls",
+]
 
 
 class ConfigError(UsiError, ValueError):
@@ -229,10 +238,33 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
+PACKAGED_YAMLS = "usi_composer.yamls"  # the repo's yamls/, shipped in the wheel as package data
+
+
+def packaged_yamls() -> Path:
+    """The folder of the recipe's own yamls (``usi.yaml``, ``demo.yaml``, ``sweeps/``, ...), installed
+    with the package (the repo's ``yamls/`` in a checkout or an editable install)."""
+    return Path(str(resources.files(PACKAGED_YAMLS)))
+
+
+def find_yaml(path: str | os.PathLike) -> Path:
+    """``path`` where it is a file (a user's own yaml always wins); else the recipe's yaml of that
+    name shipped with the package, so ``yamls/usi.yaml`` (the name the docs and sweep files use),
+    ``usi.yaml`` and ``sweeps/temperature.yaml`` work from any directory, without a checkout."""
+    given = Path(path)
+    if given.is_file() or given.is_absolute():
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("yamls",) else given.parts
+    packaged = packaged_yamls().joinpath(*parts)
+    return packaged if parts and packaged.is_file() else given
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read ``path``, apply ``key=value`` ``overrides`` in order, validate, return a :class:`Config`."""
+    """Read ``path`` (:func:`find_yaml`), apply ``key=value`` ``overrides`` in order, validate, return a
+    :class:`Config`."""
     source = str(path)
-    if not Path(path).is_file():
+    path = find_yaml(path)
+    if not path.is_file():
         raise ConfigError(source, "", "no such config file")
     try:
         file_cfg = OmegaConf.load(path)

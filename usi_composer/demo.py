@@ -21,21 +21,19 @@ from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 
 from usi_composer.algorithms import BestOfEMAAndRaw
-from usi_composer.config import Config, load_config
+from usi_composer.config import Config, load_config, packaged_yamls
 
 __all__ = [
-    "REPO_YAMLS",
     "DemoResult",
     "RunProgress",
     "data_overrides",
     "demo_overrides",
     "prepare_teacher",
+    "quick_overrides",
     "run_demo",
     "teacher_checkpoint",
     "train_and_score",
 ]
-
-REPO_YAMLS = Path(__file__).resolve().parents[1] / "yamls"
 
 
 @dataclass
@@ -114,7 +112,8 @@ class RunProgress(Callback):
             return
         facts = ", ".join(f"{k} {v}" for k, v in self._facts.items())
         seconds = time.perf_counter() - self._start
-        print(f"{self.label}: {self._done} batches in {seconds:.0f} s ({facts})", file=self.stream, flush=True)
+        batches = f"{self._done} batch{'es' if self._done != 1 else ''}"
+        print(f"{self.label}: {batches} in {seconds:.0f} s ({facts})", file=self.stream, flush=True)
 
 
 def _isatty(stream: Any) -> bool:
@@ -159,32 +158,50 @@ def data_overrides(data_root: Path) -> list[str]:
     return [f"data.local={mds}"]
 
 
-def teacher_checkpoint(workdir: Path, seed: int) -> Path:
-    return workdir / f"teacher-seed{seed}.pt"
+def teacher_checkpoint(workdir: Path, seed: int, batches: int | None = None) -> Path:
+    """Where the demo keeps its teacher; a quick check's (``batches``) under its own name, never reused
+    as the real one."""
+    return workdir / f"teacher-seed{seed}{f'-{batches}ba' if batches else ''}.pt"
 
 
 def prepare_teacher(
     workdir: Path,
-    yamls: Path = REPO_YAMLS,
+    yamls: Path | None = None,
     seed: int = 0,
     overrides: Sequence[str] = (),
     label: str | None = None,
+    batches: int | None = None,
 ) -> tuple[Path, Path, float | None]:
     """Export the digits and train the demo teacher unless ``workdir`` already has both.
 
-    Returns (data root, teacher checkpoint, teacher top-1 or None if reused).
+    Returns (data root, teacher checkpoint, teacher top-1 or None if reused). ``yamls``: the folder
+    holding demo_teacher.yaml (default: the recipe's own). ``batches``: train for that many batches
+    only (:func:`quick_overrides`).
     """
     from usi_composer.data import export_digits
 
+    yamls = yamls or packaged_yamls()
     data_root = export_digits(workdir / "digits")
-    checkpoint = teacher_checkpoint(workdir, seed)
+    checkpoint = teacher_checkpoint(workdir, seed, batches)
     if checkpoint.is_file():
         return data_root, checkpoint, None
-    cfg = load_config(yamls / "demo_teacher.yaml", [*data_overrides(data_root), f"trainer.seed={seed}", *overrides])
+    args = [*data_overrides(data_root), f"trainer.seed={seed}", *overrides, *quick_overrides(batches)]
+    cfg = load_config(yamls / "demo_teacher.yaml", args)
     partial = checkpoint.with_suffix(".partial")
     top1 = train_and_score(cfg, save_to=partial, label=label)
     partial.rename(checkpoint)  # only a finished teacher is ever reused
     return data_root, checkpoint, top1
+
+
+def quick_overrides(batches: int | None) -> list[str]:
+    """A quick check of an install: ``batches`` training batches and one evaluation batch per run."""
+    if not batches:
+        return []
+    return [
+        f"trainer.max_duration={batches}ba",
+        f"trainer.eval_interval={batches}ba",
+        "trainer.eval_subset_num_batches=1",
+    ]
 
 
 def demo_overrides(base: Path, workdir: Path, echo: Callable[[str], None] = print) -> list[str]:
@@ -201,29 +218,34 @@ def demo_overrides(base: Path, workdir: Path, echo: Callable[[str], None] = prin
 
 def run_demo(
     workdir: Path,
-    yamls: Path = REPO_YAMLS,
+    yamls: Path | None = None,
     seed: int = 0,
     overrides: Sequence[str] = (),
     progress: bool = True,
+    batches: int | None = None,
 ) -> DemoResult:
     """Teacher, baseline student, USI student; ``overrides`` apply to the student runs.
-    ``progress``: one progress line per run (else nothing is printed)."""
+    ``progress``: one progress line per run (else nothing is printed). ``yamls``: the folder holding
+    demo.yaml and demo_teacher.yaml (default: the recipe's own). ``batches``: each run trains that
+    many batches only, a quick check that an install works (its accuracies mean nothing)."""
     from usi_composer.data import export_digits
 
+    yamls = yamls or packaged_yamls()
     start = time.perf_counter()
     data_args = data_overrides(export_digits(workdir / "digits"))
-    checkpoint = teacher_checkpoint(workdir, seed)
+    checkpoint = teacher_checkpoint(workdir, seed, batches)
     quiet = ["trainer.progress_bar=false", "trainer.log_to_console=false"]  # RunProgress speaks instead
     student_args = [*data_args, f"trainer.seed={seed}", f"teacher.checkpoint={checkpoint}", *quiet]
+    student_args += quick_overrides(batches)
     # Validate every config before the minutes of training start.
-    teacher_cfg = load_config(yamls / "demo_teacher.yaml", [*data_args, *quiet])
+    teacher_cfg = load_config(yamls / "demo_teacher.yaml", [*data_args, *quiet, *quick_overrides(batches)])
     baseline = load_config(yamls / "demo.yaml", [*student_args, "algorithms.distillation.enabled=false", *overrides])
     usi = load_config(yamls / "demo.yaml", [*student_args, *overrides])
 
     def label(text: str) -> str | None:
         return text if progress else None
 
-    _, _, teacher_top1 = prepare_teacher(workdir, yamls, seed, quiet, label=label("1/3 teacher"))
+    _, _, teacher_top1 = prepare_teacher(workdir, yamls, seed, quiet, label("1/3 teacher"), batches)
     if teacher_top1 is None:  # reused: score it again, cheaply, without training
         if progress:
             print(f"1/3 teacher: reusing {checkpoint}", flush=True)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from usi_composer import redaction
 from usi_composer.ablate import (
-    REPO_ROOT,
     finished_rows,
     load_sweep,
     plot,
@@ -30,7 +29,7 @@ from usi_composer.ablate import (
     report,
     run_sweep,
 )
-from usi_composer.config import load_config
+from usi_composer.config import find_yaml, load_config
 from usi_composer.demo import demo_overrides
 from usi_composer.errors import UsiError, error_line
 
@@ -41,8 +40,7 @@ def _resolve_base(base: Path | None, sweep_base: Path | None) -> Path:
     path = base or sweep_base
     if path is None:
         raise UsiError("the sweep's command names no yaml: pass --base YAML")
-    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-        path = REPO_ROOT / path  # the sweep files name repo paths (yamls/usi.yaml)
+    path = find_yaml(path)  # the sweep files name the recipe's own yamls (yamls/usi.yaml)
     if not path.is_file():
         raise UsiError(f"{path}: no such base config")
     return path

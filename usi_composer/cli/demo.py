@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction
-from usi_composer.demo import REPO_YAMLS, run_demo
+from usi_composer.demo import run_demo
 from usi_composer.errors import UsiError, error_line
 
 __all__ = ["main"]
@@ -28,11 +28,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where the digits and the teacher's weights go (reused when present)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--yamls", type=Path, default=REPO_YAMLS, help="folder holding demo.yaml, demo_teacher.yaml")
+    parser.add_argument(
+        "--yamls",
+        type=Path,
+        help="folder holding demo.yaml and demo_teacher.yaml (default: the recipe's own, installed with it)",
+    )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        metavar="N",
+        help="train each of the three runs for N batches only: a quick check that an install works "
+        "(the accuracies then mean nothing; its teacher is kept apart from the real one)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for the two student runs")
     args = parser.parse_args(argv)
     try:
-        result = run_demo(args.workdir, args.yamls, args.seed, args.overrides)
+        result = run_demo(args.workdir, args.yamls, args.seed, args.overrides, batches=args.batches)
     except UsiError as e:
         print(error_line(e), file=sys.stderr)
         return 2
