@@ -65,20 +65,75 @@ def test_importable_as_usi_composer_algorithms_not_algorithms() -> None:
     assert Path(out.stdout.strip()).parent == REPO / "algorithms"
 
 
-def test_wheel_maps_algorithms_into_the_package(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(REPO)],
         check=True,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    (wheel,) = tmp_path.glob("usi_composer-*.whl")
+    (built,) = out.glob("usi_composer-*.whl")
+    return built
+
+
+@pytest.mark.slow
+def test_wheel_maps_algorithms_and_yamls_into_the_package(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "usi_composer/algorithms/__init__.py" in names
     assert "usi_composer/algorithms/knowledge_distillation.py" in names
     assert "usi_composer/algorithms/README.md" in names
-    assert not any(n.startswith("algorithms/") for n in names)
+    assert not any(n.startswith(("algorithms/", "yamls/")) for n in names)
+    shipped = {n.removeprefix("usi_composer/yamls/") for n in names if n.startswith("usi_composer/yamls/")}
+    in_repo = {str(p.relative_to(REPO / "yamls")) for p in (REPO / "yamls").rglob("*.yaml")}
+    assert in_repo <= shipped and {"usi.yaml", "demo.yaml", "demo_teacher.yaml", "sweeps/temperature.yaml"} <= shipped
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_runs_without_a_checkout(wheel: Path, tmp_path: Path) -> None:
+    """The wheel installed non-editable into a fresh venv (which reuses this environment's packages,
+    so torch is not installed again); from an empty directory: the console scripts, the packaged
+    usi.yaml, and the demo for one batch."""
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    site = next(venv.glob("lib/python*/site-packages"))
+    # This environment's packages, as a plain path entry: its .pth files (our editable install) are not run.
+    (site / "test-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    bin_dir = venv / "bin"
+    subprocess.run(
+        [bin_dir / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+    def run(*cmd: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [str(c) for c in cmd], cwd=empty, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done
+
+    where = run(
+        bin_dir / "python",
+        "-c",
+        "import usi_composer.config as c, usi_composer.algorithms as a; print(c.__file__, a.__file__)",
+    )
+    assert all(Path(f).is_relative_to(site) for f in where.stdout.split()), where.stdout  # the wheel's, not the repo's
+    assert "--batches" in run(bin_dir / "usi-demo", "--help").stdout
+    for name in ("usi.yaml", "yamls/usi.yaml"):
+        dry = run(bin_dir / "usi-train", name, "model.name=resnet18", "--dry-run")
+        assert "teacher:\n  name: tresnet_v2_l.miil_in21k_ft_in1k" in dry.stdout and "student resnet18" in dry.stderr
+    demo = run(bin_dir / "usi-demo", "--workdir", empty / "demo", "--batches", "1", timeout=600)
+    assert "3/3 student + USI distillation: 1 batch in" in demo.stdout and "KD gain over the baseline" in demo.stdout
+    assert sorted(p.name for p in empty.iterdir()) == ["demo"]  # nothing written outside the workdir
 
 
 def test_supported_pythons_agree() -> None:
