@@ -42,6 +42,7 @@ class ConfigError(UsiError, ValueError):
 class ModelConfig:
     name: str = MISSING  # any timm model name, e.g. resnet50, deit_small_patch16_224
     checkpoint: str | None = None  # initial weights: local path or object-store URI
+    trust_checkpoint: bool = False  # unpickle checkpoint in full (it may run code); false: read it as data
     pretrained: bool = False  # timm's pretrained weights (needs network)
     drop_path_rate: float | None = None  # None: the backbone's own default
     # The size timm builds the model for (img_size=, where its constructor takes it: ViT, Swin,
@@ -54,6 +55,7 @@ class ModelConfig:
 class TeacherConfig:
     name: str | None = None  # timm model name (a pretrained tag like '.miil_in21k_ft_in1k' is allowed)
     checkpoint: str | None = None  # weights: local path or object-store URI (s3://, gs://, ...)
+    trust_checkpoint: bool = False  # unpickle checkpoint in full (it may run code); false: read it as data
     pretrained: bool = False  # timm's pretrained weights instead (needs network)
     # The size the teacher is built for (as model.img_size) and sees: the student's batch is
     # resized to it where they differ. None: data.image_size.
@@ -177,10 +179,12 @@ class TrainerConfig:
     run_name: str | None = None
     save_folder: str | None = None  # local path or object-store URI; None: no checkpoints
     save_interval: str = "1ep"
-    save_num_checkpoints_to_keep: int = -1
+    save_num_checkpoints_to_keep: int | None = None  # local copies; None: all (-1) for a local save_folder, 1 remote
     save_overwrite: bool = False
     autoresume: bool = False  # needs run_name and save_folder
+    autoresume_accept: list[str] = field(default_factory=list)  # keys whose change to the training math may resume
     load_path: str | None = None
+    trust_checkpoints: bool = False  # resume (load_path, autoresume) unpickling in full; false: read as data
     progress_bar: bool = True
     log_to_console: bool = False
     console_log_interval: str = "1ep"
@@ -487,6 +491,24 @@ def _validate(cfg: Config, source_of: Any) -> None:
     if t.autoresume:
         check("trainer.run_name", bool(t.run_name), "autoresume needs a fixed run_name")
         check("trainer.save_folder", bool(t.save_folder), "autoresume needs a save_folder")
+    check(
+        "trainer.save_num_checkpoints_to_keep",
+        t.save_num_checkpoints_to_keep is None or t.save_num_checkpoints_to_keep >= -1,
+        f"must be -1 (all), >= 0 or null, got {t.save_num_checkpoints_to_keep}",
+    )
+    check(
+        "trainer.autoresume_accept",
+        all(key.strip() for key in t.autoresume_accept),
+        f"must be key paths (e.g. [optimizer.lr]), got {list(t.autoresume_accept)}",
+    )
+    if (t.fsdp or {}).get("state_dict_type") == "sharded" and (t.autoresume or t.load_path):
+        # torch.distributed.checkpoint unpickles sharded checkpoints in full (their .metadata too)
+        check(
+            "trainer.fsdp.state_dict_type",
+            t.trust_checkpoints,
+            "sharded checkpoints can only be loaded by unpickling them in full (torch.distributed.checkpoint): "
+            "set trainer.trust_checkpoints=true if the checkpoint folder is as trusted as the code",
+        )
 
     w = cfg.loggers.wandb
     if w is not None:
