@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from usi_composer import patches
 from usi_composer.builders import build_model, build_trainer
 from usi_composer.cli.train import main, train
-from usi_composer.config import load_config
+from usi_composer.config import ConfigError, load_config
 from usi_composer.errors import CheckpointError, SetupError, UnsafeCheckpointError
 from usi_composer.models import load_weights, save_weights
 
@@ -171,19 +171,21 @@ def test_composer_checkpoint_loads_as_model_checkpoint(digits: Path, composer_ru
     assert_weights(model.module, {k.removeprefix("module."): v for k, v in state.items()})
 
 
-def test_composer_checkpoint_resumes_with_load_path_as_data(digits: Path, composer_run: Path, tmp_path: Path) -> None:
-    cfg = load_config(
-        DEMO,
-        tiny(
-            digits,
-            f"trainer.load_path={composer_run / 'ep0-ba1-rank0.pt'}",
-            f"trainer.save_folder={tmp_path}",
-            "trainer.max_duration=3ba",
-        ),
-    )
-    trainer = build_trainer(cfg)
-    assert composer_checkpoint._torch_load_with_validation is patches._torch_load_with_validation
+def test_composer_checkpoint_resumes_with_load_path_as_data(
+    digits: Path, composer_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights_only: list[bool] = []
+    load = torch.load
+
+    def recording(*args, **kwargs):
+        weights_only.append(kwargs.get("weights_only"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording)
+    run = [f"trainer.load_path={composer_run / 'ep0-ba1-rank0.pt'}", f"trainer.save_folder={tmp_path}"]
+    trainer = build_trainer(load_config(DEMO, tiny(digits, *run, "trainer.max_duration=3ba")))
     assert int(trainer.state.timestamp.batch) == 1
+    assert weights_only == [True], "Composer's load, as data"
     trainer.fit()
     assert int(trainer.state.timestamp.batch) == 3
     trainer.close()
@@ -211,6 +213,22 @@ def test_plain_http_is_refused(digits: Path, capsys: pytest.CaptureFixture[str])
         assert main([DEMO, *tiny(digits, f"{key}=http://example.com/w.pt")]) == 2
         line = one_error_line(capsys.readouterr().err)
         assert line.startswith(f"error: {key}: http://example.com/w.pt: refusing plain http://"), line
+
+
+def test_what_composer_cannot_read_as_data_needs_trust(digits: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A tar checkpoint: Composer 0.32.1 extracts it without a filter (its members can write any file)
+    assert main([DEMO, *tiny(digits, "trainer.load_path=/ckpt/ep1.tar.gz")]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "error: trainer.load_path: /ckpt/ep1.tar.gz: refusing to extract a tar archive (Composer extracts it "
+        "unfiltered: a member can write any file) (a checkpoint can run code when it is loaded); if you trust "
+        "this file, set trainer.trust_checkpoints=true"
+    )
+    # FSDP's sharded checkpoints: torch.distributed.checkpoint unpickles them (their .metadata too)
+    sharded = ["trainer.fsdp={state_dict_type: sharded}", "trainer.autoresume=true", "trainer.run_name=r"]
+    sharded.append("trainer.save_folder=/ckpt")
+    with pytest.raises(ConfigError, match=r"trainer.fsdp.state_dict_type: sharded checkpoints can only be loaded"):
+        load_config("yamls/usi.yaml", sharded)
+    assert load_config("yamls/usi.yaml", [*sharded, "trainer.trust_checkpoints=true"]).trainer.trust_checkpoints
 
 
 # --------------------------------------------------------------------------- the patches' guard

@@ -15,7 +15,7 @@ from composer.algorithms import ChannelsLast, ProgressiveResizing
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback, DataSpec
 from composer.loggers import LoggerDestination
-from composer.utils import dist, format_name_with_dist, parse_uri, reproducibility
+from composer.utils import dist, format_name_with_dist, is_tar, parse_uri, reproducibility
 from timm.data import resolve_data_config
 from timm.models import resolve_pretrained_cfg, split_model_name_tag
 
@@ -423,6 +423,9 @@ def build_trainer(
     if t.load_path:
         with _checkpoint_key("trainer.load_path", "trainer.trust_checkpoints"):
             refuse_plain_http(t.load_path)
+            if is_tar(t.load_path) and not t.trust_checkpoints:  # Composer 0.32.1: download_checkpoint
+                what = "extract a tar archive (Composer extracts it unfiltered: a member can write any file)"
+                raise UnsafeCheckpointError(t.load_path, what)
     wandb_logger = build_wandb_logger(cfg)
     loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
     reproducibility.seed_all(t.seed)

@@ -50,10 +50,8 @@ log = logging.getLogger(__name__)
 
 _reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
 # The plain numeric dtypes (numpy >= 1.25 pickles each array's dtype as its own class); not the object dtype.
-_NUMERIC_DTYPES = [
-    type(np.dtype(t))
-    for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
-] + [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.complex64, np.complex128)]
+_NUMERIC = "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64 complex64 complex128"
+_NUMERIC_DTYPES = [type(np.dtype(name)) for name in _NUMERIC.split()]
 
 # What torch.load(weights_only=True) rejects in the checkpoints this recipe writes (found by training
 # the demo student, folders and MDS, with distillation, EMA and evaluation, checkpointing every batch,
@@ -100,8 +98,8 @@ def read_checkpoint(
     ``trust``: unpickle in full (``weights_only=False``), running whatever the file asks for.
     ``name``: the file as the user gave it, for messages (default ``path``). ``mmap``: map the tensors
     rather than read them (where the file is in torch's zip format), to read a part of a large
-    checkpoint cheaply. Raises :class:`UnsafeCheckpointError` (one line) for what the allow-list refuses, and
-    :class:`CheckpointError` for a file that is not a complete checkpoint.
+    checkpoint cheaply. Raises :class:`UnsafeCheckpointError` (one line) for what the allow-list
+    refuses, and :class:`CheckpointError` for a file that is not a complete checkpoint.
     """
     name = name or path
     if _is_safetensors(path):
@@ -117,12 +115,12 @@ def read_checkpoint(
     except pickle.UnpicklingError as e:
         if trust or not str(e).startswith("Weights only load failed"):
             raise CheckpointError(f"{name}: not a checkpoint torch can read ({_first_line(e)})") from None
-        raise UnsafeCheckpointError(name, f"unpickle {_refused(e, path)}") from None
+        raise UnsafeCheckpointError(name, f"unpickle {_refused(e)}") from None
     except (RuntimeError, EOFError, ValueError) as e:  # torch's reader on a truncated or foreign file
         raise CheckpointError(f"{name}: not a complete checkpoint ({_first_line(e)})") from None
 
 
-def _refused(error: Exception, path: str) -> str:
+def _refused(error: Exception) -> str:
     """What torch's weights-only unpickler stopped at, as it says (the first one it met)."""
     text = str(error)
     for pattern in (r"GLOBAL ([\w.]+)", r"but got <class '([\w.]+)'>", r"unrecognized function <?([^>]+)>?"):
@@ -150,6 +148,8 @@ def check_algorithm_reprs(checkpoint: Any, name: str) -> None:
 
     algorithms = checkpoint.get("state", {}).get("algorithms") if isinstance(checkpoint, dict) else None
     for entry in algorithms if isinstance(algorithms, list) else ():
+        if not (isinstance(entry, tuple | list) and len(entry) == 2 and isinstance(entry[0], str)):
+            continue  # Composer fails on it before evaluating anything
         algorithm, state = entry
         text = state.get("repr") if isinstance(state, dict) else None
         if hasattr(composer.algorithms, algorithm) and not _evaluates_to_a_plain_call(text, algorithm):
@@ -160,14 +160,14 @@ def _evaluates_to_a_plain_call(text: Any, algorithm: str) -> bool:
     """Whether Composer's ``eval(f"algorithms.{text}")`` would only call ``algorithms.<algorithm>`` with
     literal arguments, or fail to compile (then nothing runs: Composer warns and goes on)."""
     try:
-        node = ast.parse(f"algorithms.{text}", mode="eval").body
-    except SyntaxError:
+        node = ast.parse(f"algorithms.{text}", mode="eval").body  # eval's own compiler
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return True
 
     def literal(value: ast.expr) -> bool:
         try:
             ast.literal_eval(value)
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             return False
         return True
 
