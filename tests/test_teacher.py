@@ -78,3 +78,82 @@ def test_pretrained_offline_names_the_alternative(monkeypatch: pytest.MonkeyPatc
 def test_missing_checkpoint_is_a_setup_error(tmp_path) -> None:
     with pytest.raises(SetupError, match="checkpoint not found"):
         build_teacher("resnet10t", 10, (0.5,) * 3, (0.5,) * 3, checkpoint=str(tmp_path / "nope.pt"))
+
+
+def pretrained_teacher(digits, file, *extra: str) -> list[str]:
+    """The demo recipe distilling from test_resnet with timm's pretrained loading of ``file``
+    (``pretrained_cfg_overlay.file``: timm loads a local file as it would the hub's weights)."""
+    from checkpoint_fixtures import tiny
+
+    return tiny(
+        digits,
+        "algorithms.distillation.enabled=true",
+        "teacher.name=test_resnet",
+        "teacher.checkpoint=null",
+        "teacher.pretrained=true",
+        f"teacher.kwargs.pretrained_cfg_overlay.file={file}",
+        *extra,
+    )
+
+
+def test_pretrained_teacher_for_other_classes_stops_before_anything_is_built(digits, saved_teacher, capsys) -> None:
+    from checkpoint_fixtures import DEMO, one_error_line
+
+    from usi_composer.cli.train import main
+
+    in1k = saved_teacher("test_resnet", 1000)
+    # What timm does with it: the trunk's weights, and a new, random 10-class head without a word
+    built = timm.create_model(
+        "test_resnet", pretrained=True, num_classes=10, pretrained_cfg_overlay={"file": str(in1k)}
+    )
+    weights = torch.load(in1k, weights_only=True)
+    assert torch.equal(built.conv1[0].weight, weights["conv1.0.weight"]) and built.fc.weight.shape[0] == 10
+
+    assert main([DEMO, *pretrained_teacher(digits, in1k)]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "error: teacher.kwargs.pretrained_cfg_overlay.file: the pretrained weights of teacher test_resnet classify "
+        "1000 classes, data.num_classes is 10: timm would give the teacher a new, untrained classifier, which knows "
+        "nothing of these classes; fine-tune a teacher on this data as yamls/demo_teacher.yaml does, then set "
+        "teacher.checkpoint=PATH and teacher.pretrained=false"
+    )
+
+
+def test_pretrained_teacher_key_names_where_the_class_count_comes_from(digits) -> None:
+    from checkpoint_fixtures import DEMO
+
+    from usi_composer.builders import check_teacher_classes
+    from usi_composer.config import ConfigError, load_config
+
+    def key(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as error:
+            check_teacher_classes(load_config(DEMO, list(overrides)))
+        return error.value.key
+
+    hub = ["teacher.name=tresnet_v2_l.miil_in21k_ft_in1k", "teacher.checkpoint=null", "teacher.pretrained=true"]
+    assert key(*hub) == "teacher.pretrained"  # the hub's weights: 1000 classes, the data 10
+    assert key(*hub, "teacher.kwargs.pretrained_cfg_overlay.num_classes=100") == (
+        "teacher.kwargs.pretrained_cfg_overlay.num_classes"
+    )
+    check_teacher_classes(load_config(DEMO, [*hub, "data.num_classes=1000"]))  # the weights' classes: fine
+    check_teacher_classes(load_config(DEMO, [*hub, "algorithms.distillation.enabled=false"]))  # no teacher
+
+
+def test_pretrained_teacher_for_the_same_classes_distils(digits, saved_teacher) -> None:
+    from checkpoint_fixtures import DEMO
+
+    from usi_composer.algorithms import KnowledgeDistillation
+    from usi_composer.builders import build_model
+    from usi_composer.cli.train import train
+    from usi_composer.config import load_config
+
+    ten = saved_teacher("test_resnet", 10)
+    overrides = pretrained_teacher(digits, ten, "teacher.kwargs.pretrained_cfg_overlay.num_classes=10")
+    trainer = train(load_config(DEMO, overrides))
+    kd = next(a for a in trainer.state.algorithms if isinstance(a, KnowledgeDistillation))
+    assert torch.equal(kd.teacher.model.get_submodule("fc").weight, torch.load(ten, weights_only=True)["fc.weight"])
+    assert int(trainer.state.timestamp.batch) == 2
+    trainer.close()
+    # A student may start from weights of another class count: ordinary fine-tuning, not refused
+    in1k = saved_teacher("test_resnet", 1000)
+    student = ["model.pretrained=true", f"model.kwargs.pretrained_cfg_overlay.file={in1k}"]
+    assert build_model(load_config(DEMO, [*overrides, *student])).module.fc.weight.shape[0] == 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from composer.algorithms import ChannelsLast, ProgressiveResizing
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback, DataSpec
 from composer.loggers import LoggerDestination
-from composer.utils import dist, reproducibility
+from composer.utils import dist, format_name_with_dist, is_tar, parse_uri, reproducibility
 from timm.data import resolve_data_config
+from timm.models import resolve_pretrained_cfg, split_model_name_tag
 
 from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistillation, MixUpCutMix
+from usi_composer.checkpoints import ConfigRecord, refuse_plain_http, set_aside_partial_checkpoints
 from usi_composer.compilation import CompileTime, mark_batch_dynamic, resolve_compile
 from usi_composer.config import Config, ConfigError, DataConfig
 from usi_composer.data import DeviceNormalize, build_bytes_transform, folder_dataloader
@@ -32,11 +35,12 @@ from usi_composer.data.gpu_pipeline import (
 )
 from usi_composer.data.layout import find_classes
 from usi_composer.data.mds import read_classes_json, streaming_dataloader
-from usi_composer.errors import CheckpointError, InputSizeError
+from usi_composer.errors import CheckpointError, InputSizeError, UnsafeCheckpointError
 from usi_composer.models import USIClassifier, check_input_size, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
+from usi_composer.patches import apply_patches, trusting_checkpoints
 from usi_composer.teacher import build_teacher
-from usi_composer.tracking import build_wandb_logger
+from usi_composer.tracking import build_wandb_logger, loggable_config
 from usi_composer.trainer import Trainer
 
 __all__ = [
@@ -44,7 +48,9 @@ __all__ = [
     "build_model",
     "build_trainer",
     "check_model_sizes",
+    "check_teacher_classes",
     "ema_smoothing",
+    "local_checkpoints_to_keep",
     "scaled_lr",
     "separate_node_signal_files",
 ]
@@ -54,13 +60,14 @@ log = logging.getLogger(__name__)
 
 def build_model(cfg: Config) -> USIClassifier:
     m = cfg.model
-    with _checkpoint_key("model.checkpoint"):
+    with _checkpoint_key("model.checkpoint", "model.trust_checkpoint"):
         backbone = create_backbone(
             m.name,
             cfg.data.num_classes,
             checkpoint=m.checkpoint,
             pretrained=m.pretrained,
             img_size=m.img_size or cfg.data.image_size,
+            trust_checkpoint=m.trust_checkpoint,
             drop_path_rate=m.drop_path_rate,
             **m.kwargs,
         )
@@ -68,12 +75,58 @@ def build_model(cfg: Config) -> USIClassifier:
 
 
 @contextlib.contextmanager
-def _checkpoint_key(key: str) -> Iterator[None]:
-    """Weights that cannot be loaded are a config error (exit 2) naming the key that points at them."""
+def _checkpoint_key(key: str, trust_key: str) -> Iterator[None]:
+    """Weights that cannot be loaded are a config error (exit 2) naming the key that points at them;
+    a refused unpickling also names ``trust_key``, the opt-in that loads the file in full."""
     try:
         yield
+    except UnsafeCheckpointError as e:
+        raise ConfigError("", key, f"{e}; if you trust this file, set {trust_key}=true") from None
     except CheckpointError as e:
         raise ConfigError("", key, str(e)) from None
+
+
+def check_teacher_classes(cfg: Config) -> None:
+    """A pretrained teacher must have been trained on the data's classes (before anything is downloaded).
+
+    ``timm.create_model(pretrained=True, num_classes=N)`` with weights for another number of classes
+    drops their classifier and builds a random one without a word (timm 1.0.31 ``_builder.py:
+    load_pretrained``, where ``num_classes != pretrained_cfg['num_classes']``); distilling from it
+    teaches nothing. timm's pretrained cfg (with ``pretrained_cfg_overlay``) says the weights' classes.
+    The student may start from weights of another class count: that is ordinary fine-tuning.
+    """
+    t, n = cfg.teacher, cfg.data.num_classes
+    if not (cfg.algorithms.distillation.enabled and t.pretrained and t.name):
+        return
+    architecture, tag = split_model_name_tag(t.name)
+    overlay = dict(t.kwargs.get("pretrained_cfg_overlay") or {})
+    weights = resolve_pretrained_cfg(architecture, t.kwargs.get("pretrained_cfg") or tag or None, overlay)
+    if weights.num_classes == n:
+        return
+    source = next((k for k in ("num_classes", "file", "url", "hf_hub_id") if overlay.get(k) is not None), None)
+    key = f"teacher.kwargs.pretrained_cfg_overlay.{source}" if source else "teacher.pretrained"
+    raise ConfigError(
+        "",
+        key,
+        f"the pretrained weights of teacher {t.name} classify {weights.num_classes} classes, data.num_classes is "
+        f"{n}: timm would give the teacher a new, untrained classifier, which knows nothing of these classes; "
+        "fine-tune a teacher on this data as yamls/demo_teacher.yaml does, then set teacher.checkpoint=PATH "
+        "and teacher.pretrained=false",
+    )
+
+
+def local_checkpoints_to_keep(cfg: Config) -> int:
+    """``trainer.save_num_checkpoints_to_keep``; null: -1 (all) for a local save_folder, 1 for a remote one.
+
+    With a remote save_folder, Composer 0.32.1's CheckpointSaver writes each checkpoint into a local
+    temporary folder and uploads a copy of it (``RemoteUploader`` stages its own), so the local files
+    are only the last few: kept all (-1), 300 epochs of them fill the node's disk. Autoresume reads
+    the remote ``latest`` then, not the local files.
+    """
+    t = cfg.trainer
+    if t.save_num_checkpoints_to_keep is not None:
+        return t.save_num_checkpoints_to_keep
+    return 1 if t.save_folder and parse_uri(t.save_folder)[0] else -1
 
 
 def check_model_sizes(cfg: Config) -> list[str]:
@@ -169,7 +222,7 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float], compile: 
     if a.distillation.enabled:
         t = cfg.teacher
         assert t.name is not None  # validated
-        with _checkpoint_key("teacher.checkpoint"):
+        with _checkpoint_key("teacher.checkpoint", "teacher.trust_checkpoint"):
             teacher = build_teacher(
                 t.name,
                 cfg.data.num_classes,
@@ -183,6 +236,7 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float], compile: 
                 channels_last=t.channels_last,
                 compile=compile,
                 img_size=t.img_size or cfg.data.image_size,
+                trust_checkpoint=t.trust_checkpoint,
                 **t.kwargs,
             )
         kd = a.distillation
@@ -399,6 +453,7 @@ def build_trainer(
     """Model, teacher, algorithms, data, optimizer, schedule, checkpointing and the configured
     loggers (``loggers.wandb``), plus ``loggers``/``callbacks`` given here -> a ready Trainer."""
     t = cfg.trainer
+    apply_patches()  # first: a Composer its overrides do not fit stops here, before anything is built
     # Composer warns on every batch about things that are expected here: MixUp/CutMix targets
     # sum to 1 only up to float rounding, and the last eval batch is smaller than the others.
     warnings.filterwarnings("ignore", message="Some targets have less than 1 total probability")
@@ -406,6 +461,13 @@ def build_trainer(
     for line in check_model_sizes(cfg):  # before the data, the weights and the W&B run
         log.info(line)
     check_classes(cfg)
+    check_teacher_classes(cfg)
+    if t.load_path:
+        with _checkpoint_key("trainer.load_path", "trainer.trust_checkpoints"):
+            refuse_plain_http(t.load_path)
+            if is_tar(t.load_path) and not t.trust_checkpoints:  # Composer 0.32.1: download_checkpoint
+                what = "extract a tar archive (Composer extracts it unfiltered: a member can write any file)"
+                raise UnsafeCheckpointError(t.load_path, what)
     wandb_logger = build_wandb_logger(cfg)
     loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
     reproducibility.seed_all(t.seed)
@@ -418,6 +480,10 @@ def build_trainer(
         dist.initialize_dist(device)
         if dist.get_world_size() > dist.get_local_world_size():
             separate_node_signal_files()
+    if t.autoresume and not parse_uri(str(t.save_folder))[0]:  # a local folder, where a write may have failed
+        if dist.get_global_rank() == 0:
+            set_aside_partial_checkpoints(format_name_with_dist(str(t.save_folder), t.run_name))
+        dist.barrier()
     model = build_model(cfg)
     mean, std = student_normalization(cfg, model.module)
     compile = resolve_compile(t.compile, device)
@@ -428,34 +494,46 @@ def build_trainer(
     scheduler = CosineWithWarmupFrom(s.warmup, alpha_i=min(1.0, s.warmup_lr / lr), alpha_f=min(1.0, s.min_lr / lr))
     if device == "gpu":  # one input size throughout: let cuDNN pick the fastest kernels (as timm's train.py does)
         torch.backends.cudnn.benchmark = True
-    return Trainer(
-        model=model,
-        train_dataloader=train_spec,
-        eval_dataloader=eval_spec,
-        max_duration=t.max_duration,
-        eval_interval=t.eval_interval if eval_spec is not None else 1,
-        optimizers=optimizer,
-        schedulers=scheduler,
-        step_schedulers_every_batch=True,
-        algorithms=build_algorithms(cfg, mean, std, compile),
-        device=device,
-        precision=precision,
-        compile_config={} if compile else None,  # Composer compiles the student (after DDP wrapping)
-        device_train_microbatch_size=t.microbatch_size,
-        seed=t.seed,
-        run_name=t.run_name,
-        save_folder=t.save_folder,
-        save_interval=t.save_interval,
-        save_num_checkpoints_to_keep=t.save_num_checkpoints_to_keep,
-        save_overwrite=t.save_overwrite,
-        autoresume=t.autoresume,
-        load_path=t.load_path,
-        progress_bar=t.progress_bar,
-        log_to_console=t.log_to_console,
-        console_log_interval=t.console_log_interval,
-        train_subset_num_batches=t.train_subset_num_batches,
-        eval_subset_num_batches=t.eval_subset_num_batches,
-        parallelism_config={"fsdp": dict(t.fsdp)} if t.fsdp is not None else None,
-        loggers=loggers or None,
-        callbacks=[*build_callbacks(cfg, eval_spec is not None, compile), *(callbacks or [])],
-    )
+    algorithms = build_algorithms(cfg, mean, std, compile)
+    # Every checkpoint records the config, for a later autoresume to check (patches._get_autoresume_checkpoint)
+    record = ConfigRecord(loggable_config(cfg), accept=t.autoresume_accept)
+    try:
+        with trusting_checkpoints(t.trust_checkpoints):
+            return Trainer(
+                model=model,
+                train_dataloader=train_spec,
+                eval_dataloader=eval_spec,
+                max_duration=t.max_duration,
+                eval_interval=t.eval_interval if eval_spec is not None else 1,
+                optimizers=optimizer,
+                schedulers=scheduler,
+                step_schedulers_every_batch=True,
+                algorithms=algorithms,
+                device=device,
+                precision=precision,
+                compile_config={} if compile else None,  # Composer compiles the student (after DDP wrapping)
+                device_train_microbatch_size=t.microbatch_size,
+                seed=t.seed,
+                run_name=t.run_name,
+                save_folder=t.save_folder,
+                save_interval=t.save_interval,
+                save_num_checkpoints_to_keep=local_checkpoints_to_keep(cfg),
+                save_overwrite=t.save_overwrite,
+                autoresume=t.autoresume,
+                load_path=t.load_path,
+                progress_bar=t.progress_bar,
+                log_to_console=t.log_to_console,
+                console_log_interval=t.console_log_interval,
+                train_subset_num_batches=t.train_subset_num_batches,
+                eval_subset_num_batches=t.eval_subset_num_batches,
+                parallelism_config={"fsdp": dict(t.fsdp)} if t.fsdp is not None else None,
+                loggers=loggers or None,
+                callbacks=[*build_callbacks(cfg, eval_spec is not None, compile), record, *(callbacks or [])],
+            )
+    except CheckpointError as e:  # the checkpoint Composer resumes from: refused, or not complete
+        key = "trainer.autoresume" if t.autoresume else "trainer.load_path"
+        if not isinstance(e, UnsafeCheckpointError):
+            raise ConfigError("", key, str(e)) from None
+        where = e.path if os.path.exists(e.path) else str(t.load_path or t.save_folder)  # a download is gone
+        refused = UnsafeCheckpointError(where, e.what)
+        raise ConfigError("", key, f"{refused}; if you trust this file, set trainer.trust_checkpoints=true") from None

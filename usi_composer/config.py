@@ -187,6 +187,7 @@ KD, MIX, EMA_SMOOTHING = KnowledgeDistillation.ranges, MixUpCutMix.ranges, Fused
 class ModelConfig:
     name: str = checked(_timm_model, MISSING)  # any timm model name, e.g. resnet50, deit_small_patch16_224
     checkpoint: str | None = None  # initial weights: local path or object-store URI
+    trust_checkpoint: bool = False  # unpickle checkpoint in full (it may run code); false: read it as data
     pretrained: bool = False  # timm's pretrained weights (needs network)
     drop_path_rate: float | None = bounded(None, Range(0, 1, high_included=False))  # None: the backbone's own
     # The size timm builds the model for (img_size=, where its constructor takes it: ViT, Swin,
@@ -200,6 +201,7 @@ class TeacherConfig:
     # timm model name (a pretrained tag like '.miil_in21k_ft_in1k' is allowed)
     name: str | None = checked(_timm_model, None)
     checkpoint: str | None = None  # weights: local path or object-store URI (s3://, gs://, ...)
+    trust_checkpoint: bool = False  # unpickle checkpoint in full (it may run code); false: read it as data
     pretrained: bool = False  # timm's pretrained weights instead (needs network)
     # The size the teacher is built for (as model.img_size) and sees: the student's batch is
     # resized to it where they differ. None: data.image_size.
@@ -332,10 +334,14 @@ class TrainerConfig:
     run_name: str | None = None
     save_folder: str | None = None  # local path or object-store URI; None: no checkpoints
     save_interval: str = checked(_time_string, "1ep")
-    save_num_checkpoints_to_keep: int = -1
+    # local copies (-1: all); None: all for a local save_folder, 1 for a remote one
+    save_num_checkpoints_to_keep: int | None = bounded(None, Range.at_least(-1))
     save_overwrite: bool = False
     autoresume: bool = False  # needs run_name and save_folder
+    # keys whose change to the training math may resume (autoresume refuses any other)
+    autoresume_accept: list[str] = checked(_key_paths, factory=list)
     load_path: str | None = None
+    trust_checkpoints: bool = False  # resume (load_path, autoresume) unpickling in full; false: read as data
     progress_bar: bool = True
     log_to_console: bool = False
     console_log_interval: str = checked(_time_string, "1ep")
@@ -483,6 +489,18 @@ def autoresume_has_a_run(cfg: Config) -> Problem:
     return None
 
 
+def sharded_checkpoints_are_trusted(cfg: Config) -> Problem:
+    t = cfg.trainer
+    sharded = (t.fsdp or {}).get("state_dict_type") == "sharded"
+    if not sharded or not (t.autoresume or t.load_path) or t.trust_checkpoints:
+        return None
+    # torch.distributed.checkpoint unpickles sharded checkpoints in full (their .metadata too)
+    return "trainer.fsdp.state_dict_type", (
+        "sharded checkpoints can only be loaded by unpickling them in full (torch.distributed.checkpoint): "
+        "set trainer.trust_checkpoints=true if the checkpoint folder is as trusted as the code"
+    )
+
+
 RULES: tuple[Callable[[Config], Problem], ...] = (
     data_source_is_set,
     img_size_is_not_a_kwarg,
@@ -492,6 +510,7 @@ RULES: tuple[Callable[[Config], Problem], ...] = (
     batch_splits_over_processes,
     fsdp_on_gpus,
     autoresume_has_a_run,
+    sharded_checkpoints_are_trusted,
 )
 
 

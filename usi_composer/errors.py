@@ -40,6 +40,17 @@ class CheckpointError(SetupError):
     """Weights that cannot be loaded into the model: a missing file, or another architecture's."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that would run code when loaded (a pickled global outside the allow-list), refused.
+
+    ``what`` says what was refused, e.g. ``unpickle 'posix.system'``; callers add the key that opts in.
+    """
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path, self.what = path, what
+        super().__init__(f"{path}: refusing to {what} (a checkpoint can run code when it is loaded)")
+
+
 class InputSizeError(SetupError):
     """A model that cannot run at the configured image size."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Any
@@ -16,9 +17,12 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from usi_composer.checkpoints import atomic_file, read_checkpoint, refuse_plain_http
 from usi_composer.errors import CheckpointError, InputSizeError, SetupError
 
-__all__ = ["USIClassifier", "check_input_size", "create_backbone", "load_weights"]
+__all__ = ["USIClassifier", "check_input_size", "create_backbone", "load_weights", "save_weights"]
+
+log = logging.getLogger(__name__)
 
 
 def soft_target_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -76,9 +80,12 @@ def create_backbone(
     checkpoint: str | None = None,
     pretrained: bool = False,
     img_size: int | None = None,
+    trust_checkpoint: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model`` with weights from a checkpoint (path or object-store URI) or timm's hub.
+
+    ``trust_checkpoint``: unpickle the checkpoint in full (it may run code); else it is read as data.
 
     ``img_size``: the input size, passed to timm where the model's constructor takes it
     (ViT/DeiT, Swin, LeViT, MLP-Mixer, ...); convnets without it run at any size they can.
@@ -100,7 +107,7 @@ def create_backbone(
             ) from None
     model, _ = _create_model(name, img_size, pretrained=False, num_classes=num_classes, **kwargs)
     if checkpoint:
-        load_weights(model, checkpoint, name)
+        load_weights(model, checkpoint, name, trust=trust_checkpoint)
     return model
 
 
@@ -196,27 +203,32 @@ def _sizes_that_run(name: str, size: int, num_classes: int, kwargs: dict[str, An
     return f"no multiple of {_SEARCH_STEP} px from {down[-1] if down else size} to {up[-1]} px runs either"
 
 
-def load_weights(module: nn.Module, checkpoint: str, name: str | None = None) -> None:
-    """Load a state dict, a timm checkpoint or a Composer checkpoint into ``module`` (strict).
+def load_weights(module: nn.Module, checkpoint: str, name: str | None = None, trust: bool = False) -> None:
+    """Load a safetensors file, a state dict, a timm checkpoint or a Composer checkpoint into ``module`` (strict).
 
-    ``checkpoint`` is a local path or any URI Composer's ``get_file`` reads (s3://, gs://, oci://, ...).
+    ``checkpoint`` is a local path or any URI Composer's ``get_file`` reads (s3://, gs://, oci://,
+    https://, ...; not plain http://). It is read as data (``checkpoints.read_checkpoint``): a file
+    that would run code when unpickled raises :class:`UnsafeCheckpointError`, unless ``trust``.
     Weights that do not fit raise :class:`CheckpointError` with one line counting the missing,
     unexpected and mis-shaped keys, naming the first of each (``name``: the model, for the
     message); the module is then partly loaded, to be discarded.
     """
+    refuse_plain_http(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         local = checkpoint
         if "://" in checkpoint:
-            local = os.path.join(tmp, "weights.pt")
+            local = os.path.join(tmp, os.path.basename(checkpoint.split("?", 1)[0]) or "weights")
             get_file(checkpoint, local, progress_bar=False)
         elif not os.path.isfile(checkpoint):
             raise CheckpointError(f"checkpoint not found: {checkpoint}")
-        state = _model_state_dict(torch.load(local, map_location="cpu", weights_only=False))
-    # torch's own message is one line per mis-shaped key (tens of lines for another architecture):
-    # load what fits (torch decides what is missing or unexpected), then report all three in one line.
-    expected = module.state_dict()
-    misshaped = [k for k, v in state.items() if k in expected and getattr(v, "shape", None) != expected[k].shape]
-    missing, unexpected = module.load_state_dict({k: v for k, v in state.items() if k not in misshaped}, strict=False)
+        state, which = _model_state_dict(read_checkpoint(local, trust=trust, name=checkpoint, mmap=True), checkpoint)
+        log.info("%s: loading %s", checkpoint, which)
+        # torch's own message is one line per mis-shaped key (tens of lines for another architecture):
+        # load what fits (torch decides what is missing or unexpected), then report all three in one line.
+        expected = module.state_dict()
+        misshaped = [k for k, v in state.items() if k in expected and getattr(v, "shape", None) != expected[k].shape]
+        fitting = {k: v for k, v in state.items() if k not in misshaped}
+        missing, unexpected = module.load_state_dict(fitting, strict=False)  # copies out of the mapped file
     missing = [k for k in missing if k not in misshaped]  # held back above, not missing from the file
     if missing or unexpected or misshaped:
         shape = [f"{k}: {list(state[k].shape)} in the file, {list(expected[k].shape)} in the model" for k in misshaped]
@@ -227,24 +239,33 @@ def load_weights(module: nn.Module, checkpoint: str, name: str | None = None) ->
         raise CheckpointError(f"{checkpoint} does not fit {name or type(module).__name__}: {counts}")
 
 
-def _model_state_dict(state: dict) -> dict:
-    """The backbone's weights from a plain, timm (``state_dict``) or Composer checkpoint."""
-    if "state" in state and isinstance(state["state"], dict) and "model" in state["state"]:
-        state = state["state"]["model"]  # Composer: the ComposerClassifier's `module.` prefix follows
-    elif "state_dict" in state:
-        state = state["state_dict"]
-    elif "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    prefix = "module."
-    if state and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
+# The entries timm's load_state_dict(use_ema=True) takes, in its order: a timm train.py checkpoint's
+# EMA weights first. (timm's loader is not called itself: its allow-list lacks what Composer
+# checkpoints hold, it turns a refusal into a RuntimeError of its own wording, and it recognizes
+# safetensors by the name alone; its entry order and clean_state_dict are reused.)
+_TIMM_ENTRIES = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def _model_state_dict(checkpoint: Any, source: str = "weights") -> tuple[dict[str, Any], str]:
+    """The backbone's weights from a plain, timm or Composer checkpoint, and which entry they were."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{source}: holds a {type(checkpoint).__name__}, not a state dict")
+    if isinstance(checkpoint.get("state"), dict) and "model" in checkpoint["state"]:
+        state, which = checkpoint["state"]["model"], "the Composer checkpoint's state.model"
+    else:
+        entry = next((k for k in _TIMM_ENTRIES if isinstance(checkpoint.get(k), dict)), None)
+        state, which = (checkpoint[entry], f"its '{entry}'") if entry else (checkpoint, "its state dict")
+    # timm's: drops the prefixes of DDP (and of the ComposerClassifier: `module.`) and of torch.compile
+    return timm.models.clean_state_dict(state), which
 
 
 def save_weights(trainer: Any, path: str | os.PathLike) -> None:
-    """Save the trained backbone's state dict (the EMA weights where EMA ran) to ``path``.
+    """Save the trained backbone's weights (the EMA weights where EMA ran) to ``path``, atomically.
 
-    The file loads with ``load_weights`` / ``model.checkpoint`` / ``teacher.checkpoint``.
+    A ``.safetensors`` path gets safetensors (what timm and the Hugging Face hub publish); any other a
+    torch file holding a dict of tensors only. Either loads as data (``load_weights``,
+    ``model.checkpoint`` / ``teacher.checkpoint``, ``torch.load(weights_only=True)``) with no
+    allow-listed global; ``.pt`` stays what torch and timm expect under that name.
     Reads the EMA copy without swapping it into the model (Composer's ``get_ema_model``
     overwrites the training weights).
     """
@@ -256,4 +277,11 @@ def save_weights(trainer: Any, path: str | os.PathLike) -> None:
     if ema is not None and ema.ema_model is not None and not ema.ema_weights_active:
         averaged = {**ema.ema_model.named_parameters_dict, **ema.ema_model.named_buffers_dict}
         state.update({k: v.detach().cpu().clone() for k, v in averaged.items() if k in state})
-    torch.save(_model_state_dict(state), path)
+    weights = {k: v.contiguous() for k, v in timm.models.clean_state_dict(state).items()}  # safetensors: contiguous
+    with atomic_file(path) as tmp:
+        if os.fspath(path).endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file(weights, tmp)
+        else:
+            torch.save(weights, tmp)

@@ -139,6 +139,7 @@ def build_teacher(
     channels_last: bool = True,
     compile: bool = False,
     img_size: int | None = None,
+    trust_checkpoint: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """A ready teacher for ``KnowledgeDistillation``: eval mode, no gradients, BN folded,
@@ -151,9 +152,16 @@ def build_teacher(
     its timm ``pretrained_cfg`` (right for timm's weights, not for a teacher trained with others).
     ``compile``: ``torch.compile`` the prepared teacher in place (``nn.Module.compile``: it stays
     this module, and compiles at its first call).
+    ``trust_checkpoint``: unpickle ``checkpoint`` in full (it may run code); else it is read as data.
     """
     model = create_backbone(
-        name, num_classes, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size, **kwargs
+        name,
+        num_classes,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        img_size=img_size,
+        trust_checkpoint=trust_checkpoint,
+        **kwargs,
     )
     cfg = getattr(model, "pretrained_cfg", None) or {}
     teacher_mean = teacher_mean or cfg.get("mean", student_mean)

@@ -1,0 +1,397 @@
+"""Checkpoints as data: reading them without running their code, writing them atomically, setting
+aside the ones a failed write left behind, and refusing a resume whose config changes the training math.
+
+A torch checkpoint is a pickle, and unpickling can call any function the file names. Files from
+outside (a bucket, a colleague, a URL) are therefore read with ``torch.load(weights_only=True)``,
+which builds tensors and plain containers only, plus the few types below that a Composer checkpoint
+of this recipe holds; anything else is refused with one line naming the file, the first global it
+wanted and the key that loads it in full (``model.trust_checkpoint``, ``teacher.trust_checkpoint``,
+``trainer.trust_checkpoints``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import datetime
+import logging
+import os
+import pickle
+import re
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from composer.core import Callback
+from torch.torch_version import TorchVersion
+
+from usi_composer.config import Config, ConfigError, config_to_dict
+from usi_composer.errors import CheckpointError, UnsafeCheckpointError
+
+__all__ = [
+    "NOT_TRAINING_MATH",
+    "SAFE_GLOBALS",
+    "ConfigRecord",
+    "atomic_file",
+    "check_algorithm_reprs",
+    "first_math_change",
+    "is_complete",
+    "read_checkpoint",
+    "refuse_plain_http",
+    "set_aside_partial_checkpoints",
+]
+
+log = logging.getLogger(__name__)
+
+_reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+# The plain numeric dtypes (numpy >= 1.25 pickles each array's dtype as its own class); not the object dtype.
+_NUMERIC = "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64 complex64 complex128"
+_NUMERIC_DTYPES = [type(np.dtype(name)) for name in _NUMERIC.split()]
+
+# What torch.load(weights_only=True) rejects in the checkpoints this recipe writes (found by training
+# the demo student, folders and MDS, with distillation, EMA and evaluation, checkpointing every batch,
+# and listing torch.serialization.get_unsafe_globals_in_checkpoint on the result), plus timm's
+# train.py `args`. Each builds plain data when unpickled and calls nothing else:
+# - numpy's _reconstruct, ndarray and the numeric dtypes: the RNG states (numpy's generator state is
+#   an array). _reconstruct makes an empty array of a class that must itself be allowed (ndarray is
+#   the only one), ndarray.__setstate__ fills it from bytes; no object dtype, so no pickled elements.
+#   Registered under numpy 1's module name too, for checkpoints written with numpy 1.
+# - datetime.timedelta: the wall-clock times in Composer's Timestamp.
+# - torch.torch_version.TorchVersion: a str subclass (the torch version in Composer's metadata).
+# - argparse.Namespace: timm's train.py stores its arguments so; it only sets attributes (timm's own
+#   load_state_dict allows it too).
+SAFE_GLOBALS: list[Any] = [
+    _reconstruct,
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    np.ndarray,
+    np.dtype,
+    *_NUMERIC_DTYPES,
+    datetime.timedelta,
+    TorchVersion,
+    argparse.Namespace,
+]
+
+
+def refuse_plain_http(uri: str) -> None:
+    """A checkpoint fetched over plain http:// can be swapped by anyone on the way: refused."""
+    if uri.lower().startswith("http://"):
+        raise CheckpointError(f"{uri}: refusing plain http:// (anyone on the way can replace the file); use https://")
+
+
+def _is_safetensors(path: str) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+def read_checkpoint(
+    path: str, trust: bool = False, name: str | None = None, map_location: Any = "cpu", mmap: bool = False
+) -> Any:
+    """The object saved at the local ``path``: a safetensors file, or a torch checkpoint read as data.
+
+    ``trust``: unpickle in full (``weights_only=False``), running whatever the file asks for.
+    ``name``: the file as the user gave it, for messages (default ``path``). ``mmap``: map the tensors
+    rather than read them (where the file is in torch's zip format), to read a part of a large
+    checkpoint cheaply. Raises :class:`UnsafeCheckpointError` (one line) for what the allow-list
+    refuses, and :class:`CheckpointError` for a file that is not a complete checkpoint.
+    """
+    name = name or path
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        return load_file(path, device=str(map_location))
+    mmap = mmap and zipfile.is_zipfile(path)
+    try:
+        if trust:
+            return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if trust or not str(e).startswith("Weights only load failed"):
+            raise CheckpointError(f"{name}: not a checkpoint torch can read ({_first_line(e)})") from None
+        raise UnsafeCheckpointError(name, f"unpickle {_refused(e)}") from None
+    except (RuntimeError, EOFError, ValueError) as e:  # torch's reader on a truncated or foreign file
+        raise CheckpointError(f"{name}: not a complete checkpoint ({_first_line(e)})") from None
+
+
+def _refused(error: Exception) -> str:
+    """What torch's weights-only unpickler stopped at, as it says (the first one it met)."""
+    text = str(error)
+    for pattern in (r"GLOBAL ([\w.]+)", r"but got <class '([\w.]+)'>", r"unrecognized function <?([^>]+)>?"):
+        found = re.search(pattern, text)
+        if found:
+            return f"'{found.group(1)}'"
+    reason = next((line for line in text.splitlines() if "WeightsUnpickler error" in line), _first_line(error))
+    return f"it ({reason.split('error: ', 1)[-1].strip()[:160]})"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def check_algorithm_reprs(checkpoint: Any, name: str) -> None:
+    """Refuse a Composer checkpoint whose algorithm reprs would run more than a call with literal arguments.
+
+    Composer 0.32.1 re-creates the checkpoint's ``required_on_load`` algorithms by evaluating
+    ``eval(f"algorithms.{repr}")`` with the repr strings stored in it (``core/state.py:
+    State._apply_required_algorithms``), so a checkpoint read as data would still run code there.
+    Checked for every name Composer's algorithms module has, a superset of those it evaluates.
+    """
+    import composer.algorithms
+
+    algorithms = checkpoint.get("state", {}).get("algorithms") if isinstance(checkpoint, dict) else None
+    for entry in algorithms if isinstance(algorithms, list) else ():
+        if not (isinstance(entry, tuple | list) and len(entry) == 2 and isinstance(entry[0], str)):
+            continue  # Composer fails on it before evaluating anything
+        algorithm, state = entry
+        text = state.get("repr") if isinstance(state, dict) else None
+        if hasattr(composer.algorithms, algorithm) and not _evaluates_to_a_plain_call(text, algorithm):
+            raise UnsafeCheckpointError(name, f"evaluate its {algorithm} repr {str(text)[:80]!r}")
+
+
+def _evaluates_to_a_plain_call(text: Any, algorithm: str) -> bool:
+    """Whether Composer's ``eval(f"algorithms.{text}")`` would only call ``algorithms.<algorithm>`` with
+    literal arguments, or fail to compile (then nothing runs: Composer warns and goes on)."""
+    try:
+        node = ast.parse(f"algorithms.{text}", mode="eval").body  # eval's own compiler
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return True
+
+    def literal(value: ast.expr) -> bool:
+        try:
+            ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            return False
+        return True
+
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and (node.func.value.id, node.func.attr) == ("algorithms", algorithm)
+        and all(literal(a) for a in node.args)
+        and all(k.arg is not None and literal(k.value) for k in node.keywords)
+    )
+
+
+# --------------------------------------------------------------------------- writing and hygiene
+
+_TEMP_PREFIX = ".tmp-"
+_TEMP_NAME = re.compile(rf"^{re.escape(_TEMP_PREFIX)}[0-9a-f]{{12}}-(?P<name>.+)$")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary name beside ``path`` to write to, moved over ``path`` (``os.replace``) once the
+    write has finished and reached the disk; removed if the write failed. ``path`` is never a partial
+    file: it is the previous file or the complete new one. The temporary name keeps ``path``'s ending
+    (writers pick the format by it) and starts with a dot, so no checkpoint name pattern matches it."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f"{_TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether a torch checkpoint (zip format) is whole: a cut file has no readable central directory."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+# Composer's default names (the recipe sets no other): rank 0 writes a run's monolithic checkpoints.
+_CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(?P<batch>\d+)-rank0\.pt$")
+_LATEST = "latest-rank0.pt"
+
+
+def set_aside_partial_checkpoints(folder: str | os.PathLike) -> str | None:
+    """Before autoresume looks into a local save folder: rename each checkpoint there that is not
+    complete (and each temporary file a killed write left) to ``<name>.partial-<time>``, never deleting
+    one, with a warning each; point Composer's ``latest-rank0.pt`` at the newest complete checkpoint.
+    Returns that checkpoint's path, or None (autoresume then starts from scratch).
+
+    Why: Composer follows ``latest`` to resume, then refuses to start (``FileExistsError`` from
+    ``CheckpointSaver.fit_start``, ``ensure_folder_has_no_conflicting_files``) while a file named like
+    a later checkpoint exists, such as the one a full disk cut short.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    complete: dict[str, int] = {}
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        temp = _TEMP_NAME.match(entry)
+        checkpoint = _CHECKPOINT_NAME.match(temp.group("name") if temp else entry)
+        if checkpoint is None or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        if temp is None and is_complete(path):
+            complete[path] = int(checkpoint.group("batch"))
+            continue
+        aside = _free_name(os.path.join(folder, f"{checkpoint.group(0)}.partial-{stamp}"))
+        os.rename(path, aside)
+        log.warning("autoresume: %s is not a complete checkpoint (a write cut short): set aside as %s", path, aside)
+    latest = os.path.join(folder, _LATEST)
+    newest = max(complete, key=complete.__getitem__, default=None)
+    if newest is None:
+        if os.path.islink(latest):
+            os.remove(latest)  # a link to nothing complete (the files it named are kept above)
+        if os.listdir(folder):
+            log.warning("autoresume: no complete checkpoint in %s: starting from scratch", folder)
+        return None
+    target = os.path.basename(newest)
+    if not (os.path.islink(latest) and os.readlink(latest) == target):
+        link = os.path.join(folder, f"{_TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{_LATEST}")
+        os.symlink(target, link)  # relative, as Composer writes it
+        os.replace(link, latest)
+        log.warning("autoresume: %s now points at %s, the newest complete checkpoint", latest, target)
+    return newest
+
+
+def _free_name(path: str) -> str:
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
+        candidate, n = f"{path}-{n}", n + 1
+    return candidate
+
+
+# --------------------------------------------------------------------------- resuming with another config
+
+# Keys whose change leaves what the run computes as it was: a resume with them changed is silent.
+# Prefixes of dotted key paths. Everything else is training math (model, data, batch sizes, optimizer,
+# scheduler, seed, duration, precision, augmentation, algorithms, teacher) and stops an autoresume.
+NOT_TRAINING_MATH = (
+    # evaluation
+    "trainer.eval_",
+    "data.val_dir",
+    "data.streaming.val_split",
+    "data.crop_pct",
+    "algorithms.ema.best_of_raw",
+    # logging
+    "loggers",
+    "trainer.progress_bar",
+    "trainer.log_to_console",
+    "trainer.console_log_interval",
+    "algorithms.distillation.log_interval",
+    # checkpointing and resuming
+    "trainer.save_",
+    "trainer.run_name",
+    "trainer.autoresume",
+    "trainer.load_path",
+    "trainer.trust_checkpoints",
+    "model.trust_checkpoint",
+    "teacher.trust_checkpoint",
+    # how it runs and how the data is read (the number of nodes is not in the config: elastic resume)
+    "trainer.compile",
+    "trainer.fsdp",
+    "trainer.device",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.streaming.predownload",
+    "data.streaming.cache_limit",
+    "data.streaming.download_",
+    "data.streaming.validate_hash",
+)
+# ... and data.local where data.remote is set (then it is the shards' cache, not the data).
+_ABSENT, _UNKNOWN = object(), object()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _show(value: Any) -> str:
+    if value is _ABSENT:
+        return "unset"
+    if isinstance(value, list):
+        return f"[{', '.join(_show(v) for v in value)}]"
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    return str(value)
+
+
+def first_math_change(
+    recorded: dict[str, Any], current: dict[str, Any], accept: list[str] | tuple[str, ...] = ()
+) -> tuple[str, Any, Any] | None:
+    """The first key (in the config's order) whose value changes the training math from the config a
+    checkpoint recorded to the current one, with both values (``unset`` where absent); None if none does.
+
+    ``accept``: key paths whose change (or their children's) is accepted. A key the recorded config
+    lacks because it was written before the key existed counts as its default; a key of a free-form
+    field (``model.kwargs``, ...) that one side lacks counts as unset.
+    """
+    old, new = _flatten(recorded), _flatten(current)
+    defaults = _flatten(config_to_dict(Config()))
+
+    def value(side: dict[str, Any], key: str) -> Any:
+        if key in side:
+            return side[key]
+        if any(key.startswith(f"{d}.") for d in defaults):  # inside a free-form field: really absent
+            return _ABSENT
+        return defaults.get(key, _UNKNOWN)  # written before the key existed: its default
+
+    for key in [*new, *(k for k in old if k not in new)]:
+        before, after = value(old, key), value(new, key)
+        if before is _UNKNOWN or after is _UNKNOWN or before == after or key.startswith(NOT_TRAINING_MATH):
+            continue  # _UNKNOWN: a key this version's schema no longer has
+        if key == "data.local" and new.get("data.remote"):
+            continue  # the shards' cache
+        if not any(key == a or key.startswith(f"{a}.") for a in accept):
+            return key, before, after
+    return None
+
+
+class ConfigRecord(Callback):
+    """Stores the run's resolved config (secrets redacted) in every checkpoint, and refuses an autoresume
+    from a checkpoint trained with other training math (:func:`first_math_change`).
+
+    ``patches`` calls :meth:`check_resume` as Composer's autoresume finds its checkpoint, before any of
+    it is loaded (Composer loads the model before the callbacks, so ``load_state_dict`` would be late).
+    """
+
+    def __init__(self, config: dict[str, Any], accept: list[str] | tuple[str, ...] = ()) -> None:
+        self.config, self.accept = config, list(accept)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config}
+
+    def check_resume(self, checkpoint: Any, path: str) -> None:
+        callbacks = checkpoint.get("state", {}).get("callbacks", {}) if isinstance(checkpoint, dict) else {}
+        recorded = (callbacks.get(type(self).__qualname__) or {}).get("config")
+        if recorded is None:
+            log.warning("trainer.autoresume: %s records no config: resuming without checking it", path)
+            return
+        change = first_math_change(recorded, self.config, self.accept)
+        if change is None:
+            return
+        key, before, after = change
+        accept = ",".join([*self.accept, key])
+        raise ConfigError(
+            "",
+            "trainer.autoresume",
+            f"{key} is {_show(after)}, the checkpoint was trained with {_show(before)} (a change to the "
+            f"training math); to continue with it anyway, add trainer.autoresume_accept=[{accept}]",
+        )
