@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 from composer.algorithms import EMA
+
+# Private to Composer (checked against 0.32.1, as EMA._should_start and torch's _foreach_* kernels
+# below): the recipe's start-up check lists and guards them (usi_composer/patches.py: PRIVATE_APIS).
 from composer.algorithms.ema.ema import EMAParameters
 from composer.core import Event, State
 from composer.loggers import Logger

@@ -21,8 +21,9 @@ from composer.core import State
 from usi_composer import builders, patches
 from usi_composer.builders import build_trainer, local_checkpoints_to_keep
 from usi_composer.checkpoints import first_math_change, is_complete
-from usi_composer.cli.train import main, train
+from usi_composer.cli.train import main
 from usi_composer.config import config_to_dict, load_config
+from usi_composer.training import train
 
 
 def resumable(digits: Path, folder: Path, *extra: str) -> list[str]:

@@ -17,10 +17,11 @@ from safetensors.torch import save_file
 
 from usi_composer import patches
 from usi_composer.builders import build_model, build_trainer
-from usi_composer.cli.train import main, train
+from usi_composer.cli.train import main
 from usi_composer.config import ConfigError, load_config
 from usi_composer.errors import CheckpointError, SetupError, UnsafeCheckpointError
 from usi_composer.models import load_weights, save_weights
+from usi_composer.training import train
 
 
 def weights(num_classes: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -249,9 +250,30 @@ def test_patches_are_idempotent_and_guarded(monkeypatch: pytest.MonkeyPatch) -> 
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith(
-        "usi_composer/patches.py overrides composer.utils.checkpoint._write_checkpoint_file, checked against "
-        "Composer 0.32.1; in the installed Composer 0.32.1 its signature is (state_dict, filename, compress=False)"
+        "usi_composer/patches.py relies on composer.utils.checkpoint._write_checkpoint_file, checked against "
+        "composer 0.32.1; in the installed composer 0.32.1 its parameters are (state_dict, filename, compress), "
+        "not (state_dict, filename): install mosaicml==0.32.1, or update the code PRIVATE_APIS names for it "
+        "(replaced by _write_checkpoint_file below: checkpoints are written atomically)"
     ), message
     monkeypatch.delattr(composer_checkpoint, "_write_checkpoint_file")
     with pytest.raises(SetupError, match=r"_write_checkpoint_file, .* it is missing: install mosaicml==0.32.1"):
         patches.apply_patches()
+
+
+def test_every_private_api_is_guarded_where_the_recipe_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method our Trainer subclass overrides, a streaming hook and a torch function: each one's change
+    stops the start-up check (and the check passes on the versions installed here)."""
+    import composer
+    import torch
+    from streaming import StreamingDataset
+
+    patches.check_upstream()
+    for owner, name, changed in (
+        (composer.Trainer, "_use_closures", lambda self, extra: False),
+        (StreamingDataset, "_resume_incr_epoch", lambda self, epoch: (0, 0)),
+        (torch._dynamo, "maybe_mark_dynamic", lambda tensor, dims: None),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(owner, name, changed)
+            with pytest.raises(SetupError, match=rf"relies on \S*{name}, checked against .* its parameters are"):
+                patches.check_upstream()

@@ -143,8 +143,8 @@ def test_pretrained_teacher_for_the_same_classes_distils(digits, saved_teacher) 
 
     from usi_composer.algorithms import KnowledgeDistillation
     from usi_composer.builders import build_model
-    from usi_composer.cli.train import train
     from usi_composer.config import load_config
+    from usi_composer.training import train
 
     ten = saved_teacher("test_resnet", 10)
     overrides = pretrained_teacher(digits, ten, "teacher.kwargs.pretrained_cfg_overlay.num_classes=10")

@@ -38,10 +38,9 @@ from usi_composer.data.mds import read_classes_json, streaming_dataloader
 from usi_composer.errors import CheckpointError, InputSizeError, UnsafeCheckpointError
 from usi_composer.models import USIClassifier, check_input_size, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
-from usi_composer.patches import apply_patches, trusting_checkpoints
+from usi_composer.patches import Trainer, apply_patches, separate_node_signal_files, trusting_checkpoints
 from usi_composer.teacher import build_teacher
 from usi_composer.tracking import build_wandb_logger, loggable_config
-from usi_composer.trainer import Trainer
 
 __all__ = [
     "build_algorithms",
@@ -52,7 +51,6 @@ __all__ = [
     "ema_smoothing",
     "local_checkpoints_to_keep",
     "scaled_lr",
-    "separate_node_signal_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -422,27 +420,6 @@ def resolve_device_and_precision(cfg: Config) -> tuple[str, str]:
         log.warning("trainer.precision=%s needs a GPU: training in fp32 on the CPU", precision)
         precision = "fp32"
     return device, precision
-
-
-def separate_node_signal_files() -> None:
-    """Give each node its own name for Composer's node signal files (idempotent).
-
-    Composer 0.32 syncs the ranks of a node through a file that local rank 0 creates and later
-    removes, named by global rank 0 (``._signal_file_node0_<random>``) for every node. Where nodes
-    share the folder (autoresume's local checkpoint folder on NFS/Lustre, or under a shared working
-    directory when save_folder is an object store), each node removes the same file and all but
-    the first crash with FileNotFoundError (mosaicml/llm-foundry#1736). The node rank appended
-    here keeps the file shared by the ranks of one node and separate between nodes.
-    """
-    shared_name = dist.get_node_signal_file_name
-    if getattr(shared_name, "per_node", False):
-        return
-
-    def get_node_signal_file_name(rng: Any = None) -> str:
-        return f"{shared_name(rng)}_{dist.get_node_rank()}"
-
-    get_node_signal_file_name.per_node = True  # type: ignore[attr-defined]
-    dist.get_node_signal_file_name = get_node_signal_file_name
 
 
 def build_trainer(

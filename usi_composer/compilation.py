@@ -22,6 +22,7 @@ from composer.loggers import Logger
 from torch import nn
 
 from usi_composer.errors import UsiError
+from usi_composer.patches import compiler_exception, mark_dynamic
 
 __all__ = ["CompileError", "CompileTime", "compile_failure", "mark_batch_dynamic", "resolve_compile"]
 
@@ -48,10 +49,9 @@ def mark_batch_dynamic(batch: Any) -> Any:
     whose eval batch is 16 or more with a last batch below 16 (the CPU conv backend, mkldnn or not,
     is chosen by batch size, which splits the graph at 16).
     """
-    mark = getattr(torch._dynamo, "maybe_mark_dynamic", None) or torch._dynamo.mark_dynamic  # private module
     inputs = batch[0]
     if isinstance(inputs, torch.Tensor) and inputs.ndim > 0:
-        mark(inputs, 0)
+        mark_dynamic(inputs, 0)
     return batch
 
 
@@ -89,7 +89,7 @@ def compile_failure(error: BaseException, student: str, teacher: tuple[str, nn.M
     the failure is the teacher's when that module's call is on the traceback. The student's
     backward compiles lazily, outside any module call: everything else is the student's.
     """
-    cause = _compile_failure_cause(error)
+    cause = compiler_exception(error)
     if cause is None:
         return None
     which = f"the student '{student}'"
@@ -103,19 +103,3 @@ def compile_failure(error: BaseException, student: str, teacher: tuple[str, nn.M
         f"compiling {which} failed ({type(cause).__name__}: {first}); "
         "set trainer.compile=false to train without compilation"
     )
-
-
-def _compile_failure_cause(error: BaseException) -> BaseException | None:
-    """The compiler's own exception inside ``error`` (dynamo wraps the backend's), or ``None``."""
-    from torch._dynamo.exc import BackendCompilerFailed  # private module, stable since torch 2.0
-
-    seen: BaseException | None = error
-    for _ in range(8):  # the chain of causes is short; bound it anyway
-        if seen is None:
-            return None
-        if isinstance(seen, BackendCompilerFailed):
-            return getattr(seen, "inner_exception", None) or seen
-        if type(seen).__module__.startswith("torch._inductor"):  # e.g. a lazily compiled backward
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None

@@ -187,9 +187,8 @@ def prepare_teacher(
         return data_root, checkpoint, None
     args = [*data_overrides(data_root), f"trainer.seed={seed}", *overrides, *quick_overrides(batches)]
     cfg = load_config(yamls / "demo_teacher.yaml", args)
-    partial = checkpoint.with_suffix(".partial")
-    top1 = train_and_score(cfg, save_to=partial, label=label)
-    partial.rename(checkpoint)  # only a finished teacher is ever reused
+    # save_weights writes atomically and only after training: only a finished teacher is ever reused
+    top1 = train_and_score(cfg, save_to=checkpoint, label=label)
     return data_root, checkpoint, top1
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from usi_composer.config import Config, WandBConfig, config_to_dict
-from usi_composer.redaction import redact, redact_argv
+from usi_composer.redaction import redact
 
 __all__ = ["build_wandb_logger", "iter_wandb_records", "loggable_config", "read_wandb_run"]
 
@@ -33,21 +32,8 @@ def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None
         w = WandBConfig()
     if w is None:
         return None
-    from composer.loggers import WandBLogger
+    from usi_composer.patches import wandb_logger_class
 
-    class _WandBLogger(WandBLogger):
-        """Composer's logger; wandb also records the command line (its run metadata), so the
-        arguments it sees at ``wandb.init`` are redacted like the config."""
-
-        def init(self, state: Any, logger: Any) -> None:
-            argv = sys.argv
-            sys.argv = [argv[0], *redact_argv(argv[1:])]
-            try:
-                super().init(state, logger)
-            finally:
-                sys.argv = argv
-
-    _patch_wandb_run_get_url()
     init_kwargs: dict[str, Any] = {"config": loggable_config(cfg)}
     if w.notes is not None:
         init_kwargs["notes"] = redact(w.notes)
@@ -56,7 +42,7 @@ def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None
     if w.dir is not None:
         Path(w.dir).mkdir(parents=True, exist_ok=True)
         init_kwargs["dir"] = w.dir
-    return _WandBLogger(
+    return wandb_logger_class()(
         project=w.project,
         group=w.group,
         name=w.name,
@@ -65,16 +51,6 @@ def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None
         log_artifacts=w.log_artifacts,
         init_kwargs=init_kwargs,
     )
-
-
-def _patch_wandb_run_get_url() -> None:
-    """Composer 0.32's ``WandBLogger.init`` calls ``wandb.run.get_url()``, which newer wandb
-    releases removed in favour of the ``Run.url`` property (same value). Restore the old name
-    where it is missing, so Composer's own logger works with either wandb."""
-    from wandb.sdk.wandb_run import Run
-
-    if not hasattr(Run, "get_url"):
-        Run.get_url = lambda self: self.url  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- reading runs back

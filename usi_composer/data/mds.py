@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from streaming import StreamingDataLoader, StreamingDataset
+from streaming import StreamingDataLoader
 from streaming.base.storage import CloudDownloader
 
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.transforms import transform_sample
 from usi_composer.errors import LoaderWorkerError, SetupError
+from usi_composer.patches import StreamingDatasetFixes
 
 __all__ = [
     "MDS_COLUMNS",
@@ -58,7 +59,7 @@ class LabelError(LoaderWorkerError):
     """A sample whose label is not a class index of ``data.num_classes``: names the sample."""
 
 
-class ImageNetMDS(StreamingDataset):
+class ImageNetMDS(StreamingDatasetFixes):
     """A ``StreamingDataset`` of converted ImageNet shards yielding ``(transform(image bytes), label)``.
 
     Shard failures (download, missing object, hash mismatch, server gone) raise
@@ -76,7 +77,7 @@ class ImageNetMDS(StreamingDataset):
     ) -> None:
         super().__init__(**kwargs)
         self.transform, self.seed, self.num_classes = transform, seed, num_classes
-        self.epoch = 0  # the epoch this process (loader worker) iterates; set in _resume_incr_epoch
+        self.epoch = 0  # the epoch this process (loader worker) iterates: on_epoch
         self._shard_error: StreamingDataError | None = None
 
     def __getitem__(self, idx: int) -> tuple[Any, int]:  # type: ignore[override]
@@ -94,17 +95,13 @@ class ImageNetMDS(StreamingDataset):
             )
         return transform_sample(self.transform, sample["image"], rng, where), label
 
-    def _resume_incr_epoch(self) -> tuple[int, int]:
-        # Where streaming's __iter__ learns its epoch, in each worker at each epoch start: counted
-        # up from 0, or the checkpoint's on resume (streaming's resume state in shared memory).
+    def on_epoch(self, epoch: int) -> None:
         # Each worker process holds its own copy of the dataset, so the attribute is per worker.
-        epoch, sample_in_epoch = super()._resume_incr_epoch()
         self.epoch = epoch
-        return epoch, sample_in_epoch
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         """Composer hands the checkpoint's dataset state here before training resumes."""
-        world = self._parallel_rank_world
+        world = self.parallel_world
         check_resumable(obj, world.num_nodes, world.ranks_per_node, self.batch_size or 1)
         stored = obj.get("num_canonical_nodes")
         if self.num_canonical_nodes is not None and stored and stored != self.num_canonical_nodes:
@@ -130,23 +127,6 @@ class ImageNetMDS(StreamingDataset):
             error = StreamingDataError(f"cannot read {self.describe_shard(shard_id)}: {_reason(e)}")
             self._shard_error = self._shard_error or error
             raise error from e
-
-    # streaming's download threads count themselves out (``it.on_exit()``) only when they return
-    # normally; one that raises is never counted, and the epoch's final ``it.exit()`` then waits
-    # forever. Count a failed thread out too, so a dead server ends in our error, never a hang.
-    def _prepare_thread(self, it: Any) -> None:
-        try:
-            super()._prepare_thread(it)
-        except BaseException:
-            it.on_exit()
-            raise
-
-    def _ready_thread(self, it: Any) -> None:
-        try:
-            super()._ready_thread(it)
-        except BaseException:
-            it.on_exit()
-            raise
 
     def __iter__(self) -> Iterator[Any]:
         self._shard_error = None
