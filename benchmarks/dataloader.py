@@ -253,13 +253,16 @@ def train_figures(args: argparse.Namespace, mds: Path, device: torch.device) -> 
     import train_step
 
     from usi_composer import builders
+    from usi_composer.data.mds import read_classes_json
 
+    wnids = read_classes_json(None, str(mds))  # the shards' classes (checked against data.num_classes)
+    assert wnids is not None  # convert_imagenet writes classes.json
     step_args = argparse.Namespace(
         student=args.student,
         teacher=args.teacher,
         image_size=args.image_size,
         batch_size=args.batch_size,
-        num_classes=1000,
+        num_classes=len(wnids),
         steps=args.steps,
         warmup=args.warmup,
         profile=False,
