@@ -46,18 +46,17 @@ from typing import Any
 
 import torch
 from PIL import Image
-from timm.data import create_transform
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from usi_composer.config import DataConfig
 from usi_composer.data.convert import convert_imagenet
 from usi_composer.data.mds import streaming_dataloader
-from usi_composer.data.transforms import build_bytes_transform
+from usi_composer.data.spec import TransformSpec
+from usi_composer.data.transforms import BytesTransform, build_transform
 
 REPO = Path(__file__).resolve().parents[1]
-AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, interpolation="bicubic", crop_pct=0.95)
-RAND_AUGMENT = "rand-m7-mstd0.5-inc1"
 
 
 def _images_per_second(loader, runs: int, device_transform=None, device: torch.device | None = None) -> float:
@@ -124,19 +123,18 @@ def main(argv: list[str] | None = None) -> int:
 def cpu_figures(args: argparse.Namespace, src: Path, mds: Path) -> dict[str, Any]:
     common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=False, drop_last=False)
     result: dict[str, Any] = {}
+    spec = TransformSpec.from_data(DataConfig(image_size=args.image_size))  # USI's, timm's ImageNet mean/std
     for name, training in (("train", True), ("val", False)):
-        aug = dict(auto_augment=RAND_AUGMENT, **AUGMENT) if training else dict(AUGMENT)
         ours = streaming_dataloader(
             remote=None,
             local=str(mds),
             split="train",
-            transform=build_bytes_transform(args.image_size, training, **aug),
+            transform=BytesTransform(spec, training),
             shuffle=training,
             persistent_workers=args.workers > 0,
             **common,
         )
-        timm_aug = {k: v for k, v in aug.items() if k != "crop_pct" or not training}
-        baseline_tf = create_transform(args.image_size, is_training=training, color_jitter=None, **timm_aug)
+        baseline_tf = build_transform(spec, training, use_prefetcher=False)  # float, normalized per image
         folder = ImageFolder(str(src / "train"), transform=baseline_tf)
         baseline = DataLoader(
             Subset(folder, range(len(folder))),
@@ -169,7 +167,7 @@ def gpu_figures(args: argparse.Namespace, src: Path, mds: Path) -> dict[str, Any
             f"data.gpu_decode={bool(args.gpu_decode)}",
         ],
     )
-    pipeline = build_gpu_pipeline(cfg, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    pipeline = build_gpu_pipeline(cfg, TransformSpec.from_data(cfg.data))  # timm's ImageNet mean/std
     loader = _gpu_loader(args, mds, pipeline.train_sample, device)
     result["gpu_pipeline_images_per_s"] = round(_images_per_second(loader, args.runs, pipeline.train_device, device), 1)
     batches = [(images, labels.to(device)) for images, labels in _gpu_loader(args, mds, pipeline.train_sample, device)]
@@ -205,12 +203,12 @@ def decode_figures(src: Path, image_size: int, batch_size: int, device: torch.de
 
     Per image, the CPU decoders take turns (5 rounds) and each keeps its fastest time: on a shared
     machine the minimum is the figure least inflated by other jobs. The mean over the images."""
-    from usi_composer.data.draws import TrainDrawSpec, draw_sample, sample_rng
+    from usi_composer.data.draws import draw_sample, sample_rng
 
     datas = [f.read_bytes() for f in sorted((src / "train").glob("*/*"))[:64]]
     datas = [d for d in datas if Image.open(io.BytesIO(d)).mode in ("RGB", "L")]
     payloads = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    spec = TrainDrawSpec()
+    spec = TransformSpec.from_data(DataConfig(image_size=image_size))
     sizes = [Image.open(io.BytesIO(d)).size for d in datas]
     boxes = [draw_sample(sample_rng(0, 0, i), size, spec).crop for i, size in enumerate(sizes)]
 
@@ -253,13 +251,16 @@ def train_figures(args: argparse.Namespace, mds: Path, device: torch.device) -> 
     import train_step
 
     from usi_composer import builders
+    from usi_composer.data.mds import read_classes_json
 
+    wnids = read_classes_json(None, str(mds))  # the shards' classes (checked against data.num_classes)
+    assert wnids is not None  # convert_imagenet writes classes.json
     step_args = argparse.Namespace(
         student=args.student,
         teacher=args.teacher,
         image_size=args.image_size,
         batch_size=args.batch_size,
-        num_classes=1000,
+        num_classes=len(wnids),
         steps=args.steps,
         warmup=args.warmup,
         profile=False,

@@ -17,11 +17,12 @@ import torch
 from _common import StepTimer, base_parser, median_ms, report, setup, synthetic_loader
 from composer import Trainer
 from composer.models import ComposerClassifier
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from usi_composer.algorithms import KnowledgeDistillation
 from usi_composer.teacher import build_teacher
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 def step_ms(args, teacher: torch.nn.Module | None) -> float:

@@ -12,6 +12,7 @@ import statistics
 import timm
 import torch
 from _common import base_parser, median_ms, report, setup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from usi_composer.teacher import build_teacher
 
@@ -23,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     setup(args)
     device = torch.device(args.device)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     plain = timm.create_model(args.teacher, num_classes=args.num_classes).eval().to(device)
     ours = build_teacher(
         args.teacher,

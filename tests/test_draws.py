@@ -14,15 +14,17 @@ from scipy.stats import ks_2samp
 from streaming_fixtures import make_imagenet, sample_files
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
+from usi_composer.config import DataConfig
 from usi_composer.data.convert import convert_imagenet
-from usi_composer.data.draws import TrainDrawSpec, draw_sample, sample_rng
+from usi_composer.data.draws import draw_sample, sample_rng
 from usi_composer.data.folder import folder_dataloader
 from usi_composer.data.mds import streaming_dataloader
-from usi_composer.data.transforms import build_bytes_transform
+from usi_composer.data.spec import TransformSpec
+from usi_composer.data.transforms import BytesTransform
 
 pytestmark = pytest.mark.timeout(240)
 
-SPEC = TrainDrawSpec()  # USI's: scale (0.08, 1), ratio (3/4, 4/3), flip 0.5, bicubic, rand-m7-mstd0.5-inc1
+SPEC = TransformSpec.from_data(DataConfig())  # USI's: DataConfig's defaults
 
 
 def _draws(seed: int, epoch: int, index: int, size: tuple[int, int] = (500, 375)) -> tuple:
@@ -50,7 +52,7 @@ def test_same_key_same_draws_in_any_process_other_keys_differ() -> None:
 
 
 def test_draws_follow_the_spec() -> None:
-    never = TrainDrawSpec(hflip=0.0, interpolation="random", auto_augment=None)
+    never = TransformSpec.from_data(DataConfig(hflip=0.0, interpolation="random", auto_augment=None))
     draws = [draw_sample(sample_rng(0, 0, i), (64, 48), never) for i in range(400)]
     assert not any(d.flip for d in draws) and all(d.randaugment is None for d in draws)
     assert {d.interpolation for d in draws} == {"bilinear", "bicubic"}
@@ -59,9 +61,9 @@ def test_draws_follow_the_spec() -> None:
     ra = draw_sample(sample_rng(0, 0, 0), (64, 48), SPEC).randaugment
     assert ra is not None and ra.dtype == np.float32 and ra.shape == (2, 3)
     with pytest.raises(ValueError):
-        TrainDrawSpec(auto_augment="augmix-m5")
+        TransformSpec.from_data(DataConfig(auto_augment="augmix-m5"))
     with pytest.raises(ValueError, match="scale"):
-        TrainDrawSpec(scale=(1.0, 0.5))
+        TransformSpec.from_data(DataConfig(scale=[1.0, 0.5]))
 
 
 def _box_features(boxes: list[tuple[int, int, int, int]], size: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -120,11 +122,12 @@ def test_crop_box_test_detects_another_distribution() -> None:
 
 def test_transform_is_a_function_of_the_key() -> None:
     data = sample_files()[3].read_bytes()
-    t = build_bytes_transform(32, True)
+    spec = TransformSpec.from_data(DataConfig(image_size=32))
+    t = BytesTransform(spec, training=True)
     a, b, c = t(data, sample_rng(0, 0, 5)), t(data, sample_rng(0, 0, 5)), t(data, sample_rng(0, 1, 5))
     assert a.dtype == torch.uint8 and a.shape == (3, 32, 32)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    ref = build_bytes_transform(32, True, fast=False)(data, sample_rng(0, 0, 5))
+    ref = BytesTransform(spec, training=True, fast=False)(data, sample_rng(0, 0, 5))
     assert (ref.float() - a.float()).abs().mean() < 8.0, "fast and full-size decode show the same view"
 
 

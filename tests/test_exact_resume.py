@@ -26,6 +26,7 @@ RUN = [
     "algorithms.mixup_cutmix.enabled=true",  # TINY_TRAIN turns it off; its draws must resume too
     "algorithms.ema.enabled=true",
     "algorithms.ema.best_of_raw=false",
+    f"data.num_classes={N_SAMPLES // 2}",  # the classes make_imagenet writes below (checked before step 1)
     "data.num_workers=2",
     "data.persistent_workers=true",
     f"trainer.global_batch_size={BATCH}",

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import math
 import re
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from PIL import Image
 
-from usi_composer.config import ConfigError, load_config
-from usi_composer.data.draws import TrainDrawSpec, sample_rng
+from usi_composer.config import ConfigError, DataConfig, load_config
+from usi_composer.data.draws import sample_rng
 from usi_composer.data.folder import folder_dataloader
 from usi_composer.data.gpu_pipeline import (
     KIND,
@@ -28,13 +27,15 @@ from usi_composer.data.gpu_pipeline import (
     collate_encoded,
     split_encoded,
 )
-from usi_composer.data.randaugment import RandAugmentSpec
-from usi_composer.data.transforms import build_bytes_transform, build_transform
+from usi_composer.data.spec import TransformSpec
+from usi_composer.data.transforms import BytesTransform, build_transform
 from usi_composer.errors import CorruptSampleError
 
 SIZE = 64
-RAND_AUGMENT = "rand-m7-mstd0.5-inc1"
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# USI's transform at SIZE (timm's ImageNet mean and std); PLAIN without RandAugment (crop, resize, flip)
+USI = TransformSpec.from_data(DataConfig(image_size=SIZE))
+PLAIN = TransformSpec.from_data(DataConfig(image_size=SIZE, auto_augment=None))
+MEAN, STD = USI.mean, USI.std
 # Mean absolute difference (0..255 scale) per image between the device's view and the CPU path's
 # view of the same draws (full-size decode, PIL crop + bicubic resize): observed <= 0.7 on 40
 # ImageNet images (float antialiased bicubic vs PIL's fixed-point one, both rounded to uint8).
@@ -54,17 +55,17 @@ def jpegs(imagenet_sample: Path) -> list[bytes]:
     return [f.read_bytes() for f in sorted(imagenet_sample.glob("*/*.JPEG"))[:12]]
 
 
-def train_sample(auto_augment: str | None = None, hflip: float = 0.5, **kwargs) -> EncodedSample:
-    return EncodedSample(TrainDrawSpec(hflip=hflip, auto_augment=auto_augment), SIZE, **kwargs)
+def train_sample(spec: TransformSpec = PLAIN, **kwargs) -> EncodedSample:
+    return EncodedSample(spec, training=True, **kwargs)
 
 
-def device(training: bool = True, randaugment: RandAugmentSpec | None = None) -> DeviceTransform:
-    return DeviceTransform(SIZE, training=training, mean=MEAN, std=STD, randaugment=randaugment, channels_last=True)
+def device(spec: TransformSpec = PLAIN, training: bool = True) -> DeviceTransform:
+    return DeviceTransform(spec, training=training, channels_last=True)
 
 
-def run(transform: EncodedSample, datas: list[bytes], seed: int = 0, epoch: int = 0, **device_kwargs):
+def run(transform: EncodedSample, datas: list[bytes], seed: int = 0, epoch: int = 0):
     batch = collate_encoded([(transform(d, sample_rng(seed, epoch, i)), i) for i, d in enumerate(datas)])
-    return device(**device_kwargs)(batch)
+    return device(transform.spec)(batch)
 
 
 def to_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -72,16 +73,13 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
     return x * torch.tensor(STD).view(1, 3, 1, 1) * 255 + torch.tensor(MEAN).view(1, 3, 1, 1) * 255
 
 
-def cpu_view(data: bytes, rng: np.random.Generator, spec: TrainDrawSpec) -> torch.Tensor:
+def cpu_view(data: bytes, rng: np.random.Generator, spec: TransformSpec) -> torch.Tensor:
     """The CPU path's image for these draws (full-size decode: torchvision's resized_crop, as timm)."""
-    cpu = build_bytes_transform(
-        SIZE, True, fast=False, hflip=spec.hflip, auto_augment=spec.auto_augment, mean=MEAN, interpolation="bicubic"
-    )
-    return cpu(data, rng).float()
+    return BytesTransform(spec, training=True, fast=False)(data, rng).float()
 
 
 def test_device_output_shapes_dtypes_and_range(jpegs: list[bytes]) -> None:
-    x, y = run(train_sample(RAND_AUGMENT), jpegs, randaugment=RandAugmentSpec.parse(RAND_AUGMENT))
+    x, y = run(train_sample(USI), jpegs)
     assert x.shape == (len(jpegs), 3, SIZE, SIZE) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y, torch.arange(len(jpegs)))
@@ -90,17 +88,16 @@ def test_device_output_shapes_dtypes_and_range(jpegs: list[bytes]) -> None:
     assert (per_channel.min(1).values >= low - 1e-5).all() and (per_channel.max(1).values <= high + 1e-5).all()
     assert x.std() > 0.3, "real images, not a constant"
     # evaluation: timm's resize + center crop
-    ev = EncodedSample(None, SIZE, eval_size=math.floor(SIZE / 0.95))
+    ev = EncodedSample(PLAIN, training=False)
     x, _ = device(training=False)(collate_encoded([(ev(d), 0) for d in jpegs]))
     assert x.shape == (len(jpegs), 3, SIZE, SIZE) and x.dtype == torch.float32
 
 
 def test_the_same_seed_epoch_and_index_give_the_same_view(jpegs: list[bytes]) -> None:
-    ra = RandAugmentSpec.parse(RAND_AUGMENT)
-    first, _ = run(train_sample(RAND_AUGMENT), jpegs, randaugment=ra)
-    again, _ = run(train_sample(RAND_AUGMENT), jpegs, randaugment=ra)
+    first, _ = run(train_sample(USI), jpegs)
+    again, _ = run(train_sample(USI), jpegs)
     assert torch.equal(first, again)
-    other_epoch, _ = run(train_sample(RAND_AUGMENT), jpegs, epoch=1, randaugment=ra)
+    other_epoch, _ = run(train_sample(USI), jpegs, epoch=1)
     assert all(not torch.equal(a, b) for a, b in zip(first, other_epoch, strict=True))
 
 
@@ -118,16 +115,16 @@ def test_the_same_draws_give_the_cpu_paths_image(jpegs: list[bytes]) -> None:
     t = train_sample()
     x, _ = run(t, jpegs)
     for i, data in enumerate(jpegs):
-        reference = cpu_view(data, sample_rng(0, 0, i), t.draw_spec)
+        reference = cpu_view(data, sample_rng(0, 0, i), t.spec)
         mad = (to_pixels(x[i : i + 1])[0] - reference).abs().mean().item()
         assert mad <= PARITY_MAD, (i, mad)
 
 
 def test_the_same_draws_with_randaugment_give_nearly_the_cpu_paths_image(jpegs: list[bytes]) -> None:
-    t = train_sample(RAND_AUGMENT)
-    x, _ = run(t, jpegs, randaugment=RandAugmentSpec.parse(RAND_AUGMENT))
+    t = train_sample(USI)
+    x, _ = run(t, jpegs)
     mads = [
-        (to_pixels(x[i : i + 1])[0] - cpu_view(d, sample_rng(0, 0, i), t.draw_spec)).abs().mean().item()
+        (to_pixels(x[i : i + 1])[0] - cpu_view(d, sample_rng(0, 0, i), t.spec)).abs().mean().item()
         for i, d in enumerate(jpegs)
     ]
     assert max(mads) <= PARITY_MAD_RANDAUGMENT, mads
@@ -138,14 +135,14 @@ def test_worker_decode_option_gives_nearly_the_same_image(jpegs: list[bytes]) ->
     batch = collate_encoded([(t(d, sample_rng(0, 0, i)), i) for i, d in enumerate(jpegs)])
     assert (batch[0].rows[:, KIND] == KIND_PIXELS).all()
     x = to_pixels(device()(batch)[0])
-    mads = [(x[i] - cpu_view(d, sample_rng(0, 0, i), t.draw_spec)).abs().mean().item() for i, d in enumerate(jpegs)]
+    mads = [(x[i] - cpu_view(d, sample_rng(0, 0, i), t.spec)).abs().mean().item() for i, d in enumerate(jpegs)]
     assert np.mean(mads) <= WORKER_DECODE_MEAN_MAD, mads
 
 
 def test_eval_matches_timms_eval_transform(jpegs: list[bytes]) -> None:
-    ev = EncodedSample(None, SIZE, eval_size=math.floor(SIZE / 0.95))
+    ev = EncodedSample(PLAIN, training=False)
     x = to_pixels(device(training=False)(collate_encoded([(ev(d), 0) for d in jpegs]))[0])
-    timm_eval = build_transform(SIZE, False, crop_pct=0.95)
+    timm_eval = build_transform(PLAIN, False)
     for i, data in enumerate(jpegs):
         reference = timm_eval(Image.open(io.BytesIO(data)).convert("RGB")).float()
         assert (x[i] - reference).abs().mean().item() <= PARITY_MAD
@@ -170,7 +167,7 @@ def test_quirky_files_give_the_cpu_paths_rgb(jpegs: list[bytes], quirk: str) -> 
     # decode_jpeg reads grayscale (as RGB); CMYK (converted unlike PIL) and PNG are decoded in the worker
     assert batch[0].rows[0, KIND].item() == (KIND_JPEG if quirk == "grayscale" else KIND_PIXELS)
     x = to_pixels(device()(batch)[0])
-    reference = cpu_view(data, sample_rng(0, 0, 0), t.draw_spec)
+    reference = cpu_view(data, sample_rng(0, 0, 0), t.spec)
     assert (x[0] - reference).abs().mean().item() <= PARITY_MAD
     if quirk == "grayscale":
         assert torch.equal(x[0, 0].round(), x[0, 1].round()), "gray comes out as three equal channels"
@@ -184,7 +181,7 @@ def _one_line(e: BaseException) -> str:
 def test_a_corrupt_sample_fails_with_the_cpu_paths_error(jpegs: list[bytes], kind: str) -> None:
     data = jpegs[2][: len(jpegs[2]) // 2] if kind == "truncated" else b"<html>not found</html>" * 8
     with pytest.raises(Exception) as cpu:
-        build_bytes_transform(SIZE, True)(data, sample_rng(0, 0, 0))  # the CPU path
+        BytesTransform(USI, training=True)(data, sample_rng(0, 0, 0))  # the CPU path
     with pytest.raises(Exception) as gpu:
         train_sample()(data, sample_rng(0, 0, 0))  # in the worker, before the batch exists
     assert _one_line(gpu.value) == _one_line(cpu.value)
@@ -198,7 +195,7 @@ def test_a_corrupt_file_in_a_loader_worker_is_one_line_naming_it(jpegs: list[byt
     (tmp_path / "n0").mkdir()
     for i, data in enumerate(jpegs[:3]):
         (tmp_path / "n0" / f"{i}.JPEG").write_bytes(data if i != 1 else data[: len(data) // 2])
-    transform = train_sample() if pipeline == "gpu" else build_bytes_transform(SIZE, True)
+    transform = train_sample() if pipeline == "gpu" else BytesTransform(USI, training=True)
     collate = {"collate_fn": collate_encoded} if pipeline == "gpu" else {}
     loader = folder_dataloader(
         str(tmp_path), transform, 3, shuffle=False, drop_last=False, num_workers=1, pin_memory=False, **collate

@@ -13,10 +13,11 @@ from streaming import MDSWriter
 from conftest import IMAGENET_SAMPLE, REPO
 from usi_composer.builders import validate_hash
 from usi_composer.cli import train as train_cli
-from usi_composer.config import load_config
+from usi_composer.config import DataConfig, load_config
 from usi_composer.data.gpu_pipeline import EncodedSample
 from usi_composer.data.mds import MDS_COLUMNS
-from usi_composer.data.transforms import build_bytes_transform, transform_sample
+from usi_composer.data.spec import TransformSpec
+from usi_composer.data.transforms import BytesTransform, transform_sample
 from usi_composer.errors import CorruptSampleError
 
 FILES = sorted((IMAGENET_SAMPLE / "train").glob("*/*.JPEG"))[:4]
@@ -76,18 +77,17 @@ def test_matching_classes_train(tmp_path: Path) -> None:
 def test_an_image_over_the_pixel_limit_is_refused_from_its_header(pipeline: str) -> None:
     data = FILES[0].read_bytes()
     width, height = Image.open(FILES[0]).size
-    transform = (
-        build_bytes_transform(16, True, max_pixels=width * height - 1)
-        if pipeline == "cpu"
-        else EncodedSample(None, 16, eval_size=16, max_pixels=width * height - 1)
-    )
+    below = TransformSpec.from_data(DataConfig(image_size=16, max_image_pixels=width * height - 1))
+    transform = BytesTransform(below, training=True) if pipeline == "cpu" else EncodedSample(below, training=False)
     with pytest.raises(CorruptSampleError) as e:
         transform_sample(transform, data, None, lambda: str(FILES[0]))  # type: ignore[arg-type]
     assert str(e.value) == (
         f"{FILES[0]} is {width} x {height} = {width * height:,} pixels, over data.max_image_pixels="
         f"{width * height - 1:,} (refused before decoding; raise the limit to use it)"
     )
-    at_limit = build_bytes_transform(16, False, max_pixels=width * height)
+    at_limit = BytesTransform(
+        TransformSpec.from_data(DataConfig(image_size=16, max_image_pixels=width * height)), training=False
+    )
     assert transform_sample(at_limit, data, None, lambda: "x").shape == (3, 16, 16)  # type: ignore[arg-type]
 
 

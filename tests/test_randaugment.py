@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 from scipy import stats  # scipy comes with scikit-learn, a dependency
-from timm.data import IMAGENET_DEFAULT_MEAN
 from timm.data import auto_augment as timm_aa
 from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.transforms import str_to_pil_interp
 
+from usi_composer.config import DataConfig
 from usi_composer.data import randaugment
 from usi_composer.data.randaugment import (
     DRAW_COLUMNS,
@@ -24,11 +24,12 @@ from usi_composer.data.randaugment import (
     apply_pil,
     draw_randaugment,
 )
+from usi_composer.data.spec import TransformSpec
 from usi_composer.data.transforms import build_transform
 
 SIZE = 64
-# timm's img_mean fill, computed as create_transform computes it
-FILL = tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN)
+TRANSFORM = TransformSpec.from_data(DataConfig(image_size=SIZE))  # USI's, timm's ImageNet mean
+FILL = TRANSFORM.fill  # timm's img_mean (test_apply_pil_is_timm_randaugment checks it against timm's)
 USI = RandAugmentSpec.parse("rand-m7-mstd0.5-inc1")
 # The ops of both timm op sets (inc1 and the original inc0); the tests run them all.
 ALL_OPS = tuple(dict.fromkeys(RAND_OPS + RandAugmentSpec.parse("rand-inc0").ops))
@@ -115,7 +116,7 @@ def test_op_matches_timm(images, name, interpolation, monkeypatch) -> None:
 
 def test_apply_pil_is_timm_randaugment(images, monkeypatch) -> None:
     """USI's timm transform (create_transform's hparams) forced to our draws gives apply_pil's pixels exactly."""
-    ra = next(t for t in build_transform(SIZE, True).transforms if isinstance(t, RandAugment))
+    ra = next(t for t in build_transform(TRANSFORM, True).transforms if isinstance(t, RandAugment))
     assert ra.ops[0].kwargs["fillcolor"] == FILL
     rng = np.random.default_rng(0)
     for trial in range(40):

@@ -16,10 +16,11 @@ from streaming_fixtures import TINY_TRAIN, make_imagenet, run, sample_files, sam
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import resized_crop
 
-from usi_composer.config import ConfigError, load_config
+from usi_composer.config import ConfigError, DataConfig, load_config
 from usi_composer.data.convert import main
-from usi_composer.data.draws import TrainDrawSpec, draw_sample, sample_rng
-from usi_composer.data.transforms import build_bytes_transform, build_transform, decode_rgb
+from usi_composer.data.draws import draw_sample, sample_rng
+from usi_composer.data.spec import TransformSpec
+from usi_composer.data.transforms import BytesTransform, build_transform, decode_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
@@ -52,6 +53,7 @@ def test_convert_keeps_bytes_labels_classes_and_decodes_odd_files_to_rgb(odd_ima
     assert classes["wnids"] == wnids
     assert classes["names"][0] == "tench, Tinca tinca"  # n01440764, from timm's ImageNet info
     samples = _read_split(out)
+    spec = TransformSpec.from_data(DataConfig(image_size=24))
     assert len(samples) == 9 and len({s["key"] for s in samples}) == 9
     assert len(list((out / "train").glob("gen-*/shard.*.mds"))) > 1  # in the split's generation folder
     for s in samples:
@@ -60,7 +62,7 @@ def test_convert_keeps_bytes_labels_classes_and_decodes_odd_files_to_rgb(odd_ima
         assert s["label"] == wnids.index(source.parent.name)
         for fast in (True, False):
             for training in (True, False):
-                x = build_bytes_transform(24, training, fast=fast)(s["image"], sample_rng(0, 0, 0))
+                x = BytesTransform(spec, training, fast=fast)(s["image"], sample_rng(0, 0, 0))
                 assert x.dtype == torch.uint8 and tuple(x.shape) == (3, 24, 24)
     index = json.loads((out / "train" / "index.json").read_text())
     assert all("sha1" in shard["raw_data"]["hashes"] for shard in index["shards"])
@@ -135,8 +137,8 @@ def test_fast_decode_same_crop_boxes_and_close_images() -> None:
     """The reduced-size path shows the same view (same keyed draws) as timm's full-size resized_crop."""
     files = [f for f in sample_files() if min(Image.open(f).size) >= 450][:12]  # large enough to decode at 1/2
     assert len(files) >= 8
-    spec = TrainDrawSpec(hflip=0.0, auto_augment=None)
-    fast = build_bytes_transform(64, True, auto_augment=None, hflip=0.0)
+    spec = TransformSpec.from_data(DataConfig(image_size=64, hflip=0.0, auto_augment=None))
+    fast = BytesTransform(spec, training=True)
     reduced, differences = 0, []
     for i, f in enumerate(files):
         data = f.read_bytes()
@@ -157,10 +159,11 @@ def test_fast_decode_same_crop_boxes_and_close_images() -> None:
 
 
 def test_fast_eval_close_to_timm_eval() -> None:
+    spec = TransformSpec.from_data(DataConfig(image_size=128))
     for f in sample_files()[::100]:
         data = f.read_bytes()
-        a = build_bytes_transform(128, False)(data, sample_rng(0, 0, 0)).float()
-        b = build_transform(128, False)(decode_rgb(data)).float()
+        a = BytesTransform(spec, training=False)(data, sample_rng(0, 0, 0)).float()
+        b = build_transform(spec, False)(decode_rgb(data)).float()
         assert (a - b).abs().mean() < 4.0, f"{f.name}: {(a - b).abs().mean():.2f} / 255"
 
 
@@ -236,7 +239,7 @@ def test_a_shard_that_fails_to_load_ends_the_epoch_with_one_error(tmp_path: Path
         remote=None,
         local=str(tmp_path / "mds"),
         split="train",
-        transform=build_bytes_transform(16, True),
+        transform=BytesTransform(TransformSpec.from_data(DataConfig(image_size=16)), training=True),
         batch_size=4,
         shuffle=False,
         drop_last=False,

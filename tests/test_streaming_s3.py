@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from streaming_fixtures import REPO, TINY_TRAIN, MotoServer, make_imagenet, run, sample_root
 
+from usi_composer.config import DataConfig
 from usi_composer.data.mds import StreamingDataError, streaming_dataloader
-from usi_composer.data.transforms import build_bytes_transform
+from usi_composer.data.spec import TransformSpec
+from usi_composer.data.transforms import BytesTransform
 from usi_composer.errors import SetupError
 
 pytestmark = pytest.mark.timeout(180)
@@ -60,7 +62,7 @@ def _loader(remote: str, local: Path, **kwargs):
         remote=remote,
         local=str(local),
         split="train",
-        transform=build_bytes_transform(16, True),
+        transform=BytesTransform(TransformSpec.from_data(DataConfig(image_size=16)), training=True),
         batch_size=4,
         shuffle=True,
         drop_last=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -24,8 +23,7 @@ from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistilla
 from usi_composer.checkpoints import ConfigRecord, refuse_plain_http, set_aside_partial_checkpoints
 from usi_composer.compilation import CompileTime, mark_batch_dynamic, resolve_compile
 from usi_composer.config import Config, ConfigError, DataConfig
-from usi_composer.data import DeviceNormalize, build_bytes_transform, folder_dataloader
-from usi_composer.data.draws import TrainDrawSpec
+from usi_composer.data import BytesTransform, DeviceNormalize, TransformSpec, folder_dataloader
 from usi_composer.data.gpu_pipeline import (
     DeviceTransform,
     EncodedSample,
@@ -262,11 +260,14 @@ def build_dataloaders(
 ) -> tuple[DataSpec, DataSpec | None]:
     """Train and eval ``DataSpec``s: MDS shards via streaming when ``data.remote`` or ``data.local``
     is set, else ImageNet folders. Both yield uint8 images; normalization runs on the device.
+    ``mean``/``std``: the student's normalization (:func:`student_normalization`); with ``cfg.data`` they
+    make the one :class:`TransformSpec` both pipelines follow.
     ``compile``: eval batches are marked dynamic in size, so the last, smaller one compiles nothing."""
     d, t = cfg.data, cfg.trainer
     per_device = t.global_batch_size // dist.get_world_size()
     eval_batch = t.eval_batch_size or per_device
-    normalize = DeviceNormalize(mean, std, channels_last=cfg.algorithms.channels_last)
+    spec = TransformSpec.from_data(d, mean=mean, std=std)
+    normalize = DeviceNormalize(spec.mean, spec.std, channels_last=cfg.algorithms.channels_last)
     loader_args: dict[str, Any] = dict(
         num_workers=d.num_workers,
         pin_memory=d.pin_memory and torch.cuda.is_available(),
@@ -274,20 +275,14 @@ def build_dataloaders(
         seed=t.seed,  # keys each sample's random view: sample_rng(seed, epoch, index)
     )
     # The samples' transform (data: bytes, rng) -> what the loader batches, the same for MDS and folders
-    gpu = build_gpu_pipeline(cfg, mean, std) if d.pipeline == "gpu" else None
+    gpu = build_gpu_pipeline(cfg, spec) if d.pipeline == "gpu" else None
     if gpu is not None:
         train_sample, eval_sample = gpu.train_sample, gpu.eval_sample
         loader_args["collate_fn"] = collate_encoded
     else:
         fast = d.streaming.fast_decode
-        transform_args: dict[str, Any] = dict(
-            crop_pct=d.crop_pct, interpolation=d.interpolation, mean=mean, max_pixels=d.max_image_pixels
-        )
-        train_args: dict[str, Any] = dict(
-            scale=d.scale, ratio=d.ratio, hflip=d.hflip, auto_augment=d.auto_augment, **transform_args
-        )
-        train_sample = build_bytes_transform(d.image_size, True, fast=fast, **train_args)
-        eval_sample = build_bytes_transform(d.image_size, False, fast=fast, **transform_args)
+        train_sample = BytesTransform(spec, training=True, fast=fast)
+        eval_sample = BytesTransform(spec, training=False, fast=fast)
     if d.remote or d.local:
         s = d.streaming
         knobs: dict[str, Any] = dict(
@@ -373,31 +368,15 @@ class GPUPipeline:
     eval_device: DeviceTransform
 
 
-def build_gpu_pipeline(cfg: Config, mean: list[float], std: list[float]) -> GPUPipeline:
-    d = cfg.data
-    draw_spec = TrainDrawSpec(
-        scale=tuple(d.scale),
-        ratio=tuple(d.ratio),
-        hflip=d.hflip,
-        interpolation=d.interpolation,
-        auto_augment=d.auto_augment,
-    )
-    eval_size = math.floor(d.image_size / d.crop_pct)
-    pixels = d.max_image_pixels
-    device_args: dict[str, Any] = dict(
-        mean=mean,
-        std=std,
-        crop_pct=d.crop_pct,
-        interpolation=d.interpolation,
-        channels_last=cfg.algorithms.channels_last,
-    )
+def build_gpu_pipeline(cfg: Config, spec: TransformSpec) -> GPUPipeline:
+    """``spec``'s transforms, split between the loader workers and the device (``cfg.data.gpu_decode``,
+    ``cfg.algorithms.channels_last``)."""
+    decode_on_device, channels_last = cfg.data.gpu_decode, cfg.algorithms.channels_last
     return GPUPipeline(
-        train_sample=EncodedSample(draw_spec, d.image_size, decode_on_device=d.gpu_decode, max_pixels=pixels),
-        eval_sample=EncodedSample(
-            None, d.image_size, eval_size=eval_size, decode_on_device=d.gpu_decode, max_pixels=pixels
-        ),
-        train_device=DeviceTransform(d.image_size, training=True, randaugment=draw_spec.randaugment, **device_args),
-        eval_device=DeviceTransform(d.image_size, training=False, **device_args),
+        train_sample=EncodedSample(spec, training=True, decode_on_device=decode_on_device),
+        eval_sample=EncodedSample(spec, training=False, decode_on_device=decode_on_device),
+        train_device=DeviceTransform(spec, training=True, channels_last=channels_last),
+        eval_device=DeviceTransform(spec, training=False, channels_last=channels_last),
     )
 
 

@@ -6,25 +6,24 @@ never from a process-global RNG. So the view does not depend on which loader wor
 device computes it, nor on what was drawn before it: a run resumed from a mid-epoch checkpoint
 sees the same views as the uninterrupted run, and a cache keyed by (epoch, index) stays valid.
 
-The distributions are timm's (``create_transform(..., is_training=True)`` with USI's settings);
-only where the random numbers come from differs.
+The distributions are timm's (``create_transform(..., is_training=True)`` with the settings of a
+:class:`~usi_composer.data.spec.TransformSpec`); only where the random numbers come from differs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from usi_composer.data.randaugment import RandAugmentSpec, draw_randaugment
+from usi_composer.data.randaugment import draw_randaugment
+from usi_composer.data.spec import TransformSpec
 
-__all__ = ["INTERPOLATIONS", "SampleDraws", "TrainDrawSpec", "draw_sample", "sample_rng"]
+__all__ = ["SampleDraws", "draw_sample", "sample_rng"]
 
 # timm's ``interpolation='random'``: one of these per sample (timm's _RANDOM_INTERPOLATION)
 RANDOM_INTERPOLATION = ("bilinear", "bicubic")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 # The counter's last word separates independent streams under one seed.
 SAMPLE_STREAM = 0
@@ -42,48 +41,19 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=seed, counter=[0, index, epoch, SAMPLE_STREAM]))
 
 
-@dataclass(frozen=True)
-class TrainDrawSpec:
-    """What the training draws need: the ``data.*`` keys of the same names (timm's meanings).
-
-    ``interpolation='random'`` draws bilinear or bicubic per sample, as timm does.
-    ``auto_augment`` is timm's RandAugment string (``rand-m7-mstd0.5-inc1``) or None.
-    """
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    interpolation: str = "bicubic"
-    auto_augment: str | None = "rand-m7-mstd0.5-inc1"
-    randaugment: RandAugmentSpec | None = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _pair("scale", self.scale))
-        object.__setattr__(self, "ratio", _pair("ratio", self.ratio))
-        if self.interpolation != "random" and self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be 'random' or one of {INTERPOLATIONS}, got {self.interpolation!r}")
-        spec = RandAugmentSpec.parse(self.auto_augment) if self.auto_augment else None
-        object.__setattr__(self, "randaugment", spec)
-
-
-def _pair(name: str, values: Sequence[float]) -> tuple[float, float]:
-    if len(values) != 2 or not 0 < values[0] <= values[1]:
-        raise ValueError(f"{name} must be (min, max) with 0 < min <= max, got {tuple(values)}")
-    return float(values[0]), float(values[1])
-
-
 @dataclass
 class SampleDraws:
     """One sample's draws, in the order timm's training transform makes them."""
 
     crop: tuple[int, int, int, int]  # (top, left, height, width) in the source image's full-size pixels
     flip: bool
-    interpolation: str  # 'bicubic' for USI; drawn when the spec's is 'random'
+    interpolation: str  # the spec's; drawn when the spec's is 'random'
     randaugment: np.ndarray | None  # draw_randaugment(...) output, float32 [num_ops, 3]
 
 
-def draw_sample(rng: np.random.Generator, source_size: tuple[int, int], spec: TrainDrawSpec) -> SampleDraws:
-    """Draw one sample's view; ``source_size`` is ``(width, height)`` from the image header."""
+def draw_sample(rng: np.random.Generator, source_size: tuple[int, int], spec: TransformSpec) -> SampleDraws:
+    """Draw one sample's training view (``spec``'s scale, ratio, interpolation, hflip and RandAugment);
+    ``source_size`` is ``(width, height)`` from the image header."""
     crop = _crop_box(rng, source_size, spec.scale, spec.ratio)
     interpolation = spec.interpolation
     if interpolation == "random":

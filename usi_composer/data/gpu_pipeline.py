@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from usi_composer.data.draws import TrainDrawSpec, draw_sample
-from usi_composer.data.randaugment import DRAW_COLUMNS, RandAugmentSpec, apply_batch
+from usi_composer.data.draws import draw_sample
+from usi_composer.data.randaugment import DRAW_COLUMNS, apply_batch
+from usi_composer.data.spec import TransformSpec
 from usi_composer.data.transforms import DeviceNormalize, decode_rgb, open_image
 
 __all__ = [
@@ -69,36 +70,27 @@ def device_decodable(img: Image.Image, data: bytes) -> bool:
 class EncodedSample:
     """The worker's sample transform: ``(encoded bytes, rng) -> (uint8 payload, float32 draw row)``.
 
-    ``draw_spec``: the training draws (None: evaluation, the whole image, no randomness).
-    ``image_size`` and ``eval_size`` (the eval resize target) set the reduced decode size of the
-    samples decoded in the worker (the quirky ones, or all with ``decode_on_device=False``).
+    ``training``: draw the sample's view from ``spec`` (``draws.draw_sample``); else evaluation, the
+    whole image, no randomness. ``spec.image_size`` and ``spec.eval_size`` set the reduced decode size
+    of the samples decoded in the worker (the quirky ones, or all with ``decode_on_device=False``).
     """
 
-    def __init__(
-        self,
-        draw_spec: TrainDrawSpec | None,
-        image_size: int,
-        *,
-        eval_size: int | None = None,
-        decode_on_device: bool = True,
-        max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
-    ) -> None:
-        self.draw_spec, self.image_size, self.eval_size, self.max_pixels = draw_spec, image_size, eval_size, max_pixels
-        self.decode_on_device = decode_on_device
-        ra = draw_spec.randaugment if draw_spec is not None else None
+    def __init__(self, spec: TransformSpec, training: bool, *, decode_on_device: bool = True) -> None:
+        self.spec, self.training, self.decode_on_device = spec, training, decode_on_device
+        ra = spec.randaugment if training else None
         self.row_size = RANDAUGMENT + (ra.num_ops * DRAW_COLUMNS if ra is not None else 0)
 
     def __call__(self, data: bytes, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        img = open_image(data, self.max_pixels)  # the header only; the CPU path's error for a non-image
+        img = open_image(data, self.spec.max_image_pixels)  # the header only; the CPU path's error for a non-image
         width, height = img.size
         row = np.zeros(self.row_size, np.float32)
         row[[SOURCE_HEIGHT, SOURCE_WIDTH]] = height, width
-        if self.draw_spec is None:
+        if not self.training:
             row[[TOP, LEFT, CROP_HEIGHT, CROP_WIDTH]] = 0, 0, height, width
         else:
             if rng is None:
                 raise TypeError("the training transform needs the sample's rng: transform(data, rng)")
-            draws = draw_sample(rng, (width, height), self.draw_spec)
+            draws = draw_sample(rng, (width, height), self.spec)
             row[[TOP, LEFT, CROP_HEIGHT, CROP_WIDTH]] = draws.crop
             row[FLIP] = draws.flip
             row[INTERPOLATION] = INTERPOLATIONS.index(draws.interpolation)
@@ -118,15 +110,16 @@ class EncodedSample:
         PIL ``draft``) that keeps both sides of the crop box >= twice the output: the device crops
         whole pixels of the reduced image, and at 2x the rounded box is off by <= 1/4 output pixel."""
         if img.format == "JPEG":
-            if self.draw_spec is not None:
-                scale = 2 * self.image_size / row[[CROP_WIDTH, CROP_HEIGHT]]
+            if self.training:
+                scale = 2 * self.spec.image_size / row[[CROP_WIDTH, CROP_HEIGHT]]
                 img.draft(None, (math.ceil(img.size[0] * scale[0]), math.ceil(img.size[1] * scale[1])))
-            elif self.eval_size is not None:  # as the CPU path: both sides >= twice the resize target
-                img.draft(None, (2 * self.eval_size, 2 * self.eval_size))
+            else:  # as the CPU path: both sides >= twice the resize target
+                eval_size = self.spec.eval_size
+                img.draft(None, (2 * eval_size, 2 * eval_size))
         return np.array(img.convert("RGB"))  # HWC uint8; raises the CPU path's error for a corrupt file
 
     def __repr__(self) -> str:
-        return f"EncodedSample(draw_spec={self.draw_spec}, decode_on_device={self.decode_on_device})"
+        return f"EncodedSample(training={self.training}, decode_on_device={self.decode_on_device}, {self.spec})"
 
 
 class EncodedImages:
@@ -177,31 +170,16 @@ def num_samples(batch: tuple[Any, Any]) -> int:
 class DeviceTransform:
     """``(EncodedImages, labels)`` -> ``(normalized float images [B,3,S,S], labels)`` on the labels' device.
 
-    Training: crop the drawn box, resize to ``image_size`` (antialiased, the drawn interpolation),
+    Training: crop the drawn box, resize to ``spec.image_size`` (antialiased, the drawn interpolation),
     flip, RandAugment (``randaugment.apply_batch``), normalize. Evaluation (``training=False``): resize
-    the short side to ``floor(image_size / crop_pct)`` with ``interpolation`` and center-crop
+    the short side to ``spec.eval_size`` with ``spec.fixed_interpolation`` and center-crop
     ``image_size`` (timm's eval).
     The pixels are rounded to uint8 after each resize, as the CPU path's PIL images are.
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        *,
-        training: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-        crop_pct: float = 0.95,
-        interpolation: str = "bicubic",
-        randaugment: RandAugmentSpec | None = None,
-        channels_last: bool = False,
-    ) -> None:
-        self.image_size, self.training, self.randaugment = image_size, training, randaugment
-        # the eval resize's and RandAugment's geometric ops' (timm: the transform's, unless 'random')
-        self.interpolation = interpolation if interpolation in INTERPOLATIONS else "bicubic"
-        self.eval_size = math.floor(image_size / crop_pct)  # timm's scale_size
-        self.fill = [round(255 * m) for m in mean]  # timm's RandAugment fill: the mean color
-        self.normalize = DeviceNormalize(mean, std, channels_last=channels_last)
+    def __init__(self, spec: TransformSpec, training: bool, *, channels_last: bool = False) -> None:
+        self.spec, self.training = spec, training
+        self.normalize = DeviceNormalize(spec.mean, spec.std, channels_last=channels_last)
 
     def __call__(self, batch: tuple[EncodedImages, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         encoded, labels = batch
@@ -210,7 +188,8 @@ class DeviceTransform:
         images = decode_images(encoded.payloads, rows, device)
         if not self.training:
             return self.normalize((self._resize_center_crop(images), labels))
-        size = self.image_size
+        spec = self.spec
+        size = spec.image_size
         out = torch.empty(len(images), 3, size, size, device=device)
         for i, (image, row) in enumerate(zip(images, rows, strict=True)):
             # The box is in full-size pixels; a payload decoded at reduced size maps it to its own.
@@ -222,27 +201,25 @@ class DeviceTransform:
         x = _to_uint8(out)
         draws = encoded.rows.to(device, non_blocking=True)
         x = torch.where(draws[:, FLIP, None, None, None] > 0.5, x.flip(-1), x)
-        if self.randaugment is not None:
-            ra = draws[:, RANDAUGMENT:].reshape(len(images), self.randaugment.num_ops, DRAW_COLUMNS)
-            x = apply_batch(x, ra, self.randaugment, fill=self.fill, interpolation=self.interpolation)
+        if spec.randaugment is not None:
+            ra = draws[:, RANDAUGMENT:].reshape(len(images), spec.randaugment.num_ops, DRAW_COLUMNS)
+            # one interpolation for the batch's geometric ops (the CPU path: each sample's drawn one)
+            x = apply_batch(x, ra, spec.randaugment, fill=spec.fill, interpolation=spec.fixed_interpolation)
         return self.normalize((x, labels))
 
     def _resize_center_crop(self, images: list[torch.Tensor]) -> torch.Tensor:
-        size, out = self.image_size, []
+        size, eval_size, out = self.spec.image_size, self.spec.eval_size, []
         for image in images:
             h, w = image.shape[1:]
             # torchvision's Resize(int): the short side to eval_size, the long side truncated
-            new_h, new_w = (
-                (self.eval_size, int(self.eval_size * w / h))
-                if h <= w
-                else (int(self.eval_size * h / w), self.eval_size)
-            )
+            new_h, new_w = (eval_size, int(eval_size * w / h)) if h <= w else (int(eval_size * h / w), eval_size)
             top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)  # CenterCrop's rounding
-            out.append(_resize(image, (new_h, new_w), self.interpolation)[:, top : top + size, left : left + size])
+            resized = _resize(image, (new_h, new_w), self.spec.fixed_interpolation)
+            out.append(resized[:, top : top + size, left : left + size])
         return _to_uint8(torch.stack(out))
 
     def __repr__(self) -> str:
-        return f"DeviceTransform(image_size={self.image_size}, training={self.training}, {self.normalize})"
+        return f"DeviceTransform(training={self.training}, {self.normalize}, {self.spec})"
 
 
 def decode_images(payloads: list[torch.Tensor], rows: list[list[float]], device: torch.device) -> list[torch.Tensor]:

@@ -17,17 +17,17 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
-from torchvision.transforms import InterpolationMode, Resize
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_modes_mapping, pil_to_tensor, resized_crop
 
-from usi_composer.data.draws import TrainDrawSpec, draw_sample
+from usi_composer.data.draws import draw_sample
 from usi_composer.data.randaugment import apply_pil
+from usi_composer.data.spec import TransformSpec
 from usi_composer.errors import CorruptSampleError
 
 __all__ = [
     "BytesTransform",
     "DeviceNormalize",
-    "build_bytes_transform",
     "build_transform",
     "decode_rgb",
     "open_image",
@@ -36,32 +36,25 @@ __all__ = [
 
 
 def build_transform(
-    image_size: int,
-    is_training: bool,
-    *,
-    crop_pct: float = 0.95,
-    interpolation: str = "bicubic",
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3),
-    hflip: float = 0.5,
-    auto_augment: str | None = "rand-m7-mstd0.5-inc1",
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    spec: TransformSpec, training: bool, *, use_prefetcher: bool = True
 ) -> Callable[[Any], torch.Tensor]:
-    """PIL image -> uint8 CHW tensor. Training: bicubic RandomResizedCrop + flip + RandAugment;
-    eval: resize to ``image_size / crop_pct`` and center crop."""
+    """timm's transform for ``spec``, PIL image -> uint8 CHW tensor. Training: RandomResizedCrop + flip +
+    RandAugment; eval: resize the short side to ``spec.eval_size`` and center crop ``image_size``.
+    ``use_prefetcher=False``: timm's standard output instead, a float tensor normalized per image."""
     return create_transform(
-        image_size,
-        is_training=is_training,
-        use_prefetcher=True,  # uint8 out; normalization happens on the device
-        scale=tuple(scale),
-        ratio=tuple(ratio),
-        hflip=hflip,
+        spec.image_size,
+        is_training=training,
+        use_prefetcher=use_prefetcher,  # True: uint8 out, normalized on the device (DeviceNormalize)
+        scale=spec.scale,
+        ratio=spec.ratio,
+        hflip=spec.hflip,
         vflip=0.0,
         color_jitter=None,  # USI: RandAugment only
-        auto_augment=auto_augment if is_training else None,
-        interpolation=interpolation,
-        crop_pct=crop_pct,
-        mean=tuple(mean),  # RandAugment fills with the mean color
+        auto_augment=spec.auto_augment if training else None,
+        interpolation=spec.interpolation if training else spec.fixed_interpolation,
+        crop_pct=spec.crop_pct,
+        mean=spec.mean,  # RandAugment fills with the mean color
+        std=spec.std,
     )
 
 
@@ -151,11 +144,11 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 
 class BytesTransform:
-    """``(encoded image bytes, rng) -> uint8 CHW tensor``: USI's timm transform (:func:`build_transform`)
-    with every random draw taken from ``rng`` (:func:`~usi_composer.data.draws.sample_rng` of the
-    sample's seed, epoch and index), so a sample's view is a pure function of those. Same keyword
-    arguments as :func:`build_transform`, and ``max_pixels`` (:func:`open_image`). The eval transform
-    ignores ``rng``.
+    """``(encoded image bytes, rng) -> uint8 CHW tensor``: the timm transform of ``spec``
+    (:func:`build_transform`) with every random draw taken from ``rng``
+    (:func:`~usi_composer.data.draws.sample_rng` of the sample's seed, epoch and index), so a sample's
+    view is a pure function of those. Images over ``spec.max_image_pixels`` are refused from their
+    header (:func:`open_image`). The eval transform (``training=False``) ignores ``rng``.
 
     Training: the crop box, interpolation, flip and RandAugment ops are drawn by
     :func:`~usi_composer.data.draws.draw_sample` (timm's distributions) from the image header,
@@ -167,70 +160,41 @@ class BytesTransform:
     the conversion to a uint8 tensor (timm's ``use_prefetcher`` output).
 
     Eval: with ``fast=True`` the JPEG is decoded at the smallest DCT scale that still covers twice
-    the resize target, then timm's eval transform runs unchanged.
+    the resize target (``spec.eval_size``), then timm's eval transform runs unchanged.
 
     timm has no transform that starts from undecoded bytes or takes a generator, hence this class.
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        is_training: bool,
-        *,
-        fast: bool = True,
-        crop_pct: float = 0.95,
-        interpolation: str = "bicubic",
-        scale: Sequence[float] = (0.08, 1.0),
-        ratio: Sequence[float] = (3 / 4, 4 / 3),
-        hflip: float = 0.5,
-        auto_augment: str | None = "rand-m7-mstd0.5-inc1",
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
-    ) -> None:
-        self.image_size, self.is_training, self.fast, self.max_pixels = image_size, is_training, fast, max_pixels
-        if is_training:
-            self.spec: TrainDrawSpec | None = TrainDrawSpec(
-                scale=(scale[0], scale[1]),
-                ratio=(ratio[0], ratio[1]),
-                hflip=hflip,
-                interpolation=interpolation,
-                auto_augment=auto_augment,
-            )
-            self.fill = tuple(min(255, round(255 * m)) for m in mean)  # timm's RandAugment img_mean
-        else:
-            self.spec = None
-            self.eval_transform = build_transform(
-                image_size, False, crop_pct=crop_pct, interpolation=interpolation, mean=mean
-            )
-            steps = getattr(self.eval_transform, "transforms", [])
-            resize = next((s for s in steps if isinstance(s, Resize)), None)
-            self.eval_size = None if resize is None else int(max(_as_tuple(resize.size)))
+    def __init__(self, spec: TransformSpec, training: bool, *, fast: bool = True) -> None:
+        self.spec, self.training, self.fast = spec, training, fast
+        if not training:
+            self.eval_transform = build_transform(spec, False)
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> torch.Tensor:
-        img = open_image(data, self.max_pixels)
-        if self.spec is None:
-            if self.fast and self.eval_size is not None and img.format == "JPEG":
+        spec = self.spec
+        img = open_image(data, spec.max_image_pixels)
+        if not self.training:
+            if self.fast and img.format == "JPEG":
                 # Both sides stay >= twice the resize target: the eval image is the reference, so the
                 # bicubic antialiasing does the last 2x (at 1x the DCT scaling's aliasing shows).
-                img.draft(None, (2 * self.eval_size, 2 * self.eval_size))
+                img.draft(None, (2 * spec.eval_size, 2 * spec.eval_size))
             return self.eval_transform(_rgb(img))
-        draws = draw_sample(rng, img.size, self.spec)
+        draws = draw_sample(rng, img.size, spec)
         img = self.resized_crop(img, draws.crop, draws.interpolation)
         if draws.flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if draws.randaugment is not None:
-            assert self.spec.randaugment is not None
+            assert spec.randaugment is not None
             # timm gives RandAugment the transform's interpolation ('random': its own draw per op;
             # here the sample's drawn one)
-            spec, interpolation = self.spec.randaugment, draws.interpolation
-            img = apply_pil(img, draws.randaugment, spec, fill=self.fill, interpolation=interpolation)
+            img = apply_pil(img, draws.randaugment, spec.randaugment, fill=spec.fill, interpolation=draws.interpolation)
         return pil_to_tensor(img)
 
     def resized_crop(self, img: Image.Image, box: tuple[int, int, int, int], interpolation: str) -> Image.Image:
         """``img`` (opened, not yet decoded) cropped to ``box`` = (top, left, height, width) in full-size
         pixels and resized to the output size, as RGB (see the class doc for ``fast``)."""
         top, left, height, width = box
-        size = self.image_size
+        size = self.spec.image_size
         if not self.fast:
             mode = InterpolationMode(interpolation)
             return resized_crop(img.convert("RGB"), top, left, height, width, [size, size], mode)
@@ -247,19 +211,9 @@ class BytesTransform:
         return _rgb(out)
 
     def __repr__(self) -> str:
-        what = self.spec if self.spec is not None else self.eval_transform
-        return f"BytesTransform(image_size={self.image_size}, fast={self.fast}, {what})"
+        return f"BytesTransform(training={self.training}, fast={self.fast}, {self.spec})"
 
 
 def _rgb(img: Image.Image) -> Image.Image:
     """``img.convert("RGB")`` without its copy of an image that is RGB already (~1 ms a decoded image)."""
     return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _as_tuple(size: int | Sequence[int]) -> tuple[int, ...]:
-    return (size,) if isinstance(size, int) else tuple(size)
-
-
-def build_bytes_transform(image_size: int, is_training: bool, *, fast: bool = True, **kwargs: Any) -> BytesTransform:
-    """:func:`build_transform` (same keyword arguments) applied to encoded image bytes, with keyed draws."""
-    return BytesTransform(image_size, is_training, fast=fast, **kwargs)
