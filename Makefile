@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine (both idempotent):
-#   make demo   # create .venv, install, run the embedded demo (teacher + two students on CPU)
-#   make test   # create .venv, install, run the test suite
+#   make demo        # create .venv, install, run the embedded demo (teacher + two students on CPU)
+#   make test        # create .venv, install, run ruff and the whole test suite
+#   make test-fast   # the same without the tests marked slow (subprocesses, installs, long runs)
+#   make test-gpu    # only the tests marked gpu (each skips, with its reason, without CUDA)
 # The interpreter is PYTHON if given, else the newest supported python3.x on PATH. A venv keeps the
 # Python it was made with, so give each its own: make test PYTHON=python3.12 VENV=.venv-3.12
 #
@@ -8,7 +10,13 @@
 PYTHONS := python3.13 python3.12 python3.11 python3.10
 # Probed by running it: a pyenv shim of a version that is not selected is on PATH but fails.
 PYTHON ?= $(firstword $(foreach p,$(PYTHONS),$(shell $(p) -c '' >/dev/null 2>&1 && echo $(p))))
-VENV ?= .venv
+# The torch lane. Unset: Composer 0.32.1's own pins (torch 2.7.0, torchvision 0.22.0). TORCH=2.14.1:
+# that torch and its torchvision (TORCHVISION, else 0.<minor + 15>.<patch>, torchvision's numbering),
+# with Composer and everything else installed around it by uv's --override (pip has no way to
+# relax another package's pin). Each lane has its own venv.
+TORCH ?=
+TORCHVISION ?= $(if $(TORCH),$(shell echo '$(TORCH)' | awk -F. '{printf "0.%d.%s", $$2 + 15, $$3}'))
+VENV ?= .venv$(if $(TORCH),-torch$(TORCH))
 PY := $(VENV)/bin/python
 VERSION := import platform; print(platform.python_version())
 MINOR := import sys; print("%d.%d" % sys.version_info[:2])
@@ -16,7 +24,7 @@ MINOR := import sys; print("%d.%d" % sys.version_info[:2])
 # backend's notices are not the user's to act on. Errors still show.
 PIP := $(PY) -m pip -qq
 
-.PHONY: demo test lint setup clean python-matches-venv
+.PHONY: demo test test-fast lint setup clean python-matches-venv
 
 setup: $(VENV)/.installed
 
@@ -27,8 +35,17 @@ $(VENV)/.installed: pyproject.toml | python-matches-venv
 	@echo "$(if $(wildcard $(PY)),updating,creating) $(VENV) with $(PYTHON) (Python $$($(PYTHON) -c '$(VERSION)'))"
 	@$(PYTHON) -m venv $(VENV)
 	@$(PIP) install --upgrade pip
+ifeq ($(TORCH),)
 	@echo "installing usi-composer and its dependencies into $(VENV) (torch is a few GB: a few minutes the first time)"
 	@$(PIP) install -e '.[dev]'
+else
+	@echo "installing torch $(TORCH) and torchvision $(TORCHVISION) into $(VENV) (a few GB: minutes the first time)"
+	@$(PIP) install torch==$(TORCH) torchvision==$(TORCHVISION) uv
+	@printf 'torch==$(TORCH)\ntorchvision==$(TORCHVISION)\n' > $(VENV)/torch-override.txt
+	@echo "installing usi-composer and its dependencies around them (uv pip install --override $(VENV)/torch-override.txt)"
+	@$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev]' --override $(VENV)/torch-override.txt
+	@$(PY) -c 'import torch, torchvision; assert (torch.__version__.split("+")[0], torchvision.__version__.split("+")[0]) == ("$(TORCH)", "$(TORCHVISION)"), (torch.__version__, torchvision.__version__)'
+endif
 	@touch $@
 	@echo "ready: $(VENV)"
 
@@ -46,6 +63,10 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check .

@@ -18,7 +18,7 @@ from composer.algorithms.ema.ema import EMAParameters, compute_ema
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-from conftest import RecordOps
+from helpers import RecordOps
 from usi_composer.algorithms.ema import FusedEMAParameters
 
 

@@ -10,8 +10,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 import yaml
-from _ablate_helpers import DEMO_YAML, NUM_CLASSES, REPO, TEACHER, tiny_image_folder, tiny_overrides
 
+from helpers import DEMO_YAML, NUM_CLASSES, REPO, TEACHER, tiny_image_folder, tiny_overrides
 from usi_composer.ablate import (
     Sweep,
     SweepError,
@@ -117,6 +117,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, saved_teacher) -> dict:
     return {"tmp": tmp, "data": data, "teacher": saved_teacher(TEACHER, NUM_CLASSES)}
 
 
+@pytest.mark.slow
 def test_two_point_grid_runs_logs_to_wandb_and_is_skipped_when_rerun(
     tiny: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -164,6 +165,7 @@ def sweep_key(sweep: Sweep) -> str:
     return next(iter(sweep.parameters))
 
 
+@pytest.mark.slow
 def test_runner_survives_a_failing_point_and_retries_it(
     tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,7 +12,6 @@ import timm
 import torch
 from composer.loggers import InMemoryLogger
 
-from conftest import run_cli
 from usi_composer.builders import check_model_sizes
 from usi_composer.cli.train import main
 from usi_composer.config import ConfigError, load_config
@@ -111,10 +110,9 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_cli_bad_student_size_is_one_line_before_training() -> None:
-    result = run_cli("train.py", DEMO, "model.name=levit_128s", "data.image_size=40", timeout=600)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    line = one_error_line(result.stderr)
+def test_cli_bad_student_size_is_one_line_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([DEMO, "model.name=levit_128s", "data.image_size=40"]) == 2
+    line = one_error_line(capsys.readouterr().err)
     assert re.fullmatch(
         r"error: data\.image_size: levit_128s cannot run at 40 px \(RuntimeError: .+\); "
         r"nearest sizes that run: 32 px or 48 px",
@@ -180,12 +178,13 @@ def test_weights_of_another_architecture_are_counted_as_torch_does(saved_teacher
     assert tuple(int(n) for n in numbers.groups()[:3]) == counts
 
 
-def test_cli_student_weights_of_another_architecture_are_one_line(digits: Path, saved_teacher) -> None:
+def test_cli_student_weights_of_another_architecture_are_one_line(
+    digits: Path, saved_teacher, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = saved_teacher("resnet18", 10)
     args = demo_overrides(digits, "model.name=resnet10t", f"model.checkpoint={path}")
-    result = run_cli("train.py", DEMO, *args, timeout=600)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    line = one_error_line(result.stderr)
+    assert main([DEMO, *args]) == 2
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: model.checkpoint: {path} does not fit resnet10t: "), line
     assert re.search(r"\d+ missing \(first: .+\), \d+ unexpected \(first: .+\), \d+ mis-shaped \(first: .+\)$", line)
 

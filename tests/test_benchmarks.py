@@ -7,7 +7,9 @@ import math
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
+
+pytestmark = pytest.mark.slow  # the benchmark scripts in subprocesses
 
 TINY = [
     "--student",

@@ -15,9 +15,9 @@ from pathlib import Path
 import composer.utils.checkpoint as composer_checkpoint
 import pytest
 import torch
-from checkpoint_fixtures import DEMO, one_error_line, tiny
 from composer.core import State
 
+from helpers import DEMO, one_error_line, tiny
 from usi_composer import builders, patches
 from usi_composer.builders import build_trainer, local_checkpoints_to_keep
 from usi_composer.checkpoints import first_math_change, is_complete
@@ -168,7 +168,8 @@ def test_a_remote_folder_keeps_one_local_copy_and_autoresumes_from_the_bucket(
     digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from composer.callbacks import CheckpointSaver
-    from streaming_fixtures import REPO, MotoServer
+
+    from helpers import REPO, MotoServer
 
     init = CheckpointSaver.__init__
 

@@ -13,7 +13,7 @@ from composer.core import Callback, State
 from composer.loggers import InMemoryLogger, Logger
 from torch import nn
 
-from conftest import run_cli
+from helpers import run_cli
 from usi_composer.algorithms import BestOfEMAAndRaw
 from usi_composer.cli.train import main
 from usi_composer.compilation import compile_failure, resolve_compile
@@ -145,6 +145,7 @@ def test_failure_names_student_or_teacher() -> None:
     assert compile_failure(ValueError("not a compile failure"), "resnet50", None) is None
 
 
+@pytest.mark.slow
 def test_cli_compile_failure_is_one_line(digits: Path, saved_teacher, tmp_path: Path) -> None:
     # A real inductor failure: no working C++ compiler (inductor reads CXX); a fresh cache, so
     # nothing compiled earlier is reused.

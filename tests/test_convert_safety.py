@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from streaming import MDSWriter, StreamingDataset
-from streaming_fixtures import REPO, MotoServer, make_imagenet, sample_files
 
+from helpers import REPO, MotoServer, make_imagenet, sample_files
 from usi_composer.data.convert import _split_complete, main
 from usi_composer.data.folder import ImageFolderBytes, folder_dataloader
 from usi_composer.data.layout import find_classes, list_images

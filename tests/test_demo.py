@@ -11,6 +11,8 @@ import pytest
 from usi_composer.cli.demo import main
 from usi_composer.demo import DemoResult, run_demo
 
+pytestmark = pytest.mark.slow  # the whole demo: a teacher and two students
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoResult]:

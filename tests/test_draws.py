@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 from scipy.stats import ks_2samp
-from streaming_fixtures import make_imagenet, sample_files
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
+from helpers import make_imagenet, sample_files
 from usi_composer.config import DataConfig
 from usi_composer.data.convert import convert_imagenet
 from usi_composer.data.draws import draw_sample, sample_rng
@@ -36,6 +36,7 @@ def _draws_in_child(keys: list[tuple[int, int, int]]) -> list[tuple]:
     return [_draws(*key) for key in keys]
 
 
+@pytest.mark.slow
 def test_same_key_same_draws_in_any_process_other_keys_differ() -> None:
     keys = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (7, 3, 123456789)]
     here = [_draws(*key) for key in keys]

@@ -16,7 +16,7 @@ from resumption import differences, run_pair
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import RecordOps, launch
+from helpers import RecordOps, launch
 from usi_composer.algorithms import FusedEMA
 from usi_composer.algorithms.ema import FusedEMAParameters
 
@@ -180,6 +180,7 @@ def test_checkpoint_holds_the_averaged_weights(tmp_path: Path) -> None:
     assert len(diffs) == 1 and "ema_model.named_parameters_dict" in diffs[0] and key in diffs[0], diffs
 
 
+@pytest.mark.slow
 def test_fsdp_averages_each_shard_locally_and_checkpoints_whole_tensors(tmp_path: Path) -> None:
     result, logs = launch(2, tmp_path, "tests/fsdp_ema.py", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:] + logs

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from resumption import differences
-from streaming_fixtures import TINY_TRAIN, make_imagenet, run
 
+from helpers import TINY_TRAIN, make_imagenet, run
 from usi_composer.data.convert import convert_imagenet
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]  # train.py runs in subprocesses
 
 N_SAMPLES, BATCH = 40, 8  # 5 batches per epoch
 RUN = [

@@ -249,6 +249,7 @@ class _InputRecorder(Callback):
             self.inputs.append(state.batch[0].detach().clone())
 
 
+@pytest.mark.slow
 def test_the_demo_trains_with_the_gpu_pipeline_on_the_cpu(repo: Path, digits: Path, saved_teacher) -> None:
     """yamls/demo.yaml (digits as MDS shards) with data.pipeline=gpu, a short run on the CPU."""
     from usi_composer.demo import data_overrides

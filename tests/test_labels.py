@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from streaming import MDSWriter
 
-from conftest import IMAGENET_SAMPLE, REPO
+from helpers import IMAGENET_SAMPLE, REPO
 from usi_composer.builders import validate_hash
 from usi_composer.cli import train as train_cli
 from usi_composer.config import DataConfig, load_config

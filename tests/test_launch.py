@@ -23,7 +23,8 @@ from unittest import mock
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 LAUNCH = REPO / "launch"
 NODES = 2  # N: every template is rendered for two nodes
 GPUS_PER_NODE = 8

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from streaming_fixtures import REPO, MotoServer, free_port
 
+from helpers import REPO, MotoServer, free_port
 from usi_composer.data.mds import check_resumable
 from usi_composer.errors import SetupError
 
@@ -287,6 +287,7 @@ def test_refuses_exactly_the_resumes_streaming_cannot_lay_out(
         assert "\n" not in str(e.value) and f"on {nodes} nodes x {per_node} processes" in str(e.value)
 
 
+@pytest.mark.slow
 def test_the_dataset_refuses_such_a_checkpoint_before_training(bucket: str, tmp_path: Path) -> None:
     from streaming.base.world import World
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 try:
     import tomllib
@@ -54,6 +54,7 @@ def test_algorithms_import_only_torch_composer_timm() -> None:
             assert roots <= allowed, f"{path.name} imports {roots - allowed}"
 
 
+@pytest.mark.slow
 def test_importable_as_usi_composer_algorithms_not_algorithms() -> None:
     code = (
         "import importlib.util, usi_composer.algorithms as a; "

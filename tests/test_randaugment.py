@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from usi_composer.data.transforms import build_transform
 SIZE = 64
 TRANSFORM = TransformSpec.from_data(DataConfig(image_size=SIZE))  # USI's, timm's ImageNet mean
 FILL = TRANSFORM.fill  # timm's img_mean (test_apply_pil_is_timm_randaugment checks it against timm's)
-USI = RandAugmentSpec.parse("rand-m7-mstd0.5-inc1")
+USI = RandAugmentSpec.parse(DataConfig().auto_augment)  # the recipe's default, rand-m7-mstd0.5-inc1
 # The ops of both timm op sets (inc1 and the original inc0); the tests run them all.
 ALL_OPS = tuple(dict.fromkeys(RAND_OPS + RandAugmentSpec.parse("rand-inc0").ops))
 SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"} | {
@@ -101,7 +102,7 @@ CASES = [(n, "bicubic") for n in ALL_OPS] + [(n, "bilinear") for n in ALL_OPS if
 
 @pytest.mark.parametrize(("name", "interpolation"), CASES, ids=[f"{n}-{i}" for n, i in CASES])
 def test_op_matches_timm(images, name, interpolation, monkeypatch) -> None:
-    spec = RandAugmentSpec(num_ops=1, ops=ALL_OPS)
+    spec = replace(USI, num_ops=1, ops=ALL_OPS)
     k = ALL_OPS.index(name)
     settings = [(m, s) for m in MAGNITUDES for s in (1.0, -1.0)]
     # one batch holding every (image, magnitude, sign): per-sample parameters side by side
@@ -208,15 +209,16 @@ def test_draws_follow_timm_distribution(monkeypatch) -> None:
     print(f"p-values: ops+prob {p_ops:.3f}, magnitudes {p_levels:.3f}, signs {p_signs:.3f}")
     assert min(p_ops, p_levels, p_signs) > 0.01
     # the tests can tell: a 0.6 apply prob, a 0.7 magnitude std, or biased ops are rejected
-    assert p_values(ours(RandAugmentSpec(prob=0.6)))[0] < 1e-6
-    assert p_values(ours(RandAugmentSpec(magnitude_std=0.7)))[1] < 1e-6
-    biased = ours(RandAugmentSpec(ops=(*USI.ops, "Rotate")))  # Rotate twice as likely, 16 -> 15 categories
+    assert p_values(ours(replace(USI, prob=0.6)))[0] < 1e-6
+    assert p_values(ours(replace(USI, magnitude_std=0.7)))[1] < 1e-6
+    biased = ours(replace(USI, ops=(*USI.ops, "Rotate")))  # Rotate twice as likely, 16 -> 15 categories
     biased[:, 0] = np.where(biased[:, 0] == len(USI.ops), USI.ops.index("Rotate"), biased[:, 0])
     assert p_values(biased)[0] < 1e-6
 
 
 def test_parse() -> None:
-    assert RandAugmentSpec() == USI and USI.ops == RAND_OPS and len(RAND_OPS) == 15
+    assert (USI.num_ops, USI.magnitude, USI.magnitude_std, USI.magnitude_max, USI.prob) == (2, 7.0, 0.5, 10.0, 0.5)
+    assert USI.ops == RAND_OPS and len(RAND_OPS) == 15
     other = RandAugmentSpec.parse("rand-m9-n3-mstd101-mmax15-p0.7")  # timm: mstd > 100 is uniform
     assert (other.num_ops, other.magnitude, other.magnitude_max, other.prob) == (3, 9.0, 15.0, 0.7)
     assert other.magnitude_std == float("inf") and "Posterize" in other.ops
@@ -251,7 +253,7 @@ def test_apply_batch_matches_apply_pil(images, size, interpolation, bound, subse
     computing each op family on the samples that drew it (CPU) or on all and selecting (CUDA's way)."""
     monkeypatch.setattr(randaugment, "_SUBSET_DEVICES", subset_devices)
     imgs = [im.resize(size, Image.Resampling.BICUBIC) for im in images] * 8
-    draws = random_draws(len(imgs), seed=3, spec=RandAugmentSpec(prob=1.0))
+    draws = random_draws(len(imgs), seed=3, spec=replace(USI, prob=1.0))
     ours = apply_batch(to_batch(imgs), draws, USI, fill=FILL, interpolation=interpolation)
     ref = to_batch(
         [
@@ -266,7 +268,7 @@ def test_apply_batch_matches_apply_pil(images, size, interpolation, bound, subse
 
 def test_apply_batch_contract(images, monkeypatch) -> None:
     batch = to_batch(images * 3)
-    draws = random_draws(len(batch), seed=5, spec=RandAugmentSpec(prob=1.0))
+    draws = random_draws(len(batch), seed=5, spec=replace(USI, prob=1.0))
     draws[0, :, 0] = -1  # sample 0: both slots skipped
     out = apply_batch(batch, draws, USI, fill=FILL)
     assert out.shape == batch.shape and out.dtype == torch.uint8
@@ -301,7 +303,7 @@ def test_apply_batch_reads_nothing_on_the_host() -> None:
     """On the meta device every value is unknown: any .item()/bool(tensor) sync in apply_batch would raise."""
     images = torch.empty(4, 3, 16, 16, dtype=torch.uint8, device="meta")
     draws = torch.empty(4, USI.num_ops, DRAW_COLUMNS, device="meta")
-    out = apply_batch(images, draws, RandAugmentSpec(ops=ALL_OPS), fill=FILL)
+    out = apply_batch(images, draws, replace(USI, ops=ALL_OPS), fill=FILL)
     assert out.shape == images.shape and out.dtype == torch.uint8
     with pytest.raises(RuntimeError):
         bool(images.sum() > 0)  # the premise: reading a meta tensor's value fails

@@ -9,7 +9,7 @@ import pytest
 import torch
 from composer.loggers import InMemoryLogger
 
-from conftest import launch
+from helpers import launch
 from usi_composer.config import load_config
 from usi_composer.training import train
 
@@ -55,6 +55,7 @@ def test_usi_yaml_trains_every_backbone_family(family: str, imagenet_sample: Pat
     trainer.close()
 
 
+@pytest.mark.slow
 def test_composer_launcher_ddp_on_cpu(imagenet_sample: Path, saved_teacher, tmp_path: Path) -> None:
     save = tmp_path / "ckpt"
     overrides = shrink(

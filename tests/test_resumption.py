@@ -9,7 +9,7 @@ import torch
 from resumption import ALGORITHM_SETS, NUM_CLASSES, _net, _trainer, differences, run_pair
 
 import usi_composer.algorithms as usi_algorithms
-from conftest import launch
+from helpers import launch
 from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix
 
 
@@ -28,6 +28,7 @@ def test_resumption_check_can_fail(tmp_path: Path) -> None:
     assert differences(first, resumed) == [f"state.model.{key}"]
 
 
+@pytest.mark.slow
 def test_resumption_is_equivalent_on_two_processes(tmp_path: Path) -> None:
     result, logs = launch(2, tmp_path, "tests/resumption.py", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:] + logs

@@ -12,9 +12,9 @@ import composer.utils.checkpoint as composer_checkpoint
 import pytest
 import timm
 import torch
-from checkpoint_fixtures import DEMO, SYSTEM, one_error_line, tiny, with_code
 from safetensors.torch import save_file
 
+from helpers import DEMO, SYSTEM, one_error_line, tiny, with_code
 from usi_composer import patches
 from usi_composer.builders import build_model, build_trainer
 from usi_composer.cli.train import main

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from usi_composer import redaction
 from usi_composer.ablate import load_sweep, run_sweep
 from usi_composer.cli import train as train_cli

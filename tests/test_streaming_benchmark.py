@@ -6,9 +6,10 @@ import json
 import sys
 
 import pytest
-from streaming_fixtures import run, sample_root
 
-pytestmark = pytest.mark.timeout(120)
+from helpers import run, sample_root
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # the benchmark scripts in subprocesses
 
 
 def _is_rounded_quotient(ratio: float, num: float, den: float, *, step: float, ratio_step: float) -> bool:

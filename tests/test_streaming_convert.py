@@ -12,17 +12,17 @@ import pytest
 import torch
 from PIL import Image
 from streaming import StreamingDataset
-from streaming_fixtures import TINY_TRAIN, make_imagenet, run, sample_files, sample_root
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import resized_crop
 
+from helpers import REPO, TINY_TRAIN, make_imagenet, run, sample_files, sample_root
+from usi_composer.cli import train as train_cli
 from usi_composer.config import ConfigError, DataConfig, load_config
 from usi_composer.data.convert import main
 from usi_composer.data.draws import draw_sample, sample_rng
 from usi_composer.data.spec import TransformSpec
 from usi_composer.data.transforms import BytesTransform, build_transform, decode_rgb
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -100,6 +100,7 @@ def test_restart_rewrites_incomplete_split_and_skips_complete(tmp_path: Path, ca
     assert "already complete" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_flat_validation_with_labels_csv_and_python_m(tmp_path: Path) -> None:
     src = make_imagenet(tmp_path / "src", n_classes=4)
     wnids = sorted(p.name for p in (src / "train").iterdir())
@@ -196,20 +197,12 @@ def test_streaming_config_valid_and_missing_data() -> None:
         load_config(REPO / "yamls" / "usi.yaml", ["data.train_dir=null"])
 
 
-def test_train_cli_missing_local_mds_is_one_line_error(tmp_path: Path) -> None:
-    proc = run(
-        [
-            sys.executable,
-            "train.py",
-            "yamls/usi.yaml",
-            f"data.local={tmp_path / 'nothing'}",
-            "trainer.max_duration=1ba",
-            "trainer.global_batch_size=2",
-            *TINY_TRAIN,
-        ]
-    )
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: no MDS dataset at {tmp_path / 'nothing'}/train")
+def test_train_cli_missing_local_mds_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [f"data.local={tmp_path / 'nothing'}", "trainer.max_duration=1ba", "trainer.global_batch_size=2"]
+    assert train_cli.main(["yamls/usi.yaml", *args, *TINY_TRAIN]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()], err
+    assert err.startswith(f"error: no MDS dataset at {tmp_path / 'nothing'}/train")
 
 
 def test_sample_data_present() -> None:

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from streaming_fixtures import TINY_TRAIN, free_port, make_imagenet, run
 
+from helpers import TINY_TRAIN, free_port, make_imagenet, run
 from usi_composer.data.convert import convert_imagenet
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # killed and relaunched training processes
 
 N_SAMPLES, GLOBAL_BATCH, KILL_AFTER = 48, 8, 2  # 6 batches per epoch, killed after 2
 

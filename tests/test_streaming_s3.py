@@ -12,15 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from streaming_fixtures import REPO, TINY_TRAIN, MotoServer, make_imagenet, run, sample_root
 
+from helpers import REPO, TINY_TRAIN, MotoServer, make_imagenet, run, sample_root
 from usi_composer.config import DataConfig
 from usi_composer.data.mds import StreamingDataError, streaming_dataloader
 from usi_composer.data.spec import TransformSpec
 from usi_composer.data.transforms import BytesTransform
 from usi_composer.errors import SetupError
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]  # a local S3 server and training subprocesses
 BOUND_S = 60  # every fault must end in an error within this many seconds
 
 

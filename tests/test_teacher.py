@@ -70,7 +70,12 @@ def test_build_teacher_is_frozen_and_matches_timm(saved_teacher) -> None:
 
 
 def test_pretrained_offline_names_the_alternative(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported (it may be already): set both, or the
+    # download is tried and times out on a machine without network.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SetupError, match=r"pass checkpoint=PATH"):
         build_teacher("resnet10t", 10, (0.5,) * 3, (0.5,) * 3, pretrained=True)
 
@@ -83,7 +88,7 @@ def test_missing_checkpoint_is_a_setup_error(tmp_path) -> None:
 def pretrained_teacher(digits, file, *extra: str) -> list[str]:
     """The demo recipe distilling from test_resnet with timm's pretrained loading of ``file``
     (``pretrained_cfg_overlay.file``: timm loads a local file as it would the hub's weights)."""
-    from checkpoint_fixtures import tiny
+    from helpers import tiny
 
     return tiny(
         digits,
@@ -97,8 +102,7 @@ def pretrained_teacher(digits, file, *extra: str) -> list[str]:
 
 
 def test_pretrained_teacher_for_other_classes_stops_before_anything_is_built(digits, saved_teacher, capsys) -> None:
-    from checkpoint_fixtures import DEMO, one_error_line
-
+    from helpers import DEMO, one_error_line
     from usi_composer.cli.train import main
 
     in1k = saved_teacher("test_resnet", 1000)
@@ -119,8 +123,7 @@ def test_pretrained_teacher_for_other_classes_stops_before_anything_is_built(dig
 
 
 def test_pretrained_teacher_key_names_where_the_class_count_comes_from(digits) -> None:
-    from checkpoint_fixtures import DEMO
-
+    from helpers import DEMO
     from usi_composer.builders import check_teacher_classes
     from usi_composer.config import ConfigError, load_config
 
@@ -139,8 +142,7 @@ def test_pretrained_teacher_key_names_where_the_class_count_comes_from(digits) -
 
 
 def test_pretrained_teacher_for_the_same_classes_distils(digits, saved_teacher) -> None:
-    from checkpoint_fixtures import DEMO
-
+    from helpers import DEMO
     from usi_composer.algorithms import KnowledgeDistillation
     from usi_composer.builders import build_model
     from usi_composer.config import load_config

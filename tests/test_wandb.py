@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _ablate_helpers import DEMO_YAML, NUM_CLASSES, TEACHER, tiny_image_folder, tiny_overrides
 
-from conftest import run_cli
+from helpers import DEMO_YAML, NUM_CLASSES, TEACHER, run_cli, tiny_image_folder, tiny_overrides
+from usi_composer.cli import train as train_cli
 from usi_composer.config import ConfigError, load_config
 from usi_composer.redaction import REDACTED, redact, redact_argv
 from usi_composer.tracking import build_wandb_logger, read_wandb_run
@@ -53,6 +53,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory, saved_teacher) -> dict
     return {"dir": run_dirs[0], "metrics": json.loads((tmp / "metrics.json").read_text()), "env": env}
 
 
+@pytest.mark.slow
 def test_offline_run_holds_the_resolved_config_and_the_metrics(offline_run: dict) -> None:
     run = read_wandb_run(offline_run["dir"])
     config = run["config"]
@@ -69,6 +70,7 @@ def test_offline_run_holds_the_resolved_config_and_the_metrics(offline_run: dict
     assert offline_run["metrics"]["wandb_run_dir"] == str(offline_run["dir"])
 
 
+@pytest.mark.slow
 def test_offline_run_is_what_wandb_sync_uploads(offline_run: dict) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "wandb", "sync", "--dry-run", str(offline_run["dir"])],
@@ -82,6 +84,7 @@ def test_offline_run_is_what_wandb_sync_uploads(offline_run: dict) -> None:
     assert offline_run["dir"].name in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_secrets_are_nowhere_in_the_run(offline_run: dict) -> None:
     for path in offline_run["dir"].rglob("*"):
         if path.is_file():
@@ -152,10 +155,10 @@ def test_loggers_wandb_is_optional_and_validated(tmp_path: Path) -> None:
         _cfg("loggers.wandb.mode=cloud")
 
 
-def test_bad_wandb_key_on_the_command_line_is_one_line_and_exit_2() -> None:
-    done = run_cli("train.py", str(DEMO_YAML), "loggers.wandb.entitty=me", "--dry-run", timeout=600)
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "did you mean 'entity'" in done.stderr
+def test_bad_wandb_key_on_the_command_line_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_cli.main([str(DEMO_YAML), "loggers.wandb.entitty=me", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "did you mean 'entity'" in err
 
 
 def test_builder_makes_composers_wandb_logger_only_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,14 +61,15 @@ _SUPPORTED_OPS = _LUT_OPS | _BLEND_OPS | _AFFINE_OPS
 
 @dataclass(frozen=True)
 class RandAugmentSpec:
-    """What the draws and the ops need from a timm RandAugment config (USI's by default)."""
+    """What the draws and the ops need from a timm RandAugment config string (:meth:`parse`; USI's
+    is ``data.auto_augment``'s default, stated there alone)."""
 
-    num_ops: int = 2
-    magnitude: float = 7.0
-    magnitude_std: float = 0.5  # inf: uniform in [0, magnitude], as timm's mstd > 100
-    magnitude_max: float = 10.0
-    prob: float = 0.5
-    ops: tuple[str, ...] = RAND_OPS
+    num_ops: int
+    magnitude: float
+    magnitude_std: float  # inf: uniform in [0, magnitude], as timm's mstd > 100
+    magnitude_max: float
+    prob: float
+    ops: tuple[str, ...]
 
     @classmethod
     def parse(cls, config_str: str) -> RandAugmentSpec:

@@ -1,0 +1,292 @@
+"""What the tests share: the repository and its data, running commands, a local S3 server, small
+runs of the recipe, and files whose unpickling would run code. Fixtures live in ``conftest.py``
+(pytest finds them there); everything else a test imports comes from here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGENET_SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
+PYTHON = sys.executable
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every aten op dispatched while active (``with RecordOps() as r: ...; r.ops``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in the repo (``env`` added to ours), capturing text output."""
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``run`` with the test's Python in front of a script (``x.py``) or ``-m module``."""
+    cmd = [sys.executable, *args] if args[0].endswith(".py") or args[0] == "-m" else list(args)
+    return run(cmd, env=env, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world_size: int, logs: Path, *args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, str]:
+    """``composer -n world_size args...`` (Composer's launcher; gloo on CPU) on a free port, each
+    rank's output in ``logs``. Returns the result and the tails of the ranks' logs."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "composer.cli.launcher",
+        "-n",
+        str(world_size),
+        "--master_port",
+        str(free_port()),
+        "--stdout",
+        str(logs / "rank{rank}.out"),
+        "--stderr",
+        str(logs / "rank{rank}.err"),
+        *args,
+    ]
+    result = run(cmd, timeout=timeout)
+    return result, "".join(p.read_text()[-2000:] for p in sorted(logs.glob("rank*.*")))
+
+
+# --------------------------------------------------------------------------- real ImageNet samples, a local S3 server
+
+
+def sample_root() -> Path:
+    """The 1000 real ImageNet JPEGs (one per class) that the repo's CI places beside the clone."""
+    train = IMAGENET_SAMPLE / "train"
+    assert train.is_dir(), f"missing test data: {train.resolve()} (clone the repo next to shared/)"
+    return IMAGENET_SAMPLE.resolve()
+
+
+def sample_files() -> list[Path]:
+    return sorted(sample_root().glob("train/*/*.JPEG"))
+
+
+def make_imagenet(root: Path, n_classes: int, per_class: int = 1, start: int = 0) -> Path:
+    """``root/train/<wnid>/*.JPEG`` from the real samples: ``n_classes`` classes, ``per_class``
+    images each (the same real JPEG bytes under several names where per_class > 1)."""
+    files = sample_files()[start : start + n_classes]
+    for f in files:
+        folder = root / "train" / f.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            shutil.copyfile(f, folder / (f.name if k == 0 else f"{f.stem}_{k}.JPEG"))
+    return root
+
+
+class MotoServer:
+    """moto's standalone S3 server in a subprocess on 127.0.0.1 (a real HTTP S3 endpoint)."""
+
+    def __init__(self, free_requests: int | None = None) -> None:
+        # With free_requests=N, moto checks credentials (IAM) on every request after the first N.
+        self.free_requests = free_requests
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MotoServer:
+        moto_server = Path(PYTHON).with_name("moto_server")
+        cmd = [str(moto_server)] if moto_server.exists() else [PYTHON, "-m", "moto.server"]
+        self.proc = subprocess.Popen(
+            [*cmd, "-H", "127.0.0.1", "-p", str(self.port)],
+            env={
+                **os.environ,
+                **({"INITIAL_NO_AUTH_ACTION_COUNT": str(self.free_requests)} if self.free_requests is not None else {}),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                assert self.proc.poll() is None, "moto_server exited at start"
+                time.sleep(0.1)
+        raise AssertionError("moto_server did not start within 30 s")
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[MotoServer]:
+        """Started, with its endpoint and credentials in ``os.environ``; both undone on exit."""
+        self.start()
+        saved = {k: os.environ.get(k) for k in self.env()}
+        os.environ.update(self.env())
+        try:
+            yield self
+        finally:
+            self.stop()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def env(self) -> dict[str, str]:
+        """Environment for talking to this server only: endpoint and fake credentials."""
+        return {
+            "S3_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "NO_PROXY": "127.0.0.1,localhost",
+        }
+
+    def client(self):  # -> boto3 S3 client
+        import boto3
+
+        env = self.env()
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env["AWS_DEFAULT_REGION"],
+        )
+
+
+TINY_TRAIN = [
+    "model.name=resnet18",
+    "algorithms.distillation.enabled=false",
+    "algorithms.mixup_cutmix.enabled=false",
+    "algorithms.channels_last=false",
+    "data.image_size=16",
+    "data.pin_memory=false",
+    "trainer.device=cpu",
+    "trainer.precision=fp32",
+    "trainer.progress_bar=false",
+]
+
+
+# --------------------------------------------------------------------------- seconds-long runs of the recipe
+# A tiny image folder and the overrides that make yamls/demo.yaml train for two batches in seconds
+# (the teacher's weights come from conftest's ``saved_teacher``).
+
+DEMO_YAML = REPO / "yamls" / "demo.yaml"
+STUDENT = "mobilenetv3_small_050"  # tiny timm models, fixed here so the tests do not follow demo tuning
+TEACHER = "resnet10t"
+NUM_CLASSES = 4
+
+
+def tiny_image_folder(root: Path, per_class: int = 4, size: int = 16, seed: int = 0) -> Path:
+    """``root/train/<class>/*.png`` and ``root/val/<class>/*.png``: NUM_CLASSES classes of noise."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c in range(NUM_CLASSES):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_overrides(data_root: Path, teacher: Path) -> list[str]:
+    """yamls/demo.yaml's recipe on the tiny folder: two batches of 8, one eval batch, no workers."""
+    return [
+        f"model.name={STUDENT}",
+        f"teacher.name={TEACHER}",
+        f"teacher.checkpoint={teacher}",
+        "data.local=null",  # demo.yaml streams MDS; these tests use a folder
+        f"data.train_dir={data_root / 'train'}",
+        f"data.val_dir={data_root / 'val'}",
+        f"data.num_classes={NUM_CLASSES}",
+        "data.image_size=16",
+        "data.num_workers=0",
+        "data.persistent_workers=false",
+        "trainer.global_batch_size=8",
+        "trainer.eval_batch_size=16",
+        "trainer.max_duration=2ba",
+        "trainer.eval_interval=2ba",
+        "trainer.progress_bar=false",
+        "trainer.device=cpu",
+        "trainer.precision=fp32",
+    ]
+
+
+# --------------------------------------------------------------------------- checkpoints
+# A seconds-long run of the demo recipe, and files whose unpickling would run code (writing a
+# marker file, so a test can see whether it ran).
+
+DEMO = "yamls/demo.yaml"  # as the checkpoint tests name it
+
+
+def tiny(digits: Path, *extra: str) -> list[str]:
+    """The demo student (EMA, MixUp/CutMix, channels-last) as timm's 0.4M-parameter test_resnet,
+    8 images a batch, on the digits folders, without a teacher, checkpointing every batch."""
+    return [
+        "data.local=null",
+        f"data.train_dir={digits / 'train'}",
+        "data.val_dir=null",
+        "model.name=test_resnet",
+        "algorithms.distillation.enabled=false",
+        "trainer.global_batch_size=8",
+        "trainer.max_duration=2ba",
+        "trainer.save_interval=1ba",
+        "trainer.run_name=tiny",
+        "trainer.progress_bar=false",
+        *extra,
+    ]
+
+
+class RunsCode:
+    """Unpickling it runs a shell command that creates ``marker`` (``os.system``, as an attack would)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+SYSTEM = f"{os.system.__module__}.system"  # how pickle names os.system: posix.system on Linux
+
+
+def with_code(checkpoint: dict[str, Any], path: Path, marker: Path) -> Path:
+    """``checkpoint`` plus one object whose unpickling creates ``marker``, saved to ``path``."""
+    torch.save({**checkpoint, "extra": RunsCode(marker)}, path)
+    return path
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
