@@ -106,6 +106,15 @@ def test_top1_is_the_mean_and_spread_over_each_models_runs_from_every_source(
     assert load_top1(csvs=[tmp_path / "t.csv"])["mobilenetv3_small_050"].std == pytest.approx(0.1 / math.sqrt(2))
 
 
+def test_a_results_file_cut_short_by_a_killed_runner_is_read_as_usi_ablate_reads_it(tmp_path: Path) -> None:
+    results = tmp_path / "results.jsonl"
+    row = {"status": "ok", "model": "lcnet_050", "point": "a", "metrics": {"metrics/eval/top1": 0.5}}
+    cut = json.dumps({**row, "point": "b", "metrics": {"metrics/eval/top1": 0.9}})[:40]  # killed mid-write
+    results.write_text(json.dumps(row) + "\n" + cut)
+    top1 = load_top1([results])
+    assert (top1["lcnet_050"].mean, top1["lcnet_050"].runs) == (0.5, 1)
+
+
 def _top1(mean: float, std: float = 0.0, runs: int = 1) -> Top1:
     return Top1(mean, std, runs, ("test",) * runs)
 

@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from usi_composer.config import find_yaml, load_config
-from usi_composer.errors import UsiError
+from usi_composer.errors import UsiError, first_line
+from usi_composer.plotting import new_figure, save_figure
 from usi_composer.redaction import redact, redact_argv, redact_text
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "paired",
     "plot",
     "point_args",
+    "read_rows",
     "reference_point",
     "replace_values",
     "report",
@@ -77,7 +79,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SweepError(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise SweepError(f"{where}: not valid YAML: {first_line(e)}") from None
     if not isinstance(doc, dict):
         raise SweepError(f"{where}: expected a mapping (a W&B sweep definition)")
     if doc.get("method", "grid") != "grid":
@@ -154,7 +156,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)[:150]
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``results.jsonl`` in order, ``[]`` for none; a row cut short (a runner killed
+    while writing it, always the last) is left out: its point counts as not run."""
     if not path.is_file():
         return []
     rows = []
@@ -221,7 +225,7 @@ def run_sweep(
     signature = {"base": str(base), "overrides": redact_argv(fixed)}
     done = {
         r["point"]: r
-        for r in _read_rows(results)
+        for r in read_rows(results)
         if r.get("status") == "ok" and all(r.get(k) == v for k, v in signature.items())
     }
     rows: list[dict[str, Any]] = []
@@ -268,7 +272,7 @@ def run_sweep(
 
 def finished_rows(sweep: Sweep, out_dir: Path) -> list[dict[str, Any]]:
     """The rows of ``out_dir/results.jsonl`` for ``sweep``'s parameters, the latest per point."""
-    rows = [r for r in _read_rows(out_dir / "results.jsonl") if set(_swept(sweep)) <= set(r.get("params", {}))]
+    rows = [r for r in read_rows(out_dir / "results.jsonl") if set(_swept(sweep)) <= set(r.get("params", {}))]
     if not rows:
         raise SweepError(f"{out_dir / 'results.jsonl'}: no finished points of {sweep.path} to report")
     return list({r["point"]: r for r in rows}.values())
@@ -462,17 +466,12 @@ def _as_number(value: Any) -> float | None:
 def plot(sweep: Sweep, rows: list[dict[str, Any]], path: Path, reference: dict[str, Any] | None = None) -> Path:
     """PNG of the metric against the first swept parameter (one line per value of any others):
     each seed's run as a dot, the mean over seeds, bars: its 95% t-interval; the reference ringed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = _swept(sweep)
     x_key, rest = keys[0], keys[1:]
     x_values = sweep.parameters[x_key]
     numeric = all(_as_number(v) is not None for v in x_values)
     position = {str(v): (_as_number(v) if numeric else i) for i, v in enumerate(x_values)}
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = new_figure((6, 4))
     by_rest = _groups(rows, rest) if rest else {(): rows}
     for rest_values, group in by_rest.items():
         xs, ys, lows, highs, dots = [], [], [], [], []
@@ -525,8 +524,4 @@ def plot(sweep: Sweep, rows: list[dict[str, Any]], path: Path, reference: dict[s
     ax.set_title(f"{sweep.name} ({n_seeds} seed{'s' if n_seeds != 1 else ''} per point; bars: 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

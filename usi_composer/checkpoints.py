@@ -31,7 +31,7 @@ from composer.core import Callback
 from torch.torch_version import TorchVersion
 
 from usi_composer.config import Config, ConfigError, config_to_dict
-from usi_composer.errors import CheckpointError, UnsafeCheckpointError
+from usi_composer.errors import CheckpointError, UnsafeCheckpointError, first_line
 
 __all__ = [
     "NOT_TRAINING_MATH",
@@ -114,10 +114,10 @@ def read_checkpoint(
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if trust or not str(e).startswith("Weights only load failed"):
-            raise CheckpointError(f"{name}: not a checkpoint torch can read ({_first_line(e)})") from None
+            raise CheckpointError(f"{name}: not a checkpoint torch can read ({first_line(e, 200)})") from None
         raise UnsafeCheckpointError(name, f"unpickle {_refused(e)}") from None
     except (RuntimeError, EOFError, ValueError) as e:  # torch's reader on a truncated or foreign file
-        raise CheckpointError(f"{name}: not a complete checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{name}: not a complete checkpoint ({first_line(e, 200)})") from None
 
 
 def _refused(error: Exception) -> str:
@@ -127,13 +127,8 @@ def _refused(error: Exception) -> str:
         found = re.search(pattern, text)
         if found:
             return f"'{found.group(1)}'"
-    reason = next((line for line in text.splitlines() if "WeightsUnpickler error" in line), _first_line(error))
+    reason = next((line for line in text.splitlines() if "WeightsUnpickler error" in line), first_line(error, 200))
     return f"it ({reason.split('error: ', 1)[-1].strip()[:160]})"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def check_algorithm_reprs(checkpoint: Any, name: str) -> None:

@@ -21,7 +21,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from torch import nn
 
-from usi_composer.errors import UsiError
+from usi_composer.errors import UsiError, reason
 from usi_composer.patches import compiler_exception, mark_dynamic
 
 __all__ = ["CompileError", "CompileTime", "compile_failure", "mark_batch_dynamic", "resolve_compile"]
@@ -97,9 +97,6 @@ def compile_failure(error: BaseException, student: str, teacher: tuple[str, nn.M
         frames = (frame for frame, _ in traceback.walk_tb(error.__traceback__))
         if any(frame.f_locals.get("self") is teacher[1] for frame in frames):
             which = f"the teacher '{teacher[0]}'"
-    text = str(cause).strip()
-    first = text.splitlines()[0][:200] if text else ""
     return CompileError(
-        f"compiling {which} failed ({type(cause).__name__}: {first}); "
-        "set trainer.compile=false to train without compilation"
+        f"compiling {which} failed ({reason(cause)}); set trainer.compile=false to train without compilation"
     )

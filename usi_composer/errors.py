@@ -63,6 +63,12 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     return line[:limit] if limit is not None else line
 
 
+def reason(error: BaseException, limit: int | None = 200) -> str:
+    """``Type: first line of the message`` (``Type`` alone for an empty message), for one-line errors."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {first_line(error, limit)}" if text else type(error).__name__
+
+
 def error_line(error: BaseException) -> str:
     """How every command prints a user-facing error: ``error: <message>`` on one line, secrets redacted."""
     from usi_composer.redaction import redact_text

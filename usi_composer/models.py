@@ -18,7 +18,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from usi_composer.checkpoints import atomic_file, read_checkpoint, refuse_plain_http
-from usi_composer.errors import CheckpointError, InputSizeError, SetupError
+from usi_composer.errors import CheckpointError, InputSizeError, SetupError, reason
 
 __all__ = ["USIClassifier", "check_input_size", "create_backbone", "load_weights", "save_weights"]
 
@@ -100,8 +100,8 @@ def create_backbone(
             return _create_model(name, img_size, pretrained=True, num_classes=num_classes, **kwargs)[0]
         except (OSError, RuntimeError, ValueError) as e:  # huggingface_hub raises OSError subclasses offline
             raise SetupError(
-                f"could not get timm's pretrained weights for '{name}' ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}). Offline? Download them once where there is network "
+                f"could not get timm's pretrained weights for '{name}' ({reason(e)}). "
+                "Offline? Download them once where there is network "
                 f"(timm.create_model('{name}', pretrained=True) then torch.save(model.state_dict(), PATH)) "
                 "and pass checkpoint=PATH (a local path or an s3:// / gs:// URI) instead of pretrained=true."
             ) from None
@@ -149,12 +149,12 @@ def check_input_size(name: str, size: int, num_classes: int, img_size: int | Non
     except TypeError:  # a constructor argument it does not take (model.kwargs): not a size problem
         raise
     except Exception as e:  # the model's own shape check, whatever it raises
-        reason = f"{type(e).__name__}: {_first_line(e)[:160]}"
+        why = reason(e, 160)
     if built_for == size:
         raise InputSizeError(
-            f"{name} cannot run at {size} px ({reason}); {_sizes_that_run(name, size, num_classes, kwargs)}"
+            f"{name} cannot run at {size} px ({why}); {_sizes_that_run(name, size, num_classes, kwargs)}"
         )
-    message = f"{name} built for {built_for} px cannot run at {size} px ({reason})"
+    message = f"{name} built for {built_for} px cannot run at {size} px ({why})"
     if _runs(name, size, size, num_classes, kwargs):
         raise InputSizeError(f"{message}; built for {size} px it runs")
     raise InputSizeError(
@@ -167,11 +167,6 @@ def _run_once(name: str, img_size: int, size: int, num_classes: int, device: str
         model, took_img_size = _create_model(name, img_size, num_classes=num_classes, **kwargs)
         model.eval()(torch.zeros(1, 3, size, size))
     return took_img_size
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # Sizes tried for a model that cannot run at the requested one: multiples of 8 (what GPUs and

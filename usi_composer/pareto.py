@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from usi_composer.errors import UsiError
+from usi_composer.ablate import read_rows
+from usi_composer.errors import UsiError, first_line
+from usi_composer.plotting import new_figure, save_figure
 
 __all__ = [
     "Throughput",
@@ -82,7 +84,7 @@ def measure_throughput(
         check_input_size(name, image_size, num_classes)  # a size it cannot run: one line, not a traceback
         model = create_backbone(name, num_classes, img_size=image_size)
     except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise UsiError(f"{name}: {str(e).splitlines()[0]}") from None
+        raise UsiError(f"{name}: {first_line(e)}") from None
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     before = _count_bn(model)
     model = fold_batchnorm(model) if fold_bn else model.eval()
@@ -168,11 +170,9 @@ def load_top1(
     for path in map(Path, results):
         if not path.is_file():
             raise UsiError(f"{path}: no such results file")
-        latest: dict[str, dict[str, Any]] = {}  # a point run again (after a failure) counts once
-        for line in path.read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            if "point" in row:
-                latest[row["point"]] = row
+        # usi-ablate's reader (a row cut short by a killed runner is left out); a point run again
+        # (after a failure) counts once
+        latest = {row["point"]: row for row in read_rows(path) if "point" in row}
         for point, row in latest.items():
             if row.get("status") == "ok":
                 run_dir = row.get("wandb_run_dir")
@@ -255,18 +255,13 @@ def markdown_table(speeds: list[Throughput], top1: dict[str, Top1]) -> str:
 
 
 def plot_pareto(speeds: list[Throughput], top1: dict[str, Top1], path: Path, metric: str = "top-1") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     joined = [s for s in speeds if s.model in top1]
     if not joined:
         raise UsiError("no benchmarked model has a finished run with a top-1: nothing to plot")
     xs = [s.images_per_s for s in joined]
     ys = [top1[s.model].mean for s in joined]
     front = pareto_front(list(zip(xs, ys, strict=True)))
-    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    fig, ax = new_figure((7, 4.8))
     ax.errorbar(
         xs,
         ys,
@@ -304,11 +299,7 @@ def plot_pareto(speeds: list[Throughput], top1: dict[str, Top1], path: Path, met
     ax.set_title("speed-accuracy Pareto (BatchNorm folded; (n): runs per model)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def throughput_json(speeds: list[Throughput]) -> str:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from usi_composer.errors import first_line
 from usi_composer.models import create_backbone
 
 __all__ = ["Renormalize", "build_teacher", "fold_batchnorm"]
@@ -91,7 +92,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         log.warning(
             "teacher: BatchNorm not folded (%s cannot be traced by torch.fx: %s)",
             type(model).__name__,
-            str(e).splitlines()[0][:200],
+            first_line(e, 200),
         )
         return model
     modules = dict(model.named_modules())

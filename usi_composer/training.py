@@ -15,7 +15,7 @@ from usi_composer.algorithms import BestOfEMAAndRaw, KnowledgeDistillation
 from usi_composer.builders import build_trainer
 from usi_composer.compilation import compile_failure
 from usi_composer.config import Config
-from usi_composer.errors import LostPeerError
+from usi_composer.errors import LostPeerError, first_line
 
 __all__ = ["final_metrics", "final_top1", "lost_peer", "train"]
 
@@ -51,7 +51,7 @@ def lost_peer(error: BaseException, cfg: Config) -> LostPeerError | None:
         "to continue from the last checkpoint"
     )
     return LostPeerError(
-        f"rank {dist.get_global_rank()} lost another process of the job ({text.splitlines()[0][-120:]}): "
+        f"rank {dist.get_global_rank()} lost another process of the job ({first_line(error)[-120:]}): "
         f"a node or process died or was stopped; {resume}"
     )
 

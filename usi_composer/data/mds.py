@@ -31,7 +31,7 @@ from streaming.base.storage import CloudDownloader
 
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.transforms import transform_sample
-from usi_composer.errors import LoaderWorkerError, SetupError
+from usi_composer.errors import LoaderWorkerError, SetupError, reason
 from usi_composer.patches import StreamingDatasetFixes
 
 __all__ = [
@@ -171,10 +171,9 @@ def check_resumable(state: dict[str, Any], num_nodes: int, ranks_per_node: int, 
 
 
 def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if "Checksum failure" in text:
+    if "Checksum failure" in str(e):
         return "hash validation failed (the shard's bytes differ from the index)"
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return reason(e, None)
 
 
 def refresh_cached_index(remote: str, local: str, split: str) -> None:

@@ -23,7 +23,7 @@ from torchvision.transforms.functional import pil_modes_mapping, pil_to_tensor, 
 from usi_composer.data.draws import draw_sample
 from usi_composer.data.randaugment import apply_pil
 from usi_composer.data.spec import TransformSpec
-from usi_composer.errors import CorruptSampleError
+from usi_composer.errors import CorruptSampleError, reason
 
 __all__ = [
     "BytesTransform",
@@ -128,9 +128,8 @@ def transform_sample(
     except ImageTooLargeError as e:
         raise CorruptSampleError(f"{where()} is {e}") from None
     except UNREADABLE_IMAGE as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(its bytes)", reason)  # PIL names the buffer
-        raise CorruptSampleError(f"cannot decode {where()}: {type(e).__name__}: {reason}") from None
+        why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(its bytes)", reason(e, None))  # PIL names the buffer
+        raise CorruptSampleError(f"cannot decode {where()}: {why}") from None
 
 
 def decode_rgb(data: bytes) -> Image.Image:
