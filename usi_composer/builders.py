@@ -264,82 +264,31 @@ def build_dataloaders(
     make the one :class:`TransformSpec` both pipelines follow.
     ``compile``: eval batches are marked dynamic in size, so the last, smaller one compiles nothing."""
     d, t = cfg.data, cfg.trainer
-    per_device = t.global_batch_size // dist.get_world_size()
-    eval_batch = t.eval_batch_size or per_device
     spec = TransformSpec.from_data(d, mean=mean, std=std)
-    normalize = DeviceNormalize(spec.mean, spec.std, channels_last=cfg.algorithms.channels_last)
+    # The samples' transform (data: bytes, rng) -> what the loader batches, the same for MDS and folders
+    gpu = build_gpu_pipeline(cfg, spec) if d.pipeline == "gpu" else None
+    if gpu is not None:
+        samples = (gpu.train_sample, gpu.eval_sample)
+    else:
+        fast = d.streaming.fast_decode
+        samples = (BytesTransform(spec, training=True, fast=fast), BytesTransform(spec, training=False, fast=fast))
     loader_args: dict[str, Any] = dict(
         num_workers=d.num_workers,
         pin_memory=d.pin_memory and torch.cuda.is_available(),
         persistent_workers=d.persistent_workers,
         seed=t.seed,  # keys each sample's random view: sample_rng(seed, epoch, index)
+        collate_fn=collate_encoded if gpu is not None else None,
     )
-    # The samples' transform (data: bytes, rng) -> what the loader batches, the same for MDS and folders
-    gpu = build_gpu_pipeline(cfg, spec) if d.pipeline == "gpu" else None
+    per_device = t.global_batch_size // dist.get_world_size()
+    batch_sizes = (per_device, t.eval_batch_size or per_device)
+    make = _mds_loaders if d.remote or d.local else _folder_loaders
+    train, val = make(cfg, samples, batch_sizes, loader_args)
     if gpu is not None:
-        train_sample, eval_sample = gpu.train_sample, gpu.eval_sample
-        loader_args["collate_fn"] = collate_encoded
+        train_transform, eval_transform = gpu.train_device, gpu.eval_device
     else:
-        fast = d.streaming.fast_decode
-        train_sample = BytesTransform(spec, training=True, fast=fast)
-        eval_sample = BytesTransform(spec, training=False, fast=fast)
-    if d.remote or d.local:
-        s = d.streaming
-        knobs: dict[str, Any] = dict(
-            remote=d.remote,
-            local=d.local,
-            shuffle_algo=s.shuffle_algo,
-            shuffle_seed=t.seed if s.shuffle_seed is None else s.shuffle_seed,
-            shuffle_block_size=s.shuffle_block_size,
-            num_canonical_nodes=s.num_canonical_nodes,
-            predownload=s.predownload,
-            cache_limit=s.cache_limit,
-            download_timeout=s.download_timeout,
-            download_retry=s.download_retry,
-            validate_hash=validate_hash(d),
-            num_classes=d.num_classes,
-            **loader_args,
+        train_transform = eval_transform = DeviceNormalize(
+            spec.mean, spec.std, channels_last=cfg.algorithms.channels_last
         )
-        train = streaming_dataloader(
-            split=s.train_split,
-            transform=train_sample,
-            batch_size=per_device,
-            shuffle=True,
-            drop_last=True,
-            **knobs,
-        )
-        val = None
-        if s.val_split is not None:
-            val = streaming_dataloader(
-                split=s.val_split,
-                transform=eval_sample,
-                batch_size=eval_batch,
-                shuffle=False,
-                drop_last=False,
-                **knobs,
-            )
-    else:
-        assert d.train_dir is not None  # validated
-        train = folder_dataloader(
-            d.train_dir,
-            train_sample,
-            per_device,
-            shuffle=True,
-            drop_last=True,
-            **loader_args,
-        )
-        val = None
-        if d.val_dir is not None:
-            val = folder_dataloader(
-                d.val_dir,
-                eval_sample,
-                eval_batch,
-                shuffle=False,
-                drop_last=False,
-                classes=train.dataset.classes,  # val's labels are train's class indices
-                **loader_args,
-            )
-    train_transform, eval_transform = (gpu.train_device, gpu.eval_device) if gpu else (normalize, normalize)
     # gpu: the batch holds host-side encoded images, which Composer's default split/count cannot read
     split = dict(split_batch=split_encoded, get_num_samples_in_batch=num_samples) if gpu else {}
     train_spec = DataSpec(train, microbatch_transforms=train_transform, **split)
@@ -349,6 +298,52 @@ def build_dataloaders(
         to_device = eval_transform
         eval_transform = lambda batch: mark_batch_dynamic(to_device(batch))  # noqa: E731
     return train_spec, DataSpec(val, microbatch_transforms=eval_transform, **split)
+
+
+Loaders = tuple[Any, Any]  # the train loader, and the eval loader or None
+
+
+def _mds_loaders(cfg: Config, samples: tuple[Any, Any], batch_sizes: tuple[int, int], args: dict[str, Any]) -> Loaders:
+    d, s = cfg.data, cfg.data.streaming
+    knobs: dict[str, Any] = dict(
+        remote=d.remote,
+        local=d.local,
+        shuffle_algo=s.shuffle_algo,
+        shuffle_seed=cfg.trainer.seed if s.shuffle_seed is None else s.shuffle_seed,
+        shuffle_block_size=s.shuffle_block_size,
+        num_canonical_nodes=s.num_canonical_nodes,
+        predownload=s.predownload,
+        cache_limit=s.cache_limit,
+        download_timeout=s.download_timeout,
+        download_retry=s.download_retry,
+        validate_hash=validate_hash(d),
+        num_classes=d.num_classes,
+        **args,
+    )
+    train = streaming_dataloader(
+        split=s.train_split, transform=samples[0], batch_size=batch_sizes[0], shuffle=True, drop_last=True, **knobs
+    )
+    if s.val_split is None:
+        return train, None
+    val = streaming_dataloader(
+        split=s.val_split, transform=samples[1], batch_size=batch_sizes[1], shuffle=False, drop_last=False, **knobs
+    )
+    return train, val
+
+
+def _folder_loaders(
+    cfg: Config, samples: tuple[Any, Any], batch_sizes: tuple[int, int], args: dict[str, Any]
+) -> Loaders:
+    d = cfg.data
+    assert d.train_dir is not None  # validated
+    train = folder_dataloader(d.train_dir, samples[0], batch_sizes[0], shuffle=True, drop_last=True, **args)
+    if d.val_dir is None:
+        return train, None
+    classes = train.dataset.classes  # val's labels are train's class indices
+    val = folder_dataloader(
+        d.val_dir, samples[1], batch_sizes[1], shuffle=False, drop_last=False, classes=classes, **args
+    )
+    return train, val
 
 
 def validate_hash(d: DataConfig) -> str | None:

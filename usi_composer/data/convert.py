@@ -538,22 +538,7 @@ def convert_imagenet(
     _check_output_apart(src, splits, out)
     # Every split is listed before anything is written: a layout error must not come after hours of train.
     train = list_images(src / "train")
-    listed: dict[str, tuple[list[tuple[str, int]], list[tuple[str, str]]]] = {}
-    for split in splits:
-        split_dir = src / split
-        if not split_dir.is_dir():
-            raise SetupError(f"no {split} folder at {split_dir}")
-        if val_labels and split != "train":
-            samples, problems = _csv_samples(split_dir, train.classes, Path(val_labels)), []
-        else:
-            listing = train if split == "train" else list_images(split_dir, train.classes)
-            samples, problems = list(listing.samples), listing.problems
-        if not samples and not problems:
-            flat = " (for a flat folder pass --val-labels CSV)" if split != "train" else ""
-            raise SetupError(f"no images in {split_dir}{flat}")
-        if split == "train":
-            random.Random(seed).shuffle(samples)
-        listed[split] = (samples, problems)
+    listed = {split: _list_split(src, split, train, val_labels, seed) for split in splits}
 
     with _output_lock(out):
         if not _is_remote(out):
@@ -568,6 +553,9 @@ def convert_imagenet(
         classes_first = published != train.classes and all(index is None for index in indexes.values())
         together = published != train.classes and not classes_first  # new labels: publish all splits at once
         notes = {split: _clear_stale(_join(out, split), indexes[split]) for split in splits}
+        stage_args: dict[str, Any] = dict(
+            workers=workers, shard_size=shard_size, skip_corrupt=skip_corrupt, max_pixels=max_pixels
+        )
         all_stats, pending = [], []
         try:
             for split in splits:
@@ -575,18 +563,8 @@ def convert_imagenet(
                     all_stats.append(ConvertStats(split, already_complete=True, notes=notes[split]))
                     continue
                 generation = _new_generation(_join(out, split), indexes[split])
-                samples, problems = listed[split]
                 stats = _stage_split(
-                    samples,
-                    problems,
-                    generation,
-                    split,
-                    workers=workers,
-                    shard_size=shard_size,
-                    skip_corrupt=skip_corrupt,
-                    max_pixels=max_pixels,
-                    progress=progress,
-                    root=src / split,
+                    *listed[split], generation, split, progress=progress, root=src / split, **stage_args
                 )
                 stats.notes = notes[split]
                 all_stats.append(stats)
@@ -606,6 +584,27 @@ def convert_imagenet(
         if together:
             _write_classes(out, train.classes)
     return all_stats
+
+
+def _list_split(
+    src: Path, split: str, train: Any, val_labels: str | Path | None, seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """One split's ``(path, label)`` samples (train's: in a seeded random order, so each shard mixes
+    classes) and the files that cannot be used; ``train``: the training split's listing."""
+    split_dir = src / split
+    if not split_dir.is_dir():
+        raise SetupError(f"no {split} folder at {split_dir}")
+    if val_labels and split != "train":
+        samples, problems = _csv_samples(split_dir, train.classes, Path(val_labels)), []
+    else:
+        listing = train if split == "train" else list_images(split_dir, train.classes)
+        samples, problems = list(listing.samples), listing.problems
+    if not samples and not problems:
+        flat = " (for a flat folder pass --val-labels CSV)" if split != "train" else ""
+        raise SetupError(f"no images in {split_dir}{flat}")
+    if split == "train":
+        random.Random(seed).shuffle(samples)
+    return samples, problems
 
 
 def _positive_int(text: str) -> int:
@@ -670,21 +669,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsiError as e:
         print(error_line(e), file=sys.stderr)
         return 2
-    for s in all_stats:
-        where = _join(args.out, s.split)
-        if s.already_complete:
-            print(f"{s.split}: already complete at {where} (pass --overwrite to rewrite)")
-        else:
-            rate = f"{s.seconds:.1f} s ({s.images_per_second:.0f} images/s)"
-            print(f"{s.split}: {s.written} images in {rate} -> {where}")
-        for note in s.notes:
-            print(f"{s.split}: {note}")
-        if s.skipped:
-            print(
-                f"{s.split}: skipped {len(s.skipped)} file(s) that cannot be converted: {describe_problems(s.skipped)}",
-                file=sys.stderr,
-            )
+    for stats in all_stats:
+        _report(stats, args.out)
     return 0
+
+
+def _report(s: ConvertStats, out: str) -> None:
+    """What one split's conversion did, for the person who ran it."""
+    where = _join(out, s.split)
+    if s.already_complete:
+        print(f"{s.split}: already complete at {where} (pass --overwrite to rewrite)")
+    else:
+        rate = f"{s.seconds:.1f} s ({s.images_per_second:.0f} images/s)"
+        print(f"{s.split}: {s.written} images in {rate} -> {where}")
+    for note in s.notes:
+        print(f"{s.split}: {note}")
+    if s.skipped:
+        skipped = describe_problems(s.skipped)
+        print(f"{s.split}: skipped {len(s.skipped)} file(s) that cannot be converted: {skipped}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -408,77 +408,91 @@ def apply_batch(
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _apply_slot(
-    x: torch.Tensor, draw: torch.Tensor, spec: RandAugmentSpec, fill: torch.Tensor, interpolation: str
-) -> torch.Tensor:
-    """One op slot over the batch: ``draw`` [B, 3] (op index or -1, magnitude, sign)."""
+@dataclass
+class _SlotDraws:
+    """One op slot's per-sample parameters, family by family (the identity for the samples that drew
+    another op or none)."""
+
+    tables: list[tuple[str, torch.Tensor, torch.Tensor]]  # (op, drew, arg) of the lookup-table ops
+    remapped: torch.Tensor  # [B] bool: drew a lookup-table op
+    blended: torch.Tensor  # drew a blend op (Color, Sharpness) ...
+    use_gray: torch.Tensor  # ... towards grayscale (Color) rather than the smoothed image
+    factor: torch.Tensor  # the blend factor
+    warped: torch.Tensor  # drew an affine op
+    data: torch.Tensor  # [B, 6] the affine matrices, in PIL's convention
+
+
+def _slot_draws(x: torch.Tensor, draw: torch.Tensor, spec: RandAugmentSpec) -> _SlotDraws:
     batch, _, height, width = x.shape
     device = x.device
     op, level, sign = draw[:, 0].round().long(), draw[:, 1].double(), draw[:, 2].double()
-    names = set(spec.ops)
-
-    # Each family's per-sample parameters (the identity for the samples that drew another op or none).
-    tables: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (op, drew, arg) of the lookup-table ops
-    remapped = torch.zeros(batch, dtype=torch.bool, device=device)
-    blended, use_gray = torch.zeros_like(remapped), torch.zeros_like(remapped)
-    factor = torch.ones(batch, dtype=torch.float64, device=device)
-    warped = torch.zeros_like(remapped)
+    no = torch.zeros(batch, dtype=torch.bool, device=device)
     data = torch.zeros(batch, 6, dtype=torch.float64, device=device)
     data[:, 0] = data[:, 4] = 1.0  # identity
+    slot = _SlotDraws([], no, no, no, torch.ones(batch, dtype=torch.float64, device=device), no, data)
     for k, name in enumerate(spec.ops):
         drew = op == k
         arg = _batch_level_to_arg(name, level, sign)
         if name in _LUT_OPS:
-            remapped = remapped | drew
-            tables.append((name, drew, arg))
+            slot.remapped = slot.remapped | drew
+            slot.tables.append((name, drew, arg))
         elif name in _BLEND_OPS:
-            blended, factor = blended | drew, torch.where(drew, arg, factor)
+            slot.blended, slot.factor = slot.blended | drew, torch.where(drew, arg, slot.factor)
             if name.startswith("Color"):
-                use_gray = use_gray | drew
+                slot.use_gray = slot.use_gray | drew
         else:
-            warped = warped | drew
-            data = torch.where(drew.view(-1, 1), _affine_data(name, arg, width, height), data)
+            slot.warped = slot.warped | drew
+            slot.data = torch.where(drew.view(-1, 1), _affine_data(name, arg, width, height), slot.data)
+    return slot
 
+
+def _apply_slot(
+    x: torch.Tensor, draw: torch.Tensor, spec: RandAugmentSpec, fill: torch.Tensor, interpolation: str
+) -> torch.Tensor:
+    """One op slot over the batch: ``draw`` [B, 3] (op index or -1, magnitude, sign), in three passes:
+    the lookup-table ops, the blends, the affine warps; each over the samples that drew it."""
+    slot = _slot_draws(x, draw, spec)
+    names = set(spec.ops)
     out = x
-    if tables:
-        histogram = bool(names & {"AutoContrast", "Equalize"})
-        contrast = any(n.startswith("Contrast") for n in names)
-
-        def remap(rows: torch.Tensor | None) -> torch.Tensor:
-            xs = _rows(x, rows)
-            index = xs.reshape(-1, height * width).long()  # pixel values as gather/scatter indices
-            hist = _histogram(index).view(-1, 3, 256) if histogram else None
-            gray_mean = None
-            if contrast:  # ImageEnhance.Contrast: the mean of the 'L' image, rounded to an int
-                gray_mean = torch.floor(_grayscale(xs).sum((1, 2, 3)).double() / (height * width) + 0.5)
-            i = torch.arange(256, device=device)
-            lut = i.expand(xs.shape[0], 3, 256)
-            for name, drew, arg in tables:
-                table = _lut(name, _rows(arg, rows), i, hist, gray_mean)
-                lut = torch.where(_rows(drew, rows).view(-1, 1, 1), table, lut)
-            return lut.to(torch.uint8).reshape(-1, 256).gather(1, index).view_as(xs)
-
-        out = _update(out, remapped, remap)
+    if slot.tables:
+        out = _update(out, slot.remapped, lambda rows: _remap(x, rows, slot, names))
     if names & _BLEND_OPS:
-        color, sharpness = (any(n.startswith(p) for n in names) for p in ("Color", "Sharpness"))
-
-        def enhance(rows: torch.Tensor | None) -> torch.Tensor:
-            xs = _rows(x, rows)
-            xf = xs.float()
-            gray = _grayscale(xs).float() if color else None
-            smooth = _smooth(xf) if sharpness else None
-            if gray is None or smooth is None:
-                degenerate = smooth if gray is None else gray
-            else:
-                degenerate = torch.where(_rows(use_gray, rows).view(-1, 1, 1, 1), gray, smooth)
-            return _pil_blend(degenerate, xf, _rows(factor, rows).float().view(-1, 1, 1, 1)).to(torch.uint8)
-
-        out = _update(out, blended, enhance)
+        out = _update(out, slot.blended, lambda rows: _enhance(x, rows, slot, names))
     if names & _AFFINE_OPS:
-        theta = _theta(data, width, height)
-
-        def warp(rows: torch.Tensor | None) -> torch.Tensor:
-            return _warp(_rows(x, rows).float(), _rows(theta, rows), fill, interpolation).to(torch.uint8)
-
-        out = _update(out, warped, warp)
+        theta = _theta(slot.data, x.shape[3], x.shape[2])
+        out = _update(
+            out,
+            slot.warped,
+            lambda rows: _warp(_rows(x, rows).float(), _rows(theta, rows), fill, interpolation).to(torch.uint8),
+        )
     return out
+
+
+def _remap(x: torch.Tensor, rows: torch.Tensor | None, slot: _SlotDraws, names: set[str]) -> torch.Tensor:
+    """The lookup-table ops of ``rows`` (None: all) of ``x``: one table per sample, then one gather."""
+    xs = _rows(x, rows)
+    height, width = x.shape[2:]
+    index = xs.reshape(-1, height * width).long()  # pixel values as gather/scatter indices
+    hist = _histogram(index).view(-1, 3, 256) if names & {"AutoContrast", "Equalize"} else None
+    gray_mean = None
+    if any(n.startswith("Contrast") for n in names):  # ImageEnhance.Contrast: the mean of the 'L' image, rounded
+        gray_mean = torch.floor(_grayscale(xs).sum((1, 2, 3)).double() / (height * width) + 0.5)
+    i = torch.arange(256, device=x.device)
+    lut = i.expand(xs.shape[0], 3, 256)
+    for name, drew, arg in slot.tables:
+        table = _lut(name, _rows(arg, rows), i, hist, gray_mean)
+        lut = torch.where(_rows(drew, rows).view(-1, 1, 1), table, lut)
+    return lut.to(torch.uint8).reshape(-1, 256).gather(1, index).view_as(xs)
+
+
+def _enhance(x: torch.Tensor, rows: torch.Tensor | None, slot: _SlotDraws, names: set[str]) -> torch.Tensor:
+    """The blend ops of ``rows``: PIL's ImageEnhance towards grayscale (Color) or the smoothed image (Sharpness)."""
+    xs = _rows(x, rows)
+    xf = xs.float()
+    gray = _grayscale(xs).float() if any(n.startswith("Color") for n in names) else None
+    smooth = _smooth(xf) if any(n.startswith("Sharpness") for n in names) else None
+    if gray is None or smooth is None:
+        degenerate = smooth if gray is None else gray
+    else:
+        degenerate = torch.where(_rows(slot.use_gray, rows).view(-1, 1, 1, 1), gray, smooth)
+    return _pil_blend(degenerate, xf, _rows(slot.factor, rows).float().view(-1, 1, 1, 1)).to(torch.uint8)
