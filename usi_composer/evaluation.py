@@ -6,6 +6,7 @@ training reported for its weights.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,8 @@ def evaluate(cfg: Config, checkpoint: str | None = None, trust: bool = False) ->
         metric.reset()
     limit, samples = cfg.trainer.eval_subset_num_batches, 0
     microbatch_size = val.dataloader.batch_size  # Composer's Evaluator default: one microbatch per batch
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Cannot split tensor of length")  # the last batch, smaller
         for i, batch in enumerate(val.dataloader):
             if 0 <= limit <= i:
                 break

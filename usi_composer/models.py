@@ -307,13 +307,12 @@ def _composer_weights(state: dict[str, Any], source: str) -> tuple[dict[str, Any
         for label, s in (best.get("scores") or {}).items()
         if isinstance(s, dict) and {"ema", "raw"} <= set(s)
     )
-    scores = f" (last evaluation, {scores})" if scores else ""
     if best.get("best") == "raw" and all(torch.equal(averaged[k], raw[k]) for k in stored):
         return averaged, (
             f"the raw training weights{at}: BestOfEMAAndRaw found them better than the EMA weights at the final "
-            f"evaluation and wrote them into the EMA storage{scores}"
+            f"evaluation{f' ({scores})' if scores else ''} and wrote them into the EMA storage"
         )
-    return averaged, f"the EMA weights{at}{scores}"
+    return averaged, f"the EMA weights{at}" + (f"; BestOfEMAAndRaw's last evaluation: {scores}" if scores else "")
 
 
 _WRAPPERS = ("module.", "_orig_mod.")  # DDP's and the ComposerClassifier's, torch.compile's
