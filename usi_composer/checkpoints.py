@@ -34,6 +34,7 @@ from usi_composer.config import Config, ConfigError, config_to_dict
 from usi_composer.errors import CheckpointError, UnsafeCheckpointError, first_line
 
 __all__ = [
+    "LATEST_CHECKPOINT",
     "NOT_TRAINING_MATH",
     "SAFE_GLOBALS",
     "ConfigRecord",
@@ -213,7 +214,7 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 # Composer's default names (the recipe sets no other): rank 0 writes a run's monolithic checkpoints.
 _CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(?P<batch>\d+)-rank0\.pt$")
-_LATEST = "latest-rank0.pt"
+LATEST_CHECKPOINT = "latest-rank0.pt"  # a save folder's newest (Composer: a symlink locally, a .symlink file remotely)
 
 
 def set_aside_partial_checkpoints(folder: str | os.PathLike) -> str | None:
@@ -243,7 +244,7 @@ def set_aside_partial_checkpoints(folder: str | os.PathLike) -> str | None:
         aside = _free_name(os.path.join(folder, f"{checkpoint.group(0)}.partial-{stamp}"))
         os.rename(path, aside)
         log.warning("autoresume: %s is not a complete checkpoint (a write cut short): set aside as %s", path, aside)
-    latest = os.path.join(folder, _LATEST)
+    latest = os.path.join(folder, LATEST_CHECKPOINT)
     newest = max(complete, key=complete.__getitem__, default=None)
     if newest is None:
         if os.path.islink(latest):
@@ -253,7 +254,7 @@ def set_aside_partial_checkpoints(folder: str | os.PathLike) -> str | None:
         return None
     target = os.path.basename(newest)
     if not (os.path.islink(latest) and os.readlink(latest) == target):
-        link = os.path.join(folder, f"{_TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{_LATEST}")
+        link = os.path.join(folder, f"{_TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{LATEST_CHECKPOINT}")
         os.symlink(target, link)  # relative, as Composer writes it
         os.replace(link, latest)
         log.warning("autoresume: %s now points at %s, the newest complete checkpoint", latest, target)

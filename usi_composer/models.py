@@ -20,7 +20,15 @@ from torchmetrics.classification import MulticlassAccuracy
 from usi_composer.checkpoints import atomic_file, read_checkpoint, refuse_plain_http
 from usi_composer.errors import CheckpointError, InputSizeError, SetupError, reason
 
-__all__ = ["USIClassifier", "check_input_size", "create_backbone", "load_weights", "save_weights"]
+__all__ = [
+    "USIClassifier",
+    "check_input_size",
+    "create_backbone",
+    "create_model_for_size",
+    "load_weights",
+    "save_weights",
+    "trained_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +105,7 @@ def create_backbone(
         raise SetupError(f"{name}: give either a checkpoint or pretrained=true, not both")
     if pretrained:
         try:
-            return _create_model(name, img_size, pretrained=True, num_classes=num_classes, **kwargs)[0]
+            return create_model_for_size(name, img_size, pretrained=True, num_classes=num_classes, **kwargs)[0]
         except (OSError, RuntimeError, ValueError) as e:  # huggingface_hub raises OSError subclasses offline
             raise SetupError(
                 f"could not get timm's pretrained weights for '{name}' ({reason(e)}). "
@@ -105,13 +113,13 @@ def create_backbone(
                 f"(timm.create_model('{name}', pretrained=True) then torch.save(model.state_dict(), PATH)) "
                 "and pass checkpoint=PATH (a local path or an s3:// / gs:// URI) instead of pretrained=true."
             ) from None
-    model, _ = _create_model(name, img_size, pretrained=False, num_classes=num_classes, **kwargs)
+    model, _ = create_model_for_size(name, img_size, pretrained=False, num_classes=num_classes, **kwargs)
     if checkpoint:
         load_weights(model, checkpoint, name, trust=trust_checkpoint)
     return model
 
 
-def _create_model(name: str, img_size: int | None, **kwargs: Any) -> tuple[nn.Module, bool]:
+def create_model_for_size(name: str, img_size: int | None, **kwargs: Any) -> tuple[nn.Module, bool]:
     """``timm.create_model`` built for ``img_size`` where the model's constructor takes it, and
     whether it did.
 
@@ -164,7 +172,7 @@ def check_input_size(name: str, size: int, num_classes: int, img_size: int | Non
 
 def _run_once(name: str, img_size: int, size: int, num_classes: int, device: str, kwargs: dict[str, Any]) -> bool:
     with torch.device(device), torch.no_grad():
-        model, took_img_size = _create_model(name, img_size, num_classes=num_classes, **kwargs)
+        model, took_img_size = create_model_for_size(name, img_size, num_classes=num_classes, **kwargs)
         model.eval()(torch.zeros(1, 3, size, size))
     return took_img_size
 
@@ -198,8 +206,9 @@ def _sizes_that_run(name: str, size: int, num_classes: int, kwargs: dict[str, An
     return f"no multiple of {_SEARCH_STEP} px from {down[-1] if down else size} to {up[-1]} px runs either"
 
 
-def load_weights(module: nn.Module, checkpoint: str, name: str | None = None, trust: bool = False) -> None:
-    """Load a safetensors file, a state dict, a timm checkpoint or a Composer checkpoint into ``module`` (strict).
+def load_weights(module: nn.Module, checkpoint: str, name: str | None = None, trust: bool = False) -> str:
+    """Load a safetensors file, a state dict, a timm checkpoint or a Composer checkpoint into ``module``
+    (strict); return which weights of it were loaded (:func:`trained_weights`).
 
     ``checkpoint`` is a local path or any URI Composer's ``get_file`` reads (s3://, gs://, oci://,
     https://, ...; not plain http://). It is read as data (``checkpoints.read_checkpoint``): a file
@@ -216,7 +225,7 @@ def load_weights(module: nn.Module, checkpoint: str, name: str | None = None, tr
             get_file(checkpoint, local, progress_bar=False)
         elif not os.path.isfile(checkpoint):
             raise CheckpointError(f"checkpoint not found: {checkpoint}")
-        state, which = _model_state_dict(read_checkpoint(local, trust=trust, name=checkpoint, mmap=True), checkpoint)
+        state, which = trained_weights(read_checkpoint(local, trust=trust, name=checkpoint, mmap=True), checkpoint)
         log.info("%s: loading %s", checkpoint, which)
         # torch's own message is one line per mis-shaped key (tens of lines for another architecture):
         # load what fits (torch decides what is missing or unexpected), then report all three in one line.
@@ -232,6 +241,7 @@ def load_weights(module: nn.Module, checkpoint: str, name: str | None = None, tr
             for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (shape, "mis-shaped"))
         )
         raise CheckpointError(f"{checkpoint} does not fit {name or type(module).__name__}: {counts}")
+    return which
 
 
 # The entries timm's load_state_dict(use_ema=True) takes, in its order: a timm train.py checkpoint's
@@ -241,17 +251,82 @@ def load_weights(module: nn.Module, checkpoint: str, name: str | None = None, tr
 _TIMM_ENTRIES = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
-def _model_state_dict(checkpoint: Any, source: str = "weights") -> tuple[dict[str, Any], str]:
-    """The backbone's weights from a plain, timm or Composer checkpoint, and which entry they were."""
+def trained_weights(checkpoint: Any, source: str = "weights") -> tuple[dict[str, Any], str]:
+    """The backbone's trained weights in a checkpoint (what ``read_checkpoint`` returns), and which they are.
+
+    - A Composer checkpoint (``trainer.save_folder``): the EMA weights where EMA ran. Composer's ``EMA``
+      (and ``FusedEMA``) swaps them into ``state.model`` to checkpoint (``ema_weights_active``), the raw
+      weights then sit in its storage; else the storage holds them. Where ``BestOfEMAAndRaw`` found the
+      raw weights better at the final evaluation it wrote them into that storage: the two sets are then
+      equal, and the description says so. Before EMA started (or without it): the training weights.
+    - A timm checkpoint: its EMA weights first (timm's ``use_ema=True`` order).
+    - A state dict (``save_weights``' file, timm's and the Hugging Face hub's ``model.safetensors``): itself.
+    ``source``: the file, for messages.
+    """
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{source}: holds a {type(checkpoint).__name__}, not a state dict")
     if isinstance(checkpoint.get("state"), dict) and "model" in checkpoint["state"]:
-        state, which = checkpoint["state"]["model"], "the Composer checkpoint's state.model"
+        state, which = _composer_weights(checkpoint["state"], source)
     else:
         entry = next((k for k in _TIMM_ENTRIES if isinstance(checkpoint.get(k), dict)), None)
         state, which = (checkpoint[entry], f"its '{entry}'") if entry else (checkpoint, "its state dict")
-    # timm's: drops the prefixes of DDP (and of the ComposerClassifier: `module.`) and of torch.compile
-    return timm.models.clean_state_dict(state), which
+    return _unwrapped(state), which
+
+
+def _composer_weights(state: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
+    model = state["model"]
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{source}: its state.model holds a {type(model).__name__}, not a state dict")
+    algorithms = state.get("algorithms") if isinstance(state.get("algorithms"), list) else []
+    ema = next(
+        (s for _, s in algorithms if isinstance(s, dict) and isinstance(s.get("ema_model"), dict)), None
+    )  # Composer's EMA or FusedEMA: (name, state) pairs
+    stamp = (state.get("timestamp") or {}).get("Timestamp") or {}
+    at = f" (epoch {stamp['epoch']}, batch {stamp['batch']})" if {"epoch", "batch"} <= set(stamp) else ""
+    if ema is None or not ema.get("ema_started"):
+        return model, f"the training weights{at}: " + ("EMA had not started" if ema else "the run had no EMA")
+    stored = {
+        **(ema["ema_model"].get("named_parameters_dict") or {}),
+        **(ema["ema_model"].get("named_buffers_dict") or {}),
+    }
+    # The storage is named as the model was when EMA started: under DDP with its wrapper's prefix too
+    stored = {_unwrap_key(k, model): v for k, v in stored.items()}
+    stray = [k for k in stored if k not in model]
+    if stray:
+        raise CheckpointError(f"{source}: its EMA storage holds {stray[0]}, which its state.model lacks")
+    swapped = {**model, **stored}
+    averaged, raw = (model, swapped) if ema.get("ema_weights_active") else (swapped, model)
+    best = (state.get("callbacks") or {}).get("BestOfEMAAndRaw") or {}
+    scores = "; ".join(
+        f"{label}: {best.get('metric', 'top1')} {s['ema']:.4f} EMA, {s['raw']:.4f} raw"
+        for label, s in (best.get("scores") or {}).items()
+        if isinstance(s, dict) and {"ema", "raw"} <= set(s)
+    )
+    if best.get("best") == "raw" and all(torch.equal(averaged[k], raw[k]) for k in stored):
+        return averaged, (
+            f"the raw training weights{at}: BestOfEMAAndRaw found them better than the EMA weights at the final "
+            f"evaluation{f' ({scores})' if scores else ''} and wrote them into the EMA storage"
+        )
+    return averaged, f"the EMA weights{at}" + (f"; BestOfEMAAndRaw's last evaluation: {scores}" if scores else "")
+
+
+_WRAPPERS = ("module.", "_orig_mod.")  # DDP's and the ComposerClassifier's, torch.compile's
+
+
+def _unwrap_key(key: str, known: dict[str, Any]) -> str:
+    while key not in known and key.startswith(_WRAPPERS):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _unwrapped(state: dict[str, Any]) -> dict[str, Any]:
+    """timm's ``clean_state_dict`` until nothing changes: DDP (``module.``) around the ComposerClassifier
+    (``module.``) nests two prefixes, one more than timm strips."""
+    while True:
+        cleaned = timm.models.clean_state_dict(state)
+        if list(cleaned) == list(state):
+            return cleaned
+        state = cleaned
 
 
 def save_weights(trainer: Any, path: str | os.PathLike) -> None:
@@ -272,7 +347,7 @@ def save_weights(trainer: Any, path: str | os.PathLike) -> None:
     if ema is not None and ema.ema_model is not None and not ema.ema_weights_active:
         averaged = {**ema.ema_model.named_parameters_dict, **ema.ema_model.named_buffers_dict}
         state.update({k: v.detach().cpu().clone() for k, v in averaged.items() if k in state})
-    weights = {k: v.contiguous() for k, v in timm.models.clean_state_dict(state).items()}  # safetensors: contiguous
+    weights = {k: v.contiguous() for k, v in _unwrapped(state).items()}  # safetensors: contiguous
     with atomic_file(path) as tmp:
         if os.fspath(path).endswith(".safetensors"):
             from safetensors.torch import save_file

@@ -1,0 +1,229 @@
+"""Trained weights out of the recipe, in timm's Hugging Face layout (``usi-export``).
+
+:func:`export_for_timm` writes the trained backbone of a checkpoint (the EMA weights where EMA ran;
+``models.trained_weights`` says which) with timm's own ``save_for_hf``: ``model.safetensors`` and
+``config.json``, whose ``pretrained_cfg`` holds the input size, interpolation, crop_pct and mean/std
+the recipe evaluated with, so timm's ``resolve_data_config`` + ``create_transform`` rebuild the
+recipe's eval transform. timm loads the folder with ``timm.create_model("local-dir:FOLDER",
+pretrained=True)``; pushed to the hub (:func:`push_to_hub`, timm's ``push_to_hf_hub``), with
+``timm.create_model("hf-hub:REPO_ID", pretrained=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from composer.utils import format_name_with_dist
+from torch import nn
+
+from usi_composer.builders import student_normalization
+from usi_composer.checkpoints import LATEST_CHECKPOINT
+from usi_composer.config import Config, ConfigError
+from usi_composer.data import TransformSpec
+from usi_composer.errors import CheckpointError, SetupError, first_line
+from usi_composer.models import create_model_for_size, load_weights
+
+__all__ = [
+    "EXPORT_FILES",
+    "Export",
+    "TrainedBackbone",
+    "eval_data_config",
+    "export_for_timm",
+    "push_to_hub",
+    "resolve_checkpoint",
+    "trained_backbone",
+]
+
+WEIGHTS_FILE = "model.safetensors"  # timm's HF_SAFE_WEIGHTS_NAME
+EXPORT_FILES = (WEIGHTS_FILE, "config.json")  # what save_for_hf(safe_serialization=True) writes
+
+# timm.create_model's own options: not the architecture's, so not the export's model_args.
+_FACTORY_OPTIONS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
+# pretrained_cfg entries that describe timm's published weights for the architecture (their tag,
+# licence, paper, labels, test-time size, custom loader), not weights this recipe trained.
+_SOURCE_WEIGHTS = {
+    "tag",
+    "license",
+    "description",
+    "origin_url",
+    "paper_name",
+    "paper_ids",
+    "notes",
+    "label_offset",
+    "label_names",
+    "label_descriptions",
+    "test_input_size",
+    "test_crop_pct",
+    "test_pool_size",
+}
+
+
+def resolve_checkpoint(cfg: Config, checkpoint: str | None) -> str:
+    """The weights to read: ``checkpoint`` (a file or URI; a local folder: the ``model.safetensors`` of an
+    export, else the save folder's ``latest-rank0.pt``), or, where None, the newest checkpoint of the run
+    in ``trainer.save_folder`` (local or object store: Composer's ``get_file`` follows its ``.symlink``)."""
+    if checkpoint is not None:
+        if not os.path.isdir(checkpoint):
+            return checkpoint
+        for name in (WEIGHTS_FILE, LATEST_CHECKPOINT):
+            if os.path.isfile(os.path.join(checkpoint, name)):
+                return os.path.join(checkpoint, name)
+        raise CheckpointError(
+            f"{checkpoint}: a folder with neither {WEIGHTS_FILE} (an export) nor {LATEST_CHECKPOINT} (a save folder)"
+        )
+    t = cfg.trainer
+    if not t.save_folder:
+        raise ConfigError("", "trainer.save_folder", "is unset: pass --checkpoint, or the run's save_folder")
+    if "{run_name}" in t.save_folder and not t.run_name:
+        raise ConfigError(
+            "", "trainer.run_name", f"is unset, and trainer.save_folder ({t.save_folder}) names the run: set the run's"
+        )
+    return f"{format_name_with_dist(t.save_folder, t.run_name or '').rstrip('/')}/{LATEST_CHECKPOINT}"
+
+
+@dataclass
+class TrainedBackbone:
+    """The student backbone of a config with trained weights in it, in eval mode."""
+
+    module: nn.Module
+    weights: str  # which weights of the checkpoint (models.trained_weights' description)
+    model_args: dict[str, Any]  # its constructor's arguments beyond name and num_classes (img_size, model.kwargs)
+
+
+def trained_backbone(cfg: Config, checkpoint: str, trust: bool = False) -> TrainedBackbone:
+    """``cfg.model`` built as training built it (``img_size``, ``model.kwargs``), with the trained weights of
+    ``checkpoint`` (``models.load_weights``: read as data unless ``trust``) instead of ``model.checkpoint``."""
+    m, d = cfg.model, cfg.data
+    kwargs = {k: v for k, v in m.kwargs.items() if v is not None}
+    img_size = m.img_size or d.image_size
+    module, took_img_size = create_model_for_size(m.name, img_size, num_classes=d.num_classes, **kwargs)
+    weights = load_weights(module, checkpoint, m.name, trust=trust)
+    model_args = {k: v for k, v in kwargs.items() if k not in _FACTORY_OPTIONS}
+    if took_img_size:
+        model_args["img_size"] = img_size
+    return TrainedBackbone(module.eval(), weights, model_args)
+
+
+def eval_data_config(cfg: Config, backbone: nn.Module) -> dict[str, Any]:
+    """The recipe's eval transform (``TransformSpec``, as ``build_dataloaders`` makes it) in timm's data
+    config keys: what ``timm.data.create_transform(**config)`` needs to rebuild it."""
+    mean, std = student_normalization(cfg, backbone)
+    spec = TransformSpec.from_data(cfg.data, mean=mean, std=std)
+    return {
+        "input_size": (3, spec.image_size, spec.image_size),
+        "interpolation": spec.fixed_interpolation,
+        "crop_pct": spec.crop_pct,
+        "crop_mode": "center",
+        "mean": spec.mean,
+        "std": spec.std,
+    }
+
+
+@dataclass
+class Export:
+    """What :func:`export_for_timm` wrote."""
+
+    folder: Path
+    checkpoint: str  # the file the weights came from
+    weights: str  # which weights of it
+    config: dict[str, Any]  # config.json as written
+    backbone: TrainedBackbone = field(repr=False)  # for push_to_hub
+
+
+def export_for_timm(
+    cfg: Config,
+    folder: str | os.PathLike,
+    checkpoint: str | None = None,
+    trust: bool = False,
+    overwrite: bool = False,
+) -> Export:
+    """Write the trained backbone of ``checkpoint`` (:func:`resolve_checkpoint`; None: the run's latest
+    checkpoint) to ``folder`` in timm's Hugging Face layout (:data:`EXPORT_FILES`), with timm's ``save_for_hf``.
+
+    The model's ``pretrained_cfg`` becomes the recipe's: the eval transform (:func:`eval_data_config`),
+    ``num_classes``, ``custom_load=False`` (native weights); entries that describe timm's published
+    weights are dropped. (timm 1.0.31's ``save_for_hf`` also takes ``data_config``; the ``pretrained_cfg``
+    is what every timm this recipe allows reads.)
+
+    The files are written beside ``folder`` first and moved in once complete: a failed or killed export
+    leaves ``folder`` as it was. A ``folder`` that holds an export already is refused unless ``overwrite``
+    (then those two files are replaced, other files kept).
+    """
+    from timm.models import save_for_hf
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SetupError(f"{folder}: exists and is not a folder")
+    existing = [name for name in EXPORT_FILES if (folder / name).exists()]
+    if existing and not overwrite:
+        raise SetupError(f"{folder}: holds {' and '.join(existing)} already; pass --overwrite to replace them")
+    checkpoint = resolve_checkpoint(cfg, checkpoint)
+    trained = trained_backbone(cfg, checkpoint, trust)
+    module = trained.module
+    data_config = eval_data_config(cfg, module)
+    module.pretrained_cfg = {
+        **{k: v for k, v in module.pretrained_cfg.items() if k not in _SOURCE_WEIGHTS},
+        **data_config,
+        "num_classes": cfg.data.num_classes,
+        "custom_load": False,
+        "pool_size": None,  # the source weights' feature map size; ours follow input_size
+    }
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".tmp-{uuid.uuid4().hex[:12]}-{folder.name}"  # the same file system: renames
+    staging.mkdir()
+    try:
+        save_for_hf(module, str(staging), model_args=trained.model_args, safe_serialization=True)
+        # safetensors creates its file 0600 whatever the umask: the export gets config.json's (the umask's)
+        shutil.copymode(staging / "config.json", staging / WEIGHTS_FILE)
+        for name in EXPORT_FILES:
+            with open(staging / name, "rb") as f:
+                os.fsync(f.fileno())
+        if folder.exists():
+            for name in EXPORT_FILES:
+                os.replace(staging / name, folder / name)
+        else:
+            os.rename(staging, folder)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)
+    config = json.loads((folder / "config.json").read_text())
+    return Export(folder, checkpoint, trained.weights, config, trained)
+
+
+def push_to_hub(export: Export, repo_id: str, private: bool = False) -> str:
+    """Upload ``export`` to the Hugging Face hub as ``repo_id`` with timm's ``push_to_hf_hub`` (the same
+    ``save_for_hf`` files, and timm's model card where the repository has no README); returns its URL.
+
+    Needs network and a token (``HF_TOKEN`` or ``huggingface-cli login``); any failure of the hub
+    client (offline, no token, no permission) raises :class:`SetupError`, one line.
+    """
+    from timm.models import push_to_hf_hub
+
+    trained = export.backbone
+    try:
+        commit = push_to_hf_hub(
+            trained.module,
+            repo_id,
+            private=private,
+            model_args=trained.model_args,
+            safe_serialization=True,
+            commit_message="Add USI-trained weights (usi-export)",
+        )
+    except Exception as e:  # huggingface_hub raises its own HTTP, offline and token errors, and requests'
+        response = getattr(e, "response", None)  # the hub answered: 401, 403, ... (HfHubHTTPError)
+        if response is None and isinstance(e, OSError):  # no answer: offline (HF_HUB_OFFLINE too), DNS, timeout
+            reason = f"no connection to the hub, offline? {type(e).__name__}"
+        else:
+            reason = f"{type(e).__name__}: {first_line(e, 200)}"
+        raise SetupError(
+            f"could not push {export.folder} to the Hugging Face hub as {repo_id} ({reason}); the export is "
+            "complete there (to push it, run the same usi-export with --overwrite where huggingface.co is reachable)"
+        ) from None
+    return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")
