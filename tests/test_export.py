@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from checkpoint_fixtures import one_error_line, with_code
 from composer.loggers import InMemoryLogger
 from PIL import Image
 from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
-from conftest import REPO, run_cli
+from helpers import REPO, one_error_line, run_cli, with_code
 from usi_composer.algorithms import KnowledgeDistillation
 from usi_composer.builders import build_algorithms, build_model
 from usi_composer.cli import eval as eval_cli
