@@ -13,7 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGENET_SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
+# USI_IMAGENET_SAMPLE: another copy (benchmarks/gpu_check.sh sets it where ../shared does not exist)
+IMAGENET_SAMPLE = Path(os.environ.get("USI_IMAGENET_SAMPLE") or REPO.parent / "shared" / "data" / "imagenet-sample")
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +24,8 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
-    """1000 real ImageNet JPEGs, one per class (``../shared/data/imagenet-sample``)."""
+    """1000 real ImageNet JPEGs, one per class (``../shared/data/imagenet-sample``, or a part of it
+    at ``$USI_IMAGENET_SAMPLE``)."""
     train = IMAGENET_SAMPLE / "train"
     assert train.is_dir(), f"missing {train}: CI clones the repo with shared/ beside it"
     return train

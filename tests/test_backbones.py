@@ -14,11 +14,12 @@ from composer.loggers import InMemoryLogger
 
 from conftest import run_cli
 from usi_composer.builders import check_model_sizes
+from usi_composer.cli.train import main
 from usi_composer.config import ConfigError, load_config
 from usi_composer.errors import CheckpointError, InputSizeError
 from usi_composer.models import check_input_size, load_weights
 from usi_composer.teacher import build_teacher
-from usi_composer.training import main, train
+from usi_composer.training import train
 
 DEMO = "yamls/demo.yaml"
 

@@ -15,9 +15,10 @@ from torch import nn
 
 from conftest import run_cli
 from usi_composer.algorithms import BestOfEMAAndRaw
+from usi_composer.cli.train import main
 from usi_composer.compilation import compile_failure, resolve_compile
 from usi_composer.config import load_config
-from usi_composer.training import main, train
+from usi_composer.training import train
 
 MODEL = "test_efficientnet"  # timm's tiny test CNN: compiles in seconds
 
