@@ -20,16 +20,7 @@ from composer.algorithms.ema.ema import EMAParameters, compute_ema
 from composer.loggers import InMemoryLogger
 from test_compile import MODEL, GraphCount, overrides
 from test_ema import _net
-from test_gpu_pipeline import (
-    MEAN,
-    SIZE,
-    STD,
-    _InputRecorder,
-    _one_line,
-    _quirks,
-    to_pixels,
-    train_sample,
-)
+from test_gpu_pipeline import MEAN, SIZE, STD, _InputRecorder, _quirks, to_pixels
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -41,7 +32,7 @@ from usi_composer.config import load_config
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.gpu_pipeline import KIND, KIND_JPEG, KIND_PIXELS, collate_encoded, decode_images
 from usi_composer.data.layout import find_classes
-from usi_composer.data.transforms import build_bytes_transform, decode_rgb
+from usi_composer.data.transforms import decode_rgb
 from usi_composer.training import train
 
 pytestmark = [
@@ -240,15 +231,14 @@ def test_decode_waits_for_the_kernels_queued_on_the_callers_stream(jpegs: list[b
 @pytest.mark.parametrize("quirk", ["cmyk", "png_named_jpeg", "grayscale", "truncated"])
 def test_quirky_files_take_the_cpu_paths_decode_on_cuda(jpegs: list[bytes], quirk: str) -> None:
     """CMYK and PNG-as-JPEG are decoded in the worker, exactly as the CPU path; grayscale goes to
-    nvJPEG and comes back as three equal channels; a truncated file fails in the worker with the
-    CPU path's error, before any batch reaches the device."""
+    nvJPEG and comes back as three equal channels; a truncated file never reaches nvJPEG (which may
+    decode it without an error): the worker's PIL decode raises, before any batch exists, the error
+    that tests/test_gpu_pipeline.py checks is the CPU path's."""
     if quirk == "truncated":
         data = jpegs[2][: len(jpegs[2]) // 2]
-        with pytest.raises(Exception) as cpu:
-            build_bytes_transform(SIZE, True)(data, sample_rng(0, 0, 0))
-        with pytest.raises(Exception) as gpu:
-            train_sample()(data, sample_rng(0, 0, 0))  # in the worker, as tests/test_gpu_pipeline.py
-        assert _one_line(gpu.value) == _one_line(cpu.value)
+        for sample in (_pipeline().train_sample, _pipeline().eval_sample):
+            with pytest.raises(OSError, match="image file is truncated"):
+                sample(data, sample_rng(0, 0, 0))
         return
     data = _quirks(jpegs[0])[quirk]
     payloads, rows = _encoded([data])

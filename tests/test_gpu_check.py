@@ -39,8 +39,8 @@ def test_dry_run_prints_the_plan_and_checks_what_needs_no_gpu(tmp_path: Path) ->
     assert sum(int(t) for t in plan.values()) == int(re.search(r"total of the timeouts: (\d+)s", text)[1]) <= BUDGET_S
     for command in (
         "test-gpu TEST_PYTHON=" if shutil.which("make") else "-m pytest -m gpu -rA",
-        "benchmarks/train_step.py --profile --batch-size 32 --steps 3 --warmup 2",
-        "benchmarks/train_step.py --runs 1 --steps 20 --warmup 8",
+        "benchmarks/train_step.py --profile --batch-size 32 --steps 3 --warmup 2 --set trainer.progress_bar=false",
+        "benchmarks/train_step.py --runs 1 --steps 20 --warmup 8 --set trainer.progress_bar=false",
         "benchmarks/dataloader.py --pipeline gpu --src ",
     ):
         assert command in text, command
