@@ -43,7 +43,7 @@ if [ "$mode" = pack ]; then
     cp -Rn "$d" "$PACK_DIR/train/"
   done
   echo "$PACK_DIR: $(find "$PACK_DIR/train" -type f | wc -l) images, $(du -sh "$PACK_DIR" | cut -f1)"
-  echo "carry it with the wheels: device run with carry=[\".whl\", \".gpu-data\"]"
+  echo "copy .gpu-data/ (and .whl/) with the repository to the GPU machine: both are git-ignored"
   exit 0
 fi
 
@@ -133,6 +133,9 @@ install_and_import() {
   else
     echo "no .whl/: using the installed packages"
   fi
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/nvidia-smi: /'
+  fi
   "$PYTHON" - <<'EOF'
 import importlib, platform, sys
 missing = []
@@ -147,6 +150,10 @@ for name in ("torchvision", "timm", "composer", "streaming"):
     module = sys.modules.get(name)
     print(f"{name} {getattr(module, '__version__', 'missing')}")
 print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
+try:
+    importlib.import_module("timm.task")
+except ImportError:  # a warning: only train_step.py's timm loop needs it
+    print("warning: this timm has no timm.task: train_step.py will fail (carry timm==1.0.31's wheel in .whl/)")
 if missing:
     sys.exit("error: cannot import " + "; ".join(missing) + ": add its wheel to .whl/ (../shared/tools/gpu-wheels.sh)")
 if not torch.cuda.is_available():
@@ -195,7 +202,7 @@ device = next((m.group(1) for m in [re.search(r"^device: (.+)$", text["setup"], 
 report = {"device": device, "steps": status, "tests": {}, "figures": {}}
 print(f"==== gpu_check summary on {device}")
 for line in text["setup"].splitlines():
-    if re.match(r"(python|torchvision|timm|composer|streaming) ", line):
+    if re.match(r"(python|torchvision|timm|composer|streaming|nvidia-smi:|warning:) ", line):
         print(f"  {line}")
 for name in names:
     print(f"{name}: {status[name]}")

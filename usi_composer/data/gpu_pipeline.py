@@ -273,7 +273,8 @@ def _drain_for_nvjpeg(device: torch.device) -> None:
     or write (the allocator hands out a block freed by Python at once): pytorch/vision#9606,
     reproduced on H100s. The wait costs nothing in Composer's training and eval loops, which read
     a device value just before each batch (Composer 0.32.1, ``Trainer._iter_dataloader``); it
-    matters where kernels are still queued: a second microbatch, a loop without host reads.
+    matters where kernels are still queued: a second microbatch, a loop without host reads
+    (``BestOfEMAAndRaw``'s evaluation of the raw weights, a benchmark's).
     """
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
