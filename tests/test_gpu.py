@@ -339,6 +339,7 @@ def test_gpu_pipeline_trains_and_evaluates_on_cuda(imagenet_sample: Path, saved_
 # ---------------------------------------------------------------- train.py
 
 
+@pytest.mark.slow  # a subprocess each
 @pytest.mark.parametrize("pipeline", ["cpu", "gpu"])
 def test_train_py_runs_20_compiled_bf16_batches(
     imagenet_sample: Path, saved_teacher, tmp_path: Path, pipeline: str
