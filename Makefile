@@ -24,7 +24,7 @@ MINOR := import sys; print("%d.%d" % sys.version_info[:2])
 # backend's notices are not the user's to act on. Errors still show.
 PIP := $(PY) -m pip -qq
 
-.PHONY: demo test test-fast lint setup clean python-matches-venv
+.PHONY: demo test test-fast test-gpu lint setup clean python-matches-venv
 
 setup: $(VENV)/.installed
 
@@ -67,6 +67,15 @@ test: setup
 test-fast: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow"
+
+# The tests marked gpu (each skips with its reason where there is no CUDA). Only the files named
+# *gpu* are collected: the others import packages a GPU machine may lack (moto, kubeflow-training).
+# TEST_PYTHON=python3: run with an interpreter that has the dependencies already, no venv made
+# (a GPU machine without network: benchmarks/gpu_check.sh).
+GPU_TESTS := $(wildcard tests/test_*gpu*.py)
+
+test-gpu: $(if $(TEST_PYTHON),,setup)
+	$(or $(TEST_PYTHON),$(PY)) -m pytest -m gpu -rA $(GPU_TESTS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -17,7 +17,8 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
-    """1000 real ImageNet JPEGs, one per class (``../shared/data/imagenet-sample``)."""
+    """1000 real ImageNet JPEGs, one per class (``../shared/data/imagenet-sample``, or a part of it
+    at ``$USI_IMAGENET_SAMPLE``)."""
     train = IMAGENET_SAMPLE / "train"
     assert train.is_dir(), f"missing {train}: CI clones the repo with shared/ beside it"
     return train

@@ -5,6 +5,7 @@ runs of the recipe, and files whose unpickling would run code. Fixtures live in 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shlex
 import shutil
@@ -18,11 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGENET_SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
+# USI_IMAGENET_SAMPLE: another copy (benchmarks/gpu_check.sh sets it where ../shared does not exist)
+IMAGENET_SAMPLE = Path(os.environ.get("USI_IMAGENET_SAMPLE") or REPO.parent / "shared" / "data" / "imagenet-sample")
 PYTHON = sys.executable
 
 
@@ -290,3 +294,90 @@ def one_error_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     return lines[0]
+
+
+# --------------------------------------------------------------------------- models, compilation, the gpu pipeline
+# (shared by the CPU tests and tests/test_gpu.py)
+
+COMPILE_MODEL = "test_efficientnet"  # timm's tiny test CNN: compiles in seconds
+NUM_CLASSES_BN = 3  # tiny_bn_net's classes
+
+
+def compile_overrides(digits: Path, teacher: Path, *extra: str) -> list[str]:
+    return [
+        f"data.train_dir={digits / 'train'}",
+        f"data.val_dir={digits / 'val'}",
+        "data.num_classes=10",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.persistent_workers=false",
+        f"model.name={COMPILE_MODEL}",
+        f"teacher.name={COMPILE_MODEL}",
+        "teacher.pretrained=false",
+        f"teacher.checkpoint={teacher}",
+        "trainer.progress_bar=false",
+        "trainer.compile=true",
+        *extra,
+    ]
+
+
+def unique_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+class GraphCount(Callback):
+    """The number of graphs compiled so far, after each training batch and at the end of fit."""
+
+    def __init__(self) -> None:
+        self.after_batch: list[int] = []
+        self.at_fit_end = -1
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self.after_batch.append(unique_graphs())
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.at_fit_end = unique_graphs()
+
+
+def tiny_bn_net(layers: int = 1) -> torch.nn.Module:
+    """A few convolutions with BatchNorm, 3 channels in, NUM_CLASSES_BN logits out (seeded)."""
+    torch.manual_seed(0)
+    body = [
+        m
+        for _ in range(layers)
+        for m in (torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    ]
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1),
+        *body,
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, NUM_CLASSES_BN),
+    )
+
+
+def to_pixels(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
+    """Normalized images -> 0..255 floats."""
+    return x * torch.tensor(std).view(1, 3, 1, 1) * 255 + torch.tensor(mean).view(1, 3, 1, 1) * 255
+
+
+def quirky_images(data: bytes) -> dict[str, bytes]:
+    """ImageNet's real oddities, made from a real JPEG."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    out = {}
+    for name, mode, fmt in (("cmyk", "CMYK", "JPEG"), ("grayscale", "L", "JPEG"), ("png_named_jpeg", "RGB", "PNG")):
+        buffer = io.BytesIO()
+        img.convert(mode).save(buffer, fmt, quality=90)
+        out[name] = buffer.getvalue()
+    return out
+
+
+class InputRecorder(Callback):
+    """The inputs the model gets: after the device transform (and MixUp/CutMix)."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def before_forward(self, state: State, logger: Logger) -> None:
+        if len(self.inputs) < 2:
+            self.inputs.append(state.batch[0].detach().clone())

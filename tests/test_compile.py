@@ -9,54 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo  # private module: its graph counter is the test's measuring tool
-from composer.core import Callback, State
-from composer.loggers import InMemoryLogger, Logger
+from composer.loggers import InMemoryLogger
 from torch import nn
 
-from helpers import run_cli
+from helpers import COMPILE_MODEL, GraphCount, compile_overrides, run_cli
 from usi_composer.algorithms import BestOfEMAAndRaw
 from usi_composer.cli.train import main
 from usi_composer.compilation import compile_failure, resolve_compile
 from usi_composer.config import load_config
 from usi_composer.training import train
-
-MODEL = "test_efficientnet"  # timm's tiny test CNN: compiles in seconds
-
-
-def overrides(digits: Path, teacher: Path, *extra: str) -> list[str]:
-    return [
-        f"data.train_dir={digits / 'train'}",
-        f"data.val_dir={digits / 'val'}",
-        "data.num_classes=10",
-        "data.image_size=32",
-        "data.num_workers=0",
-        "data.persistent_workers=false",
-        f"model.name={MODEL}",
-        f"teacher.name={MODEL}",
-        "teacher.pretrained=false",
-        f"teacher.checkpoint={teacher}",
-        "trainer.progress_bar=false",
-        "trainer.compile=true",
-        *extra,
-    ]
-
-
-def unique_graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-class GraphCount(Callback):
-    """The number of graphs compiled so far, after each training batch and at the end of fit."""
-
-    def __init__(self) -> None:
-        self.after_batch: list[int] = []
-        self.at_fit_end = -1
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        self.after_batch.append(unique_graphs())
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        self.at_fit_end = unique_graphs()
 
 
 def test_auto_compiles_on_gpus_only() -> None:
@@ -93,9 +54,9 @@ def test_recipe_compiles_each_graph_once(digits: Path, saved_teacher, monkeypatc
     eval_batch = 8
     cfg = load_config(
         "yamls/usi.yaml",
-        overrides(
+        compile_overrides(
             digits,
-            saved_teacher(MODEL, 10),
+            saved_teacher(COMPILE_MODEL, 10),
             "trainer.global_batch_size=8",
             f"trainer.eval_batch_size={eval_batch}",
             "trainer.max_duration=2ep",
@@ -151,9 +112,11 @@ def test_cli_compile_failure_is_one_line(digits: Path, saved_teacher, tmp_path: 
     # nothing compiled earlier is reused.
     env = {"CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     extra = ("trainer.global_batch_size=4", "trainer.max_duration=2ba", "data.val_dir=null")
-    result = run_cli("train.py", "yamls/usi.yaml", *overrides(digits, saved_teacher(MODEL, 10), *extra), env=env)
+    result = run_cli(
+        "train.py", "yamls/usi.yaml", *compile_overrides(digits, saved_teacher(COMPILE_MODEL, 10), *extra), env=env
+    )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"error: compiling the student '{MODEL}' failed (InvalidCxxCompiler: ")
+    assert lines[-1].startswith(f"error: compiling the student '{COMPILE_MODEL}' failed (InvalidCxxCompiler: ")
     assert lines[-1].endswith("; set trainer.compile=false to train without compilation")
     assert "Traceback" not in result.stderr + result.stdout and len(lines) <= 3, result.stderr

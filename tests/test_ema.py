@@ -16,28 +16,20 @@ from resumption import differences, run_pair
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import RecordOps, launch
+from helpers import NUM_CLASSES_BN, RecordOps, launch, tiny_bn_net
 from usi_composer.algorithms import FusedEMA
 from usi_composer.algorithms.ema import FusedEMAParameters
-
-NUM_CLASSES = 3
-
-
-def _net(layers: int = 1) -> nn.Module:
-    torch.manual_seed(0)
-    body = [m for _ in range(layers) for m in (nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())]
-    return nn.Sequential(nn.Conv2d(3, 4, 1), *body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, NUM_CLASSES))
 
 
 def _data(n: int, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g))
+    return TensorDataset(torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, NUM_CLASSES_BN, (n,), generator=g))
 
 
 def _trainer(algorithms: list, duration: str = "6ba", **kwargs) -> Trainer:
-    net = _net()
+    net = tiny_bn_net()
     return Trainer(
-        model=ComposerClassifier(net, num_classes=NUM_CLASSES),
+        model=ComposerClassifier(net, num_classes=NUM_CLASSES_BN),
         train_dataloader=DataLoader(_data(64), batch_size=8),
         optimizers=torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9),
         max_duration=duration,
@@ -149,7 +141,7 @@ def _ops(update, model: nn.Module) -> list[str]:
 
 
 def test_update_is_a_few_fused_kernels_whatever_the_model_size() -> None:
-    small, large = _net(layers=2), _net(layers=8)
+    small, large = tiny_bn_net(layers=2), tiny_bn_net(layers=8)
     fused, composers = {}, {}
     for model in (small, large):
         shadow = FusedEMAParameters(model)

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from composer.core import Callback, State
-from composer.loggers import Logger
 from PIL import Image
 
+from helpers import InputRecorder, quirky_images, to_pixels
 from usi_composer.config import ConfigError, DataConfig, load_config
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.folder import folder_dataloader
@@ -68,11 +67,6 @@ def run(transform: EncodedSample, datas: list[bytes], seed: int = 0, epoch: int 
     return device(transform.spec)(batch)
 
 
-def to_pixels(x: torch.Tensor) -> torch.Tensor:
-    """Normalized images -> 0..255 floats."""
-    return x * torch.tensor(STD).view(1, 3, 1, 1) * 255 + torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-
-
 def cpu_view(data: bytes, rng: np.random.Generator, spec: TransformSpec) -> torch.Tensor:
     """The CPU path's image for these draws (full-size decode: torchvision's resized_crop, as timm)."""
     return BytesTransform(spec, training=True, fast=False)(data, rng).float()
@@ -116,7 +110,7 @@ def test_the_same_draws_give_the_cpu_paths_image(jpegs: list[bytes]) -> None:
     x, _ = run(t, jpegs)
     for i, data in enumerate(jpegs):
         reference = cpu_view(data, sample_rng(0, 0, i), t.spec)
-        mad = (to_pixels(x[i : i + 1])[0] - reference).abs().mean().item()
+        mad = (to_pixels(x[i : i + 1], MEAN, STD)[0] - reference).abs().mean().item()
         assert mad <= PARITY_MAD, (i, mad)
 
 
@@ -124,7 +118,7 @@ def test_the_same_draws_with_randaugment_give_nearly_the_cpu_paths_image(jpegs: 
     t = train_sample(USI)
     x, _ = run(t, jpegs)
     mads = [
-        (to_pixels(x[i : i + 1])[0] - cpu_view(d, sample_rng(0, 0, i), t.spec)).abs().mean().item()
+        (to_pixels(x[i : i + 1], MEAN, STD)[0] - cpu_view(d, sample_rng(0, 0, i), t.spec)).abs().mean().item()
         for i, d in enumerate(jpegs)
     ]
     assert max(mads) <= PARITY_MAD_RANDAUGMENT, mads
@@ -134,39 +128,28 @@ def test_worker_decode_option_gives_nearly_the_same_image(jpegs: list[bytes]) ->
     t = train_sample(decode_on_device=False)
     batch = collate_encoded([(t(d, sample_rng(0, 0, i)), i) for i, d in enumerate(jpegs)])
     assert (batch[0].rows[:, KIND] == KIND_PIXELS).all()
-    x = to_pixels(device()(batch)[0])
+    x = to_pixels(device()(batch)[0], MEAN, STD)
     mads = [(x[i] - cpu_view(d, sample_rng(0, 0, i), t.spec)).abs().mean().item() for i, d in enumerate(jpegs)]
     assert np.mean(mads) <= WORKER_DECODE_MEAN_MAD, mads
 
 
 def test_eval_matches_timms_eval_transform(jpegs: list[bytes]) -> None:
     ev = EncodedSample(PLAIN, training=False)
-    x = to_pixels(device(training=False)(collate_encoded([(ev(d), 0) for d in jpegs]))[0])
+    x = to_pixels(device(training=False)(collate_encoded([(ev(d), 0) for d in jpegs]))[0], MEAN, STD)
     timm_eval = build_transform(PLAIN, False)
     for i, data in enumerate(jpegs):
         reference = timm_eval(Image.open(io.BytesIO(data)).convert("RGB")).float()
         assert (x[i] - reference).abs().mean().item() <= PARITY_MAD
 
 
-def _quirks(data: bytes) -> dict[str, bytes]:
-    """ImageNet's real oddities, made from a real JPEG."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    out = {}
-    for name, mode, fmt in (("cmyk", "CMYK", "JPEG"), ("grayscale", "L", "JPEG"), ("png_named_jpeg", "RGB", "PNG")):
-        buffer = io.BytesIO()
-        img.convert(mode).save(buffer, fmt, quality=90)
-        out[name] = buffer.getvalue()
-    return out
-
-
 @pytest.mark.parametrize("quirk", ["cmyk", "grayscale", "png_named_jpeg"])
 def test_quirky_files_give_the_cpu_paths_rgb(jpegs: list[bytes], quirk: str) -> None:
-    data = _quirks(jpegs[0])[quirk]
+    data = quirky_images(jpegs[0])[quirk]
     t = train_sample()
     batch = collate_encoded([(t(data, sample_rng(0, 0, 0)), 0), (t(jpegs[1], sample_rng(0, 0, 1)), 1)])
     # decode_jpeg reads grayscale (as RGB); CMYK (converted unlike PIL) and PNG are decoded in the worker
     assert batch[0].rows[0, KIND].item() == (KIND_JPEG if quirk == "grayscale" else KIND_PIXELS)
-    x = to_pixels(device()(batch)[0])
+    x = to_pixels(device()(batch)[0], MEAN, STD)
     reference = cpu_view(data, sample_rng(0, 0, 0), t.spec)
     assert (x[0] - reference).abs().mean().item() <= PARITY_MAD
     if quirk == "grayscale":
@@ -213,12 +196,12 @@ def test_what_decode_jpeg_rejects_on_the_device_falls_back_per_sample(jpegs: lis
     t = train_sample()
     good = [t(d, sample_rng(0, 0, i)) for i, d in enumerate(jpegs[:3])]
     expected, _ = device()(collate_encoded([(s, i) for i, s in enumerate(good)]))
-    png = _quirks(jpegs[1])["png_named_jpeg"]
+    png = quirky_images(jpegs[1])["png_named_jpeg"]
     payloads = [good[0][0], torch.frombuffer(bytearray(png), dtype=torch.uint8), good[2][0]]
     rows = torch.stack([row for _, row in good])  # all marked as JPEGs for the device
     x, _ = device()((EncodedImages(payloads, rows), torch.arange(3)))
     assert torch.equal(x[0], expected[0]) and torch.equal(x[2], expected[2])
-    assert (to_pixels(x[1:2]) - to_pixels(expected[1:2])).abs().mean().item() <= PARITY_MAD
+    assert (to_pixels(x[1:2], MEAN, STD) - to_pixels(expected[1:2], MEAN, STD)).abs().mean().item() <= PARITY_MAD
     payloads[1] = torch.frombuffer(bytearray(b"GIF89a broken" * 8), dtype=torch.uint8)
     with pytest.raises(Exception, match="cannot identify image file"):
         device()((EncodedImages(payloads, rows), torch.arange(3)))
@@ -238,17 +221,6 @@ def test_gpu_pipeline_config_errors_are_one_line(repo: Path, override: str, mess
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-class _InputRecorder(Callback):
-    """The inputs the model gets: after the device transform (and MixUp/CutMix)."""
-
-    def __init__(self) -> None:
-        self.inputs: list[torch.Tensor] = []
-
-    def before_forward(self, state: State, logger: Logger) -> None:
-        if len(self.inputs) < 2:
-            self.inputs.append(state.batch[0].detach().clone())
-
-
 @pytest.mark.slow
 def test_the_demo_trains_with_the_gpu_pipeline_on_the_cpu(repo: Path, digits: Path, saved_teacher) -> None:
     """yamls/demo.yaml (digits as MDS shards) with data.pipeline=gpu, a short run on the CPU."""
@@ -266,7 +238,7 @@ def test_the_demo_trains_with_the_gpu_pipeline_on_the_cpu(repo: Path, digits: Pa
             "trainer.progress_bar=false",
         ],
     )
-    recorder = _InputRecorder()
+    recorder = InputRecorder()
     trainer = train(cfg, callbacks=[recorder])
     top1 = final_top1(trainer)
     trainer.close()

@@ -227,6 +227,7 @@ def decode_images(payloads: list[torch.Tensor], rows: list[list[float]], device:
     images: list[torch.Tensor | None] = [None] * len(payloads)
     jpegs = [i for i, row in enumerate(rows) if row[KIND] == KIND_JPEG]
     if jpegs:
+        _drain_for_nvjpeg(device)
         try:
             decoded = decode_jpeg([payloads[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one the worker's checks let through: find it, decode it as the CPU path does
@@ -240,8 +241,25 @@ def decode_images(payloads: list[torch.Tensor], rows: list[list[float]], device:
     return images  # type: ignore[return-value]
 
 
+def _drain_for_nvjpeg(device: torch.device) -> None:
+    """Wait for the work queued on ``device``'s current stream before a CUDA ``decode_jpeg``.
+
+    torchvision's nvJPEG decode (batched since 0.19; unchanged through at least 0.28) allocates
+    its outputs on the caller's stream but writes them from a private stream that never waits for
+    the caller's, so it can overwrite memory that kernels still queued on the caller's stream read
+    or write (the allocator hands out a block freed by Python at once): pytorch/vision#9606,
+    reproduced on H100s. The wait costs nothing in Composer's training and eval loops, which read
+    a device value just before each batch (Composer 0.32.1, ``Trainer._iter_dataloader``); it
+    matters where kernels are still queued: a second microbatch, a loop without host reads
+    (``BestOfEMAAndRaw``'s evaluation of the raw weights, a benchmark's).
+    """
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def _decode_one(payload: torch.Tensor, device: torch.device) -> torch.Tensor:
     try:
+        _drain_for_nvjpeg(device)
         return decode_jpeg(payload, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:  # the CPU path's decode: its image, or its error
         pixels = np.array(decode_rgb(payload.numpy().tobytes()))
