@@ -119,7 +119,9 @@ def test_composer_evaluates_algorithm_reprs_so_they_are_checked(
     assert line.endswith("; if you trust this file, set trainer.trust_checkpoints=true"), line
     assert not marker.exists()
 
-    with pytest.raises(KeyError):  # then BlurPool's surgery renames the convs the optimizer state names
+    # Then BlurPool's surgery renames the convs the optimizer state names: torch 2.7 raises KeyError,
+    # newer torch (2.14) a RuntimeError for the missing optimizer state. Either way the repr ran.
+    with pytest.raises((KeyError, RuntimeError)):
         build_trainer(load_config(DEMO, [*run, "trainer.trust_checkpoints=true"])).close()
     assert marker.exists(), "Composer ran the repr"
 
