@@ -4,6 +4,7 @@ loader workers, a mid-epoch resume)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -437,3 +438,84 @@ def test_a_topk_cache_is_close_to_the_full_one(tiny: dict, tmp_path: Path) -> No
     assert (
         train_cli.main([DEMO, *tiny["args"], f"algorithms.distillation.cache={cache}", "teacher.checkpoint=null"]) == 0
     )
+
+
+# --------------------------------------------------------------------------- sweeps: one cache per group
+
+
+def _configs(points: list[list[str]]) -> dict[str, object]:
+    return {" ".join(p): load_config(DEMO, p) for p in points}
+
+
+def test_sweeps_share_a_cache_where_the_teachers_inputs_are_the_same() -> None:
+    from usi_composer.ablate import _run_order, plan_teacher_caches
+
+    # temperature x seed: one cache per seed, filled by its first point
+    grid = [[f"algorithms.distillation.temperature={t}", f"trainer.seed={s}"] for t in (0.5, 1.0, 2.0) for s in (0, 1)]
+    plans = plan_teacher_caches(_configs(grid), "/c")
+    roles = [(p.role, p.uri) for p in plans.values()]
+    seed0, seed1 = roles[0][1], roles[1][1]
+    assert seed0 != seed1 and seed0.startswith("/c/")
+    assert roles == [
+        ("write", seed0),
+        ("write", seed1),
+        ("read", seed0),
+        ("read", seed1),
+        ("read", seed0),
+        ("read", seed1),
+    ]
+    # alpha, ce_weight, the learning rate and backbones of one normalization share one cache
+    same = [["algorithms.distillation.alpha=1.0"], ["algorithms.distillation.ce_weight=0"], ["optimizer.lr=1e-3"]]
+    same += [["model.name=deit_tiny_patch16_224"], ["model.name=levit_128s"]]
+    assert {p.uri for p in plan_teacher_caches(_configs(same), "/c").values()} == {seed0}
+    # what changes the teacher's inputs runs alone, online
+    other = [[], ["data.image_size=48"], ["data.hflip=0.5"], ["algorithms.mixup_cutmix.enabled=false"]]
+    other += [["model.name=resnet10t", "data.mean=null", "data.std=null"], ["teacher.img_size=64"]]  # timm's mean
+    plans = plan_teacher_caches(_configs(other), "/c")
+    assert [p.role for p in plans.values()] == ["online"] * len(other)
+    # durations: the longest fills the cache and runs first
+    durations = _configs([[f"trainer.max_duration={d}"] for d in ("2ep", "8ep", "4ep")])
+    plans = plan_teacher_caches(durations, "/c")
+    assert [p.role for p in plans.values()] == ["read", "write", "read"]
+    assert _run_order(list(durations), plans) == [
+        "trainer.max_duration=8ep",
+        "trainer.max_duration=2ep",
+        "trainer.max_duration=4ep",
+    ]
+    # no distillation, or a point's own cache: left alone
+    own = _configs([["algorithms.distillation.enabled=false"], ["algorithms.distillation.cache=/mine"]] * 1)
+    assert [p.role for p in plan_teacher_caches(own, "/c").values()] == ["online", "online"]
+
+
+@pytest.mark.slow
+def test_usi_ablate_fills_one_cache_and_its_readers_train_as_online(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A two-point temperature sweep through usi-ablate: the first point fills the cache, the second reads it
+    (its teacher is not run) and ends with the metrics the same point reaches with its teacher online."""
+    from _ablate_helpers import DEMO_YAML, REPO
+
+    from usi_composer.cli import ablate as ablate_cli
+
+    base = tmp_path / "student.yaml"  # not demo.yaml: no demo teacher to prepare
+    base.write_text(DEMO_YAML.read_text())
+    sweep = str(REPO / "yamls" / "sweeps" / "temperature.yaml")
+    data, teacher = tiny["root"] / "data", tiny["teacher"]
+    common = [sweep, "--base", str(base), *tiny_overrides(data, teacher), "model.name=resnet10t"]
+    out = tmp_path / "cached"
+    assert ablate_cli.main([*common, "--out", str(out), "--values", "algorithms.distillation.temperature=1.0,4.0"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    (cache,) = (out / "teacher-cache").iterdir()
+    assert [r["teacher"] for r in rows] == [f"filled {cache}", f"read {cache}"]
+    assert len(list(cache.rglob("*.safetensors"))) == 2
+    assert f"algorithms.distillation.cache={cache}" in Path(rows[1]["log"]).read_text().splitlines()[0]
+    report = (out / "temperature.md").read_text()
+    assert "| point | teacher |" in report and f"| algorithms.distillation.temperature=4.0 | read {cache} |" in report
+
+    online = tmp_path / "online"
+    args = [*common, "--out", str(online), "--values", "algorithms.distillation.temperature=4.0", "--no-teacher-cache"]
+    assert ablate_cli.main(args) == 0
+    (row,) = [json.loads(line) for line in (online / "results.jsonl").read_text().splitlines()]
+    assert row["teacher"] == "online" and not (online / "teacher-cache").exists()
+    assert row["metrics"] == rows[1]["metrics"]  # exactly: the cached teacher is the online one
+    assert "| point | teacher |" not in (online / "temperature.md").read_text()

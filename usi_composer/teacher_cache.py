@@ -64,6 +64,7 @@ __all__ = [
     "first_difference",
     "open_teacher_cache",
     "run_batches",
+    "sweep_group",
 ]
 
 log = logging.getLogger(__name__)
@@ -405,6 +406,37 @@ def _show(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return "null" if value is None else str(value).lower()
     return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+
+def sweep_group(cfg: Config) -> str | None:
+    """For ``usi-ablate``: a digest of :func:`fingerprint` read from the config alone (the data and the
+    teacher's weights by where they are; the student's normalization from its timm config, on the
+    meta device), plus the unit of ``max_duration``. Points with the same one feed their teacher the
+    same inputs and can share a cache. None for a point that does not distil, or that sets
+    ``algorithms.distillation.cache``/``cache_write`` itself."""
+    from usi_composer.builders import resolve_device_and_precision, student_normalization
+    from usi_composer.compilation import resolve_compile
+
+    kd = cfg.algorithms.distillation
+    if not kd.enabled or kd.cache or kd.cache_write:
+        return None
+    mean, std = student_normalization(cfg)
+    device, precision = resolve_device_and_precision(cfg)
+    d, t = cfg.data, cfg.teacher
+    items = fingerprint(
+        cfg,
+        mean=mean,
+        std=std,
+        device=device,
+        precision=precision,
+        compile=resolve_compile(cfg.trainer.compile, device),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        data=json.dumps([d.remote, None if d.remote else d.local, d.train_dir]),
+        teacher_weights=t.checkpoint or (f"pretrained {t.name}" if t.pretrained else None),
+    )
+    items["max_duration's unit"] = Time.from_timestring(cfg.trainer.max_duration).unit.value
+    return _sha256_json(items)[:16]
 
 
 # --------------------------------------------------------------------------- how long a run is
