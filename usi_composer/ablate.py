@@ -257,7 +257,8 @@ def run_sweep(
     ``teacher_cache``: where the points' teacher outputs are cached (:func:`plan_teacher_caches`:
     the first run of a group fills a cache, the others read it; each row's ``teacher`` says which);
     None: every point runs its teacher. A reader whose cache was not filled (its writer failed)
-    runs its teacher online.
+    runs its teacher online; a writer whose cache is filled already (a rerun with new values, or
+    another sweep sharing ``teacher_cache``) reads it.
     """
     parameters = dict(sweep.parameters)
     if seeds:
@@ -303,8 +304,11 @@ def run_sweep(
             continue
         plan = plans.get(pid, TeacherPlan("online"))
         cfg = configs[pid]
-        if plan.role == "read" and not _cache_filled(plan.uri, cfg):
+        filled = plan.role != "online" and _cache_filled(plan.uri, cfg)
+        if plan.role == "read" and not filled:
             plan = TeacherPlan("online")  # its writer did not fill it
+        elif plan.role == "write" and filled:
+            plan = TeacherPlan("read", plan.uri)  # filled before (a rerun, or another sweep into the same cache)
         teacher = {"online": "online", "write": f"filled {plan.uri}", "read": f"read {plan.uri}"}[plan.role]
         log = out_dir / "logs" / f"{_slug(point)}.log"
         metrics_file = out_dir / "logs" / f"{_slug(point)}.metrics.json"

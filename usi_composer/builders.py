@@ -419,13 +419,15 @@ def build_callbacks(cfg: Config, evaluates: bool, compile: bool = False) -> list
     return callbacks
 
 
-def resolve_device_and_precision(cfg: Config) -> tuple[str, str]:
+def resolve_device_and_precision(cfg: Config, warn: bool = True) -> tuple[str, str]:
     """``gpu`` where there is one; mixed precision on GPUs, fp32 on the CPU (Composer trains
-    on the CPU in fp32 only), so one yaml serves both."""
+    on the CPU in fp32 only), so one yaml serves both. ``warn``: say so where the config asked
+    for mixed precision on the CPU."""
     device = cfg.trainer.device or ("gpu" if torch.cuda.is_available() else "cpu")
     precision = cfg.trainer.precision or ("amp_bf16" if device == "gpu" else "fp32")
     if device == "cpu" and precision != "fp32":
-        log.warning("trainer.precision=%s needs a GPU: training in fp32 on the CPU", precision)
+        if warn:
+            log.warning("trainer.precision=%s needs a GPU: training in fp32 on the CPU", precision)
         precision = "fp32"
     return device, precision
 

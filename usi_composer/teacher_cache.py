@@ -421,7 +421,7 @@ def sweep_group(cfg: Config) -> str | None:
     if not kd.enabled or kd.cache or kd.cache_write:
         return None
     mean, std = student_normalization(cfg)
-    device, precision = resolve_device_and_precision(cfg)
+    device, precision = resolve_device_and_precision(cfg, warn=False)  # the point's own run warns
     d, t = cfg.data, cfg.teacher
     items = fingerprint(
         cfg,
