@@ -519,3 +519,37 @@ def test_usi_ablate_fills_one_cache_and_its_readers_train_as_online(
     assert row["teacher"] == "online" and not (online / "teacher-cache").exists()
     assert row["metrics"] == rows[1]["metrics"]  # exactly: the cached teacher is the online one
     assert "| point | teacher |" not in (online / "temperature.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_processes_each_store_and_read_their_own_microbatches(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """DDP with 2 processes (gloo): a run filling a cache as it trains and a run reading it end equal,
+    every rank's outputs are under its own rank, and a run of another world size is refused."""
+    from conftest import launch
+
+    cache = tmp_path / "cache"
+    args = [*tiny["args"], "trainer.max_duration=2ba", "trainer.save_interval=2ba"]
+
+    def train(name: str, *extra: str) -> Path:
+        logs = tmp_path / f"logs-{name}"
+        logs.mkdir()
+        folder = [f"trainer.save_folder={tmp_path / name}", f"trainer.run_name={name}"]
+        result, tails = launch(2, logs, "train.py", DEMO, *args, *folder, *extra, timeout=300)
+        assert result.returncode == 0, tails
+        (checkpoint,) = (tmp_path / name).glob("ep*-ba2-rank0.pt")
+        return checkpoint
+
+    online = train("online", f"algorithms.distillation.cache_write={cache}")
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*.safetensors")) == [
+        f"rank{r}/ep0/ba{b}.safetensors" for r in (0, 1) for b in (0, 1)
+    ]
+    first = {r: load_file(cache / f"rank{r}" / "ep0" / "ba0.safetensors")["logits.0"] for r in (0, 1)}
+    assert first[0].shape == (4, NUM_CLASSES) and not torch.equal(first[0], first[1])  # each rank's own samples
+    cached = train("cached", f"algorithms.distillation.cache={cache}")
+    assert differences(online, cached) == []
+    # one process: another world size, another layout of the batches
+    rc, err = _train_rc(capsys, *args, f"algorithms.distillation.cache={cache}")
+    assert rc == 2 and "world size = 2, this run has 1" in err, err
