@@ -636,9 +636,8 @@ class TeacherCacheWriter(Callback):
         self._parts, self._samples = {}, 0
         event = None
         if any(t.is_cuda for t in parts.values()):
-            parts = {
-                n: torch.empty_like(t, device="cpu").pin_memory().copy_(t, non_blocking=True) for n, t in parts.items()
-            }
+            pinned = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in parts.items()}
+            parts = {n: pinned[n].copy_(t, non_blocking=True) for n, t in parts.items()}
             event = torch.cuda.Event()
             event.record()
         if self._pool is None:
