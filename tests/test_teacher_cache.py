@@ -553,3 +553,29 @@ def test_two_processes_each_store_and_read_their_own_microbatches(
     # one process: another world size, another layout of the batches
     rc, err = _train_rc(capsys, *args, f"algorithms.distillation.cache={cache}")
     assert rc == 2 and "world size = 2, this run has 1" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_benchmark_prints_one_json_line_of_consistent_figures() -> None:
+    from conftest import run_cli
+
+    tiny = ["--batch-size", "64", "--image-size", "16", "--teacher", "resnet10t", "--steps", "2", "--warmup", "1"]
+    args = [*tiny, "--runs", "1", "--points", "2", "--epochs", "1"]
+    result = run_cli("benchmarks/teacher_cache.py", *args, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("{"), result.stdout
+    r = json.loads(lines[0])
+    assert (r["benchmark"], r["student"], r["teacher"], r["points"]) == ("teacher_cache", "resnet10t", "resnet10t", 2)
+    for key in ("student_step_ms", "online_step_ms", "cache_step_ms", "sweep_online_s", "sweep_cached_s"):
+        assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
+    assert r["cache_vs_student"] == pytest.approx(r["cache_step_ms"] / r["student_step_ms"], rel=1e-3)
+    assert r["read_path_ms"] == pytest.approx(r["cache_step_ms"] - r["student_step_ms"], abs=1e-3)
+    assert r["sweep_cached_vs_floor"] == pytest.approx(r["sweep_cached_s"] / r["sweep_floor_s"], rel=1e-3)
+    assert r["sweep_cached_vs_online"] == pytest.approx(r["sweep_cached_s"] / r["sweep_online_s"], rel=1e-3)
+    # the digits' 10 classes in fp32: 40 bytes a sample in full, 6k + 4 in top-k (fp32 values, int16 indices)
+    assert r["full_bytes_per_sample"] == 40.0
+    assert [r[f"topk{k}_bytes_per_sample"] for k in (1, 2, 5)] == [10.0, 16.0, 34.0]
+    errors = [r[f"topk{k}_kd_rel_error_T{t}"] for k in (1, 2, 5) for t in (1, 4)]
+    assert all(0 <= e < 1 for e in errors), errors

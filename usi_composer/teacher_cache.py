@@ -50,7 +50,6 @@ from usi_composer.config import Config, ConfigError
 from usi_composer.errors import SetupError
 
 __all__ = [
-    "CACHE_FORMATS",
     "CacheManifest",
     "CacheStore",
     "NullStudent",
@@ -71,7 +70,6 @@ log = logging.getLogger(__name__)
 
 VERSION = 1  # of the layout above
 MANIFEST = "cache.json"
-CACHE_FORMATS = ("full", "topk")
 READ_AHEAD = 4  # batches read ahead of the step
 IO_THREADS = 2
 MAX_PENDING_WRITES = 8  # batches waiting for storage before the step waits for them
