@@ -84,7 +84,6 @@ class KnowledgeDistillation(HparamsMixin, Algorithm):
         ce_weight: weight of the model's own loss; 0 distils from the teacher alone. USI: 1.
         log_interval: batches between the host's reads of the distillation statistics (one
             host sync each): the logged ce/kd means and the non-finite check.
-
         teacher_outputs: instead of a ``teacher``, where its outputs come from: called with each
             microbatch's :data:`TeacherKey` ``(epoch, batch, rank, microbatch)``, it returns the
             teacher's logits for that microbatch on the trainer's device (e.g. read from a cache

@@ -4,7 +4,8 @@
     python benchmarks/teacher_cache.py --points 2 --epochs 1 --steps 3 --warmup 1 --runs 1   # a quick run
 
 In one process, on the demo's digits (MDS shards, ``yamls/demo.yaml``'s recipe; the teacher's
-weights are random: the cost does not depend on them), every run built by ``builders.build_trainer``:
+weights are random unless ``--teacher-checkpoint``: the cost does not depend on them, the top-k
+error does), every run built by ``builders.build_trainer``:
 
 - the step, BATCH_START to BATCH_END (median after warm-up, runs interleaved): ``student_step_ms``
   (distillation off: no teacher at all, the limit), ``online_step_ms`` (the teacher runs),
@@ -12,7 +13,8 @@ weights are random: the cost does not depend on them), every run built by ``buil
   ``cache_vs_student`` (target <= 1.03), ``read_path_ms`` = cache - student, ``cache_wait_ms``:
   what the step waited for storage, per step (the reader's own count);
 - a ``--points``-point temperature sweep of whole demo runs (``--epochs``, evaluation included),
-  interleaved point by point: ``sweep_online_s`` (every point runs its teacher), ``sweep_cached_s``
+  interleaved point by point and repeated ``--sweep-runs`` times (each point's time: its median
+  over the repeats; the sweep's: their sum): ``sweep_online_s`` (every point runs its teacher), ``sweep_cached_s``
   (the first point fills a cache as it trains, the others read it), ``sweep_floor_s`` (the first
   point online, the others with no teacher: the floor when the first point fills the cache; its
   first point is the online sweep's); ``sweep_cached_vs_floor`` (target <= 1.05) and
@@ -57,10 +59,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--steps", type=int, default=12, help="timed steps per step run (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=3, help="interleaved step runs; the median of run medians")
+    parser.add_argument("--runs", type=int, default=5, help="interleaved step runs; the median of run medians")
     parser.add_argument("--points", type=int, default=5, help="temperature sweep points (at most 5)")
     parser.add_argument("--epochs", type=int, help="each sweep point's epochs (default: the demo's)")
+    parser.add_argument(
+        "--sweep-runs", type=int, default=3, help="repeats of the sweeps; each point's time is its median"
+    )
     parser.add_argument("--topk", default="1,2,5", help="k values of the top-k format's KD error")
+    parser.add_argument(
+        "--teacher-checkpoint",
+        help="the teacher's weights (default: random: the cost does not depend on them, the top-k error does; "
+        "the demo's own: .cache/usi-demo/teacher-seed0.pt, written by usi-demo)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = parser.parse_args()
     sizes = CUDA_SIZES if torch.cuda.is_available() else CPU_SIZES
@@ -131,16 +141,15 @@ def main() -> None:
         from usi_composer.data import export_digits
 
         data = data_overrides(export_digits(Path(tmp) / "digits"))
-        teacher = Path(tmp) / "teacher.pt"
-        torch.manual_seed(0)
-        torch.save(timm.create_model(args.teacher, num_classes=10).state_dict(), teacher)
+        teacher = Path(args.teacher_checkpoint or Path(tmp) / "teacher.pt")
+        if args.teacher_checkpoint is None:
+            torch.manual_seed(0)
+            torch.save(timm.create_model(args.teacher, num_classes=10).state_dict(), teacher)
         base = [
             *data,
             f"model.name={args.student}",
             f"teacher.name={args.teacher}",
             f"teacher.checkpoint={teacher}",
-            "teacher.mean=null",
-            "teacher.std=null",
             f"data.image_size={args.image_size}",
             f"trainer.global_batch_size={args.batch_size}",
             f"optimizer.reference_batch_size={args.batch_size}",
@@ -165,26 +174,32 @@ def main() -> None:
             waits.append(wait)
         student, online, cached = (statistics.median(step_runs[k]) for k in ("student", "online", "cache"))
 
-        # the sweep, point by point: online, cached (first point fills), floor (first point online, rest no teacher)
+        # the sweep, point by point: online, cached (first point fills), floor (first point online, rest no
+        # teacher), repeated; each point's time is its median over the repeats (a shared machine's load drifts)
         epochs = [f"trainer.max_duration={args.epochs}ep"] if args.epochs else []
-        online_s, cached_s, floor_s = [], [], []
-        for i, temperature in enumerate(TEMPERATURES[: args.points]):
-            point = [*epochs, f"algorithms.distillation.temperature={temperature}"]
-            online_s.append(fit(config(base, *point))[0])
-            role = "cache_write" if i == 0 else "cache"
-            cached_s.append(fit(config(base, *point, f"algorithms.distillation.{role}={cache}"))[0])
-            if i == 0:
-                floor_s.append(online_s[0])
-            else:
-                floor_s.append(fit(config(base, *point, "algorithms.distillation.enabled=false"))[0])
+        times: dict[tuple[str, int], list[float]] = {}
+        for repeat in range(args.sweep_runs):
+            for i, temperature in enumerate(TEMPERATURES[: args.points]):
+                point = [*epochs, f"algorithms.distillation.temperature={temperature}"]
+                times.setdefault(("online", i), []).append(fit(config(base, *point))[0])
+                role = "cache_write" if i == 0 else "cache"
+                filled = f"algorithms.distillation.{role}={cache}-{repeat}"
+                times.setdefault(("cached", i), []).append(fit(config(base, *point, filled))[0])
+                if i:
+                    no_teacher = config(base, *point, "algorithms.distillation.enabled=false")
+                    times.setdefault(("floor", i), []).append(fit(no_teacher)[0])
+        times[("floor", 0)] = times[("online", 0)]  # the floor's first point is the online one
+
+        def sweep_s(kind: str) -> float:
+            return sum(statistics.median(times[(kind, i)]) for i in range(args.points))
 
         # the top-k format's KD loss against the full one (untimed)
         topk = TopKError(ks)
-        fit(config(base, *epochs, f"algorithms.distillation.cache={cache}"), topk)
+        fit(config(base, *epochs, f"algorithms.distillation.cache={cache}-0"), topk)
         errors = {f"topk{k}_kd_rel_error_T{t:g}": statistics.fmean(v) for (k, t), v in topk.errors.items()}
         sizes = {f"topk{k}_bytes_per_sample": b / topk.samples for k, b in topk.bytes.items()}
 
-    sweep_online, sweep_cached, sweep_floor = sum(online_s), sum(cached_s), sum(floor_s)
+    sweep_online, sweep_cached, sweep_floor = sweep_s("online"), sweep_s("cached"), sweep_s("floor")
     report(
         "teacher_cache",
         args,

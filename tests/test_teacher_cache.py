@@ -561,7 +561,7 @@ def test_benchmark_prints_one_json_line_of_consistent_figures() -> None:
     from conftest import run_cli
 
     tiny = ["--batch-size", "64", "--image-size", "16", "--teacher", "resnet10t", "--steps", "2", "--warmup", "1"]
-    args = [*tiny, "--runs", "1", "--points", "2", "--epochs", "1"]
+    args = [*tiny, "--runs", "1", "--points", "2", "--epochs", "1", "--sweep-runs", "1"]
     result = run_cli("benchmarks/teacher_cache.py", *args, env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.strip()]
