@@ -421,7 +421,6 @@ def test_a_run_reading_a_full_cache_ends_bit_identical_to_the_online_run(
         assert diffs == [], (cached, diffs)
 
 
-@pytest.mark.slow
 def test_a_topk_cache_is_close_to_the_full_one(tiny: dict, tmp_path: Path) -> None:
     """A top-2 cache of 4 classes trains (the teacher is not built) and its KD targets are the full
     cache's top-2 probabilities and tail mass."""
