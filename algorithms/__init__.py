@@ -8,7 +8,7 @@ Each algorithm declares the ranges of its hyper-parameters as ``<Algorithm>.rang
 from ._hparams import Range
 from .best_of_ema import BestOfEMAAndRaw
 from .ema import FusedEMA
-from .knowledge_distillation import KnowledgeDistillation, kd_loss
+from .knowledge_distillation import KnowledgeDistillation, TeacherKey, kd_loss
 from .mixup_cutmix import MixUpCutMix, batch_rng, mixup_cutmix_batch
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "KnowledgeDistillation",
     "MixUpCutMix",
     "Range",
+    "TeacherKey",
     "batch_rng",
     "kd_loss",
     "mixup_cutmix_batch",

@@ -10,6 +10,8 @@ USI's values: ``alpha=5``, ``T=1``, ``ce_weight=1``. See ``algorithms/README.md`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from composer.core import Algorithm, Event, State
@@ -20,7 +22,11 @@ from torch import nn
 
 from ._hparams import HparamsMixin, Range, declare_ranges
 
-__all__ = ["KnowledgeDistillation", "kd_loss"]
+__all__ = ["KnowledgeDistillation", "TeacherKey", "kd_loss"]
+
+# Which teacher outputs a microbatch needs: (epoch, global batch index, rank, microbatch), the
+# coordinates the keyed draws of the data and of MixUp/CutMix are functions of.
+TeacherKey = tuple[int, int, int, int]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -78,9 +84,17 @@ class KnowledgeDistillation(HparamsMixin, Algorithm):
         ce_weight: weight of the model's own loss; 0 distils from the teacher alone. USI: 1.
         log_interval: batches between the host's reads of the distillation statistics (one
             host sync each): the logged ce/kd means and the non-finite check.
+        teacher_outputs: instead of a ``teacher``, where its outputs come from: called with each
+            microbatch's :data:`TeacherKey` ``(epoch, batch, rank, microbatch)``, it returns the
+            teacher's logits for that microbatch on the trainer's device (e.g. read from a cache
+            of an earlier run's outputs: ``usi_composer.teacher_cache``). Exactly one of
+            ``teacher`` and ``teacher_outputs``.
+        on_teacher_outputs: with a ``teacher``, called with each microbatch's key and the
+            teacher's logits (detached, in the teacher's output dtype), e.g. to store them.
 
     ``ValueError`` for a value outside ``KnowledgeDistillation.ranges`` (``alpha >= 0``,
-    ``temperature > 0``, ``ce_weight >= 0``, ``log_interval >= 1``).
+    ``temperature > 0``, ``ce_weight >= 0``, ``log_interval >= 1``), and unless exactly one of
+    ``teacher`` and ``teacher_outputs`` is given.
     """
 
     hparams = ("alpha", "temperature", "ce_weight", "log_interval")
@@ -94,18 +108,27 @@ class KnowledgeDistillation(HparamsMixin, Algorithm):
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: nn.Module | None = None,
         alpha: float = 5.0,
         temperature: float = 1.0,
         ce_weight: float = 1.0,
         log_interval: int = 100,
+        *,
+        teacher_outputs: Callable[[TeacherKey], torch.Tensor] | None = None,
+        on_teacher_outputs: Callable[[TeacherKey, torch.Tensor], None] | None = None,
     ) -> None:
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.ce_weight = float(ce_weight)
         self.log_interval = int(log_interval)
         self.check_ranges()
-        self.teacher = teacher.eval().requires_grad_(False)
+        if (teacher is None) == (teacher_outputs is None):
+            raise ValueError("give exactly one of teacher and teacher_outputs")
+        if on_teacher_outputs is not None and teacher is None:
+            raise ValueError("on_teacher_outputs needs a teacher (it receives the teacher's outputs)")
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.teacher_outputs, self.on_teacher_outputs = teacher_outputs, on_teacher_outputs
+        self._batch, self._microbatch = -1, 0  # which microbatch of which batch comes next (as MixUpCutMix)
         # On the device since the last read: sample-weighted sums of ce, kd and of non-finite
         # totals, and the first batch with one (-1: none). Samples are counted on the host.
         self._stats: torch.Tensor | None = None
@@ -119,19 +142,30 @@ class KnowledgeDistillation(HparamsMixin, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> int | None:
         if event == Event.INIT:
-            state.device.module_to_device(self.teacher)
+            if self.teacher is not None:
+                state.device.module_to_device(self.teacher)
             return None
         if event != Event.AFTER_LOSS:
             self._read_stats(state, logger)
             return None
 
         inputs = state.batch_get_item(0)
-        with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
-            teacher_logits = self.teacher(inputs)
+        batch = int(state.timestamp.batch)
+        self._microbatch = self._microbatch + 1 if batch == self._batch else 0
+        self._batch = batch
+        key = (int(state.timestamp.epoch), batch, dist.get_global_rank(), self._microbatch)
+        if self.teacher_outputs is not None:
+            teacher_logits = self.teacher_outputs(key)
+        else:
+            assert self.teacher is not None
+            with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
+                teacher_logits = self.teacher(inputs)
+            if self.on_teacher_outputs is not None:
+                self.on_teacher_outputs(key, teacher_logits.detach())
         kd = kd_loss(state.outputs, teacher_logits, self.temperature)
         ce = _total_loss(state.loss)
         total = self.ce_weight * ce + self.alpha * kd
-        self._record(ce, kd, total, int(state.timestamp.batch), inputs.shape[0])
+        self._record(ce, kd, total, batch, inputs.shape[0])
         state.loss = total
         return None
 

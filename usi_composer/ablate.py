@@ -36,12 +36,14 @@ __all__ = [
     "Paired",
     "Sweep",
     "SweepError",
+    "TeacherPlan",
     "comparisons",
     "estimate",
     "finished_rows",
     "grid",
     "load_sweep",
     "paired",
+    "plan_teacher_caches",
     "plot",
     "point_args",
     "read_rows",
@@ -50,6 +52,7 @@ __all__ = [
     "report",
     "run_sweep",
     "table",
+    "teachers",
 ]
 
 SEED_KEY = "trainer.seed"
@@ -185,6 +188,59 @@ def _error_line(log: Path, returncode: int) -> str:
     return f"exit code {returncode}: {detail}"
 
 
+@dataclass(frozen=True)
+class TeacherPlan:
+    """Where a point's teacher outputs come from: ``online`` (its teacher runs), ``write`` (its
+    teacher runs and fills the cache at ``uri``) or ``read`` (it reads them from ``uri``)."""
+
+    role: str
+    uri: str | None = None
+
+    def overrides(self) -> list[str]:
+        key = {"write": "cache_write", "read": "cache"}.get(self.role)
+        return [f"algorithms.distillation.{key}={self.uri}"] if key else []
+
+
+def plan_teacher_caches(configs: dict[str, Any], root: str) -> dict[str, TeacherPlan]:
+    """Which points share a teacher cache under ``root``: the points whose teacher sees the same
+    inputs (``teacher_cache.sweep_group``: a temperature, alpha, ce_weight, learning-rate or
+    same-normalization backbone sweep; not a seed, image-size or augmentation one) form a group;
+    of two or more, the longest run (the first of the longest, in grid order) fills the group's
+    cache and the others read it. A point alone in its group, or one that does not distil, runs
+    its teacher online. ``configs``: each point's config, by point id, in grid order."""
+    from composer.core import Time
+
+    from usi_composer.teacher_cache import sweep_group
+
+    groups: dict[str, list[str]] = {}
+    for pid, cfg in configs.items():
+        group = sweep_group(cfg)
+        if group is not None:
+            groups.setdefault(group, []).append(pid)
+    plans = {pid: TeacherPlan("online") for pid in configs}
+    for group, pids in groups.items():
+        if len(pids) < 2:
+            continue
+        uri = f"{root.rstrip('/')}/{group}"
+        longest = max(pids, key=lambda p: Time.from_timestring(configs[p].trainer.max_duration).value)
+        for pid in pids:
+            plans[pid] = TeacherPlan("write" if pid == longest else "read", uri)
+    return plans
+
+
+def _run_order(pids: list[str], plans: dict[str, TeacherPlan]) -> list[str]:
+    """Grid order, except that a group's writer runs before the first of its readers."""
+    writers = {plan.uri: pid for pid, plan in plans.items() if plan.role == "write"}
+    order: list[str] = []
+    for pid in pids:
+        plan = plans.get(pid, TeacherPlan("online"))
+        writer = writers.get(plan.uri) if plan.role == "read" else None
+        for p in (writer, pid):
+            if p is not None and p not in order:
+                order.append(p)
+    return order
+
+
 def run_sweep(
     sweep: Sweep,
     base: Path,
@@ -193,13 +249,20 @@ def run_sweep(
     seeds: Sequence[int] = (),
     python: str = sys.executable,
     echo: Callable[[str], None] = print,
+    teacher_cache: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every point of ``sweep``'s grid on ``base`` + ``overrides`` one after another.
 
     Appends one JSON row per finished point to ``out_dir/results.jsonl`` as soon as it finishes
     (``status`` ok or failed, the metrics, the point's parameters); points already finished with
     the same base, overrides and parameters are skipped, failed ones run again. Every point's
-    config is validated before the first one runs. Returns the rows of this grid.
+    config is validated before the first one runs. Returns the rows of this grid, in grid order.
+
+    ``teacher_cache``: where the points' teacher outputs are cached (:func:`plan_teacher_caches`:
+    the first run of a group fills a cache, the others read it; each row's ``teacher`` says which);
+    None: every point runs its teacher. A reader whose cache was not filled (its writer failed)
+    runs its teacher online; a writer whose cache is filled already (a rerun with new values, or
+    another sweep sharing ``teacher_cache``) reads it.
     """
     parameters = dict(sweep.parameters)
     if seeds:
@@ -213,6 +276,10 @@ def run_sweep(
     configs = {}
     for params in points:  # validate the whole grid before spending time on any point
         configs[_point_id(params)] = load_config(base, [*fixed, *point_args(params)])
+    plans = plan_teacher_caches(configs, teacher_cache) if teacher_cache else {}
+    for params in points:  # with the cache keys on top, each point's config is still valid
+        if plans and plans[_point_id(params)].overrides():
+            load_config(base, [*fixed, *point_args(params), *plans[_point_id(params)].overrides()])
     first = next(iter(configs.values()))
     if first.loggers.wandb is not None and first.loggers.wandb.group is None:
         fixed.append(f"loggers.wandb.group={_slug(sweep.name)}")  # the sweep's runs side by side in W&B
@@ -228,22 +295,32 @@ def run_sweep(
         for r in read_rows(results)
         if r.get("status") == "ok" and all(r.get(k) == v for k, v in signature.items())
     }
-    rows: list[dict[str, Any]] = []
+    by_pid = {_point_id(params): params for params in points}
+    by_point: dict[str, dict[str, Any]] = {}
     echo(f"{sweep.name}: {len(points)} points on {base}, results in {results}")
-    for i, params in enumerate(points, 1):
-        pid = _point_id(params)
+    for i, pid in enumerate(_run_order(list(by_pid), plans), 1):
+        params = by_pid[pid]
         point = " ".join(redact_argv(point_args(params)))  # the point as written and printed (redacted)
         if point in done:
             value = _fmt(done[point], sweep.metric)
             echo(f"[{i}/{len(points)}] {point}: done before, skipped ({sweep.metric} = {value})")
-            rows.append(done[point])
+            by_point[pid] = done[point]
             continue
+        plan = plans.get(pid, TeacherPlan("online"))
+        cfg = configs[pid]
+        filled = plan.role != "online" and _cache_filled(plan.uri, cfg)
+        if plan.role == "read" and not filled:
+            plan = TeacherPlan("online")  # its writer did not fill it
+        elif plan.role == "write" and filled:
+            plan = TeacherPlan("read", plan.uri)  # filled before (a rerun, or another sweep into the same cache)
+        teacher = {"online": "online", "write": f"filled {plan.uri}", "read": f"read {plan.uri}"}[plan.role]
         log = out_dir / "logs" / f"{_slug(point)}.log"
         metrics_file = out_dir / "logs" / f"{_slug(point)}.metrics.json"
         metrics_file.unlink(missing_ok=True)
         command = [python, "-m", "usi_composer.cli.train", str(base), *fixed, *point_args(params)]
-        command += ["--metrics-out", str(metrics_file)]
-        echo(f"[{i}/{len(points)}] {point}: running (log: {log})")
+        command += [*plan.overrides(), "--metrics-out", str(metrics_file)]
+        cached = {"online": "", "write": ", filling the teacher cache", "read": ", reading the teacher cache"}
+        echo(f"[{i}/{len(points)}] {point}: running{cached[plan.role]} (log: {log})")
         start = time.perf_counter()
         with log.open("w") as f:
             f.write(" ".join(redact_argv(command)) + "\n\n")
@@ -257,6 +334,7 @@ def run_sweep(
             **signature,
             "seconds": seconds,
             "log": str(log),
+            "teacher": teacher,
         }
         if returncode == 0 and metrics_file.is_file():
             metrics = json.loads(metrics_file.read_text())
@@ -266,8 +344,14 @@ def run_sweep(
             row.update(status="failed", error=redact_text(_error_line(log, returncode)), metrics={})
             echo(f"[{i}/{len(points)}] {point}: FAILED ({row['error']}); continuing")
         _append_row(results, row)
-        rows.append(row)
-    return rows
+        by_point[pid] = row
+    return [by_point[pid] for pid in by_pid]
+
+
+def _cache_filled(uri: str | None, cfg: Any) -> bool:
+    from usi_composer.teacher_cache import cache_covers
+
+    return uri is not None and cache_covers(uri, cfg.trainer.max_duration, cfg.trainer.global_batch_size)
 
 
 def finished_rows(sweep: Sweep, out_dir: Path) -> list[dict[str, Any]]:
@@ -275,7 +359,11 @@ def finished_rows(sweep: Sweep, out_dir: Path) -> list[dict[str, Any]]:
     rows = [r for r in read_rows(out_dir / "results.jsonl") if set(_swept(sweep)) <= set(r.get("params", {}))]
     if not rows:
         raise SweepError(f"{out_dir / 'results.jsonl'}: no finished points of {sweep.path} to report")
-    return list({r["point"]: r for r in rows}.values())
+    latest = list({r["point"]: r for r in rows}.values())
+    # in grid order (a sweep with cached teacher outputs runs each group's longest point first)
+    order = [tuple(str(v) for v in p.values()) for p in grid({k: sweep.parameters[k] for k in _swept(sweep)})]
+    position = {values: i for i, values in enumerate(order)}
+    return sorted(latest, key=lambda r: position.get(tuple(str(r["params"].get(k)) for k in _swept(sweep)), len(order)))
 
 
 def _fmt(row: dict[str, Any], metric: str) -> str:
@@ -450,11 +538,28 @@ def comparisons(sweep: Sweep, rows: list[dict[str, Any]], reference: dict[str, A
     return "\n".join(lines)
 
 
+def teachers(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of where each point's teacher outputs came from (rows written without one: online)."""
+    lines = [
+        "Teacher outputs: `online` ran the teacher; `filled` ran it and stored its outputs (every logit, "
+        "bit for bit) for the points that `read` them instead of running it (`usi-ablate --no-teacher-cache`: "
+        "every point online).",
+        "",
+        "| point | teacher |",
+        "|---|---|",
+    ]
+    lines += [f"| {r.get('point', '')} | {r.get('teacher', 'online')} |" for r in rows]
+    return "\n".join(lines)
+
+
 def report(sweep: Sweep, rows: list[dict[str, Any]], reference: dict[str, Any] | None) -> str:
-    """The sweep's markdown report: the per-point table and, with a reference, the paired comparisons."""
+    """The sweep's markdown report: the per-point table, with a reference the paired comparisons, and
+    where the points read cached teacher outputs, which point's teacher ran and which read them."""
     parts = [f"# {sweep.name}", "", table(sweep, rows)]
     if reference is not None:
         parts += ["", comparisons(sweep, rows, reference)]
+    if any(str(r.get("teacher", "online")) != "online" for r in rows):
+        parts += ["", teachers(rows)]
     return "\n".join(parts) + "\n"
 
 

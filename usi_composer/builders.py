@@ -15,6 +15,7 @@ from composer.algorithms import ChannelsLast, ProgressiveResizing
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback, DataSpec
 from composer.loggers import LoggerDestination
+from composer.models import ComposerModel
 from composer.utils import dist, format_name_with_dist, is_tar, parse_uri, reproducibility
 from timm.data import resolve_data_config
 from timm.models import resolve_pretrained_cfg, split_model_name_tag
@@ -38,6 +39,7 @@ from usi_composer.models import USIClassifier, check_input_size, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
 from usi_composer.patches import Trainer, apply_patches, separate_node_signal_files, trusting_checkpoints
 from usi_composer.teacher import build_teacher
+from usi_composer.teacher_cache import TeacherCacheReader, TeacherCacheWriter, open_teacher_cache
 from usi_composer.tracking import build_wandb_logger, loggable_config
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "ema_smoothing",
     "local_checkpoints_to_keep",
     "scaled_lr",
+    "student_normalization",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,8 +181,14 @@ def check_classes(cfg: Config) -> None:
         raise ConfigError("", "data.num_classes", f"is {d.num_classes}, but {found}: set data.num_classes={len(wnids)}")
 
 
-def student_normalization(cfg: Config, backbone: torch.nn.Module) -> tuple[list[float], list[float]]:
-    """The student's input mean/std: the config's, else the backbone's own (timm's data config)."""
+def student_normalization(cfg: Config, backbone: torch.nn.Module | None = None) -> tuple[list[float], list[float]]:
+    """The student's input mean/std: the config's, else the backbone's own (timm's data config).
+    ``backbone`` None: ``cfg.model``'s, built on the meta device (no weights, no memory)."""
+    if backbone is None:
+        with torch.device("meta"):
+            m = cfg.model
+            img_size = m.img_size or cfg.data.image_size
+            backbone = create_backbone(m.name, cfg.data.num_classes, img_size=img_size, **m.kwargs)
     resolved = resolve_data_config({}, model=backbone)
     return list(cfg.data.mean or resolved["mean"]), list(cfg.data.std or resolved["std"])
 
@@ -199,8 +208,15 @@ def scaled_lr(cfg: Config) -> float:
     return o.lr * cfg.trainer.global_batch_size / o.reference_batch_size
 
 
-def build_algorithms(cfg: Config, mean: list[float], std: list[float], compile: bool = False) -> list[Algorithm]:
-    """``compile``: compile the teacher (the student is compiled by the Trainer)."""
+def build_algorithms(
+    cfg: Config,
+    mean: list[float],
+    std: list[float],
+    compile: bool = False,
+    teacher_cache: TeacherCacheReader | TeacherCacheWriter | None = None,
+) -> list[Algorithm]:
+    """``compile``: compile the teacher (the student is compiled by the Trainer). ``teacher_cache``:
+    ``algorithms.distillation.cache``'s reader (the teacher is not built) or ``cache_write``'s writer."""
     a = cfg.algorithms
     algorithms: list[Algorithm] = []
     if a.mixup_cutmix.enabled:
@@ -215,7 +231,18 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float], compile: 
                 label_smoothing=mc.label_smoothing,
             )
         )
-    if a.distillation.enabled:
+    if a.distillation.enabled and isinstance(teacher_cache, TeacherCacheReader):
+        kd = a.distillation
+        algorithms.append(
+            KnowledgeDistillation(
+                alpha=kd.alpha,
+                temperature=kd.temperature,
+                ce_weight=kd.ce_weight,
+                log_interval=kd.log_interval,
+                teacher_outputs=teacher_cache,
+            )
+        )
+    elif a.distillation.enabled:
         t = cfg.teacher
         assert t.name is not None  # validated
         with _checkpoint_key("teacher.checkpoint", "teacher.trust_checkpoint"):
@@ -243,6 +270,7 @@ def build_algorithms(cfg: Config, mean: list[float], std: list[float], compile: 
                 temperature=kd.temperature,
                 ce_weight=kd.ce_weight,
                 log_interval=kd.log_interval,
+                on_teacher_outputs=teacher_cache,
             )
         )
     if a.ema.enabled:
@@ -378,20 +406,23 @@ def build_gpu_pipeline(cfg: Config, spec: TransformSpec) -> GPUPipeline:
 def build_callbacks(cfg: Config, evaluates: bool, compile: bool = False) -> list[Callback]:
     callbacks: list[Callback] = [LRMonitor(), SpeedMonitor(window_size=50)]
     if compile:
-        teacher = f" and teacher {cfg.teacher.name}" if cfg.algorithms.distillation.enabled else ""
+        kd = cfg.algorithms.distillation
+        teacher = f" and teacher {cfg.teacher.name}" if kd.enabled and not kd.cache else ""  # a cache: none
         callbacks.append(CompileTime(f"student {cfg.model.name}{teacher}"))
     if cfg.algorithms.ema.enabled and cfg.algorithms.ema.best_of_raw and evaluates:
         callbacks.append(BestOfEMAAndRaw("top1"))
     return callbacks
 
 
-def resolve_device_and_precision(cfg: Config) -> tuple[str, str]:
+def resolve_device_and_precision(cfg: Config, warn: bool = True) -> tuple[str, str]:
     """``gpu`` where there is one; mixed precision on GPUs, fp32 on the CPU (Composer trains
-    on the CPU in fp32 only), so one yaml serves both."""
+    on the CPU in fp32 only), so one yaml serves both. ``warn``: say so where the config asked
+    for mixed precision on the CPU."""
     device = cfg.trainer.device or ("gpu" if torch.cuda.is_available() else "cpu")
     precision = cfg.trainer.precision or ("amp_bf16" if device == "gpu" else "fp32")
     if device == "cpu" and precision != "fp32":
-        log.warning("trainer.precision=%s needs a GPU: training in fp32 on the CPU", precision)
+        if warn:
+            log.warning("trainer.precision=%s needs a GPU: training in fp32 on the CPU", precision)
         precision = "fp32"
     return device, precision
 
@@ -400,9 +431,12 @@ def build_trainer(
     cfg: Config,
     loggers: list[LoggerDestination] | None = None,
     callbacks: list[Callback] | None = None,
+    student: ComposerModel | None = None,
 ) -> Trainer:
     """Model, teacher, algorithms, data, optimizer, schedule, checkpointing and the configured
-    loggers (``loggers.wandb``), plus ``loggers``/``callbacks`` given here -> a ready Trainer."""
+    loggers (``loggers.wandb``), plus ``loggers``/``callbacks`` given here -> a ready Trainer.
+    ``student``: train it instead of ``cfg.model`` (``usi-cache-teacher``'s ``NullStudent``); the data
+    is still normalized for ``cfg.model``, as the run it stands in for."""
     t = cfg.trainer
     apply_patches()  # first: a Composer its overrides do not fit stops here, before anything is built
     # Composer warns on every batch about things that are expected here: MixUp/CutMix targets
@@ -435,17 +469,20 @@ def build_trainer(
         if dist.get_global_rank() == 0:
             set_aside_partial_checkpoints(format_name_with_dist(str(t.save_folder), t.run_name))
         dist.barrier()
-    model = build_model(cfg)
-    mean, std = student_normalization(cfg, model.module)
+    model = build_model(cfg) if student is None else student
+    mean, std = student_normalization(cfg, model.module if student is None else None)
     compile = resolve_compile(t.compile, device)
     train_spec, eval_spec = build_dataloaders(cfg, mean, std, compile)
+    teacher_cache = open_teacher_cache(
+        cfg, train_spec.dataloader, mean=mean, std=std, device=device, precision=precision, compile=compile
+    )
     lr = scaled_lr(cfg)
     o, s = cfg.optimizer, cfg.scheduler
     optimizer = build_optimizer(model.module, lr, o.weight_decay, (o.betas[0], o.betas[1]), o.eps)
     scheduler = CosineWithWarmupFrom(s.warmup, alpha_i=min(1.0, s.warmup_lr / lr), alpha_f=min(1.0, s.min_lr / lr))
     if device == "gpu":  # one input size throughout: let cuDNN pick the fastest kernels (as timm's train.py does)
         torch.backends.cudnn.benchmark = True
-    algorithms = build_algorithms(cfg, mean, std, compile)
+    algorithms = build_algorithms(cfg, mean, std, compile, teacher_cache)
     # Every checkpoint records the config, for a later autoresume to check (patches._get_autoresume_checkpoint)
     record = ConfigRecord(loggable_config(cfg), accept=t.autoresume_accept)
     try:
@@ -479,7 +516,12 @@ def build_trainer(
                 eval_subset_num_batches=t.eval_subset_num_batches,
                 parallelism_config={"fsdp": dict(t.fsdp)} if t.fsdp is not None else None,
                 loggers=loggers or None,
-                callbacks=[*build_callbacks(cfg, eval_spec is not None, compile), record, *(callbacks or [])],
+                callbacks=[
+                    *build_callbacks(cfg, eval_spec is not None, compile),
+                    record,
+                    *([teacher_cache] if teacher_cache is not None else []),
+                    *(callbacks or []),
+                ],
             )
     except CheckpointError as e:  # the checkpoint Composer resumes from: refused, or not complete
         key = "trainer.autoresume" if t.autoresume else "trainer.load_path"

@@ -286,6 +286,8 @@ NOT_TRAINING_MATH = (
     "trainer.log_to_console",
     "trainer.console_log_interval",
     "algorithms.distillation.log_interval",
+    # a cached teacher is the same teacher (usi_composer/teacher_cache.py: its fingerprint is checked)
+    "algorithms.distillation.cache",
     # checkpointing and resuming
     "trainer.save_",
     "trainer.run_name",

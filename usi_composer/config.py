@@ -274,6 +274,11 @@ class DistillationConfig:
     ce_weight: float = bounded(1.0, KD["ce_weight"])
     # batches between reads of the ce/kd means and the non-finite check (one sync each)
     log_interval: int = bounded(100, KD["log_interval"])
+    # The teacher's outputs, cached (usi_composer/teacher_cache.py): a local folder or object-store URI.
+    cache: str | None = checked(_named, None)  # read the logits from here; the teacher is not built
+    cache_write: str | None = checked(_named, None)  # store them here as the run trains (usi-cache-teacher too)
+    cache_format: Literal["full", "topk"] = "full"  # what cache_write stores: every logit (exact) or the top k
+    cache_topk: int | None = bounded(None, AT_LEAST_ONE)  # k, for cache_format=topk
 
 
 @dataclass
@@ -411,11 +416,31 @@ def distillation_has_a_teacher(cfg: Config) -> Problem:
         return "teacher.name", (
             "distillation is enabled but no teacher is set (set teacher.name, or algorithms.distillation.enabled=false)"
         )
-    if not (t.checkpoint or t.pretrained):
+    if not (t.checkpoint or t.pretrained) and not cfg.algorithms.distillation.cache:  # a cache needs no weights
         return "teacher.checkpoint", (
             "a teacher needs trained weights: set teacher.checkpoint=PATH_OR_URI "
             "or teacher.pretrained=true (needs network)"
         )
+    return None
+
+
+def teacher_cache_is_read_or_written(cfg: Config) -> Problem:
+    kd = cfg.algorithms.distillation
+    key = "algorithms.distillation"
+    if kd.cache and kd.cache_write:
+        return f"{key}.cache_write", "a run reads a teacher cache (cache) or writes one (cache_write), not both"
+    if (kd.cache or kd.cache_write) and not kd.enabled:
+        which = "cache" if kd.cache else "cache_write"
+        return f"{key}.{which}", "a teacher cache needs distillation: set algorithms.distillation.enabled=true"
+    if kd.cache_format == "topk" and kd.cache_topk is None:
+        return f"{key}.cache_topk", "cache_format=topk needs k: set algorithms.distillation.cache_topk (e.g. 10)"
+    if kd.cache_format == "topk" and kd.cache_topk is not None and kd.cache_topk >= cfg.data.num_classes:
+        return f"{key}.cache_topk", (
+            f"must be below data.num_classes ({cfg.data.num_classes}), got {kd.cache_topk}; for every logit set "
+            "algorithms.distillation.cache_format=full"
+        )
+    if kd.cache_format == "full" and kd.cache_topk is not None:
+        return f"{key}.cache_topk", "is for cache_format=topk (cache_format is full: every logit is stored)"
     return None
 
 
@@ -505,6 +530,7 @@ RULES: tuple[Callable[[Config], Problem], ...] = (
     data_source_is_set,
     img_size_is_not_a_kwarg,
     distillation_has_a_teacher,
+    teacher_cache_is_read_or_written,
     mixup_has_an_alpha,
     gpu_pipeline_limits,
     batch_splits_over_processes,

@@ -58,7 +58,7 @@ def lost_peer(error: BaseException, cfg: Config) -> LostPeerError | None:
 
 def _teacher(trainer: Any, cfg: Config) -> tuple[str, Any] | None:
     kd = next((a for a in trainer.state.algorithms if isinstance(a, KnowledgeDistillation)), None)
-    return (str(cfg.teacher.name), kd.teacher) if kd is not None else None
+    return (str(cfg.teacher.name), kd.teacher) if kd is not None and kd.teacher is not None else None
 
 
 def final_top1(trainer, label: str = "eval") -> float:  # trainer: composer.Trainer

@@ -1,1 +1,1 @@
-"""Console scripts: ``usi-train`` (= ``train.py``), ``usi-demo``."""
+"""Console scripts: ``usi-train`` (= ``train.py``), ``usi-demo``, ``usi-ablate``, ``usi-cache-teacher``, ..."""

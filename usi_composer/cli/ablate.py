@@ -10,6 +10,12 @@ seeds, and each point against a reference point (``--reference``, default: the b
 values) paired by seed. ``--report-only`` (or rerunning a finished sweep) rewrites them. With the
 embedded demo's yaml as base (``yamls/demo.yaml``), the demo's data and teacher are prepared first
 (reused when present), as ``usi-demo`` does.
+
+The teacher runs once per group of points that feed it the same inputs (a temperature, alpha,
+ce_weight, learning-rate, duration or same-normalization backbone sweep; per seed): the group's
+longest point fills a cache of its outputs (``<out>/teacher-cache/``, or ``--teacher-cache URI``)
+and the others read it, training exactly as with the online teacher. The report says which point
+used which; ``--no-teacher-cache`` runs every point's teacher.
 """
 
 from __future__ import annotations
@@ -85,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--demo-workdir", type=Path, default=Path(".cache/usi-demo"), help="demo data and teacher (base demo.yaml)"
     )
+    parser.add_argument(
+        "--teacher-cache",
+        metavar="URI",
+        help="where the teacher outputs are cached: a folder or object-store URI (default: <out>/teacher-cache)",
+    )
+    parser.add_argument(
+        "--no-teacher-cache", action="store_true", help="run every point's teacher (no cached teacher outputs)"
+    )
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     try:
         sweep = replace_values(load_sweep(args.sweep), args.values)
@@ -95,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = finished_rows(sweep, out)
         else:
             overrides = [*demo_overrides(base, args.demo_workdir), *args.overrides]
-            rows = run_sweep(sweep, base, overrides, out, seeds=args.seeds)
+            cache = None if args.no_teacher_cache else args.teacher_cache or str(out / "teacher-cache")
+            rows = run_sweep(sweep, base, overrides, out, seeds=args.seeds, teacher_cache=cache)
     except UsiError as e:
         print(error_line(e), file=sys.stderr)
         return 2
