@@ -16,14 +16,14 @@ with ``algorithms.distillation.cache=URI``. Prints the bytes stored per sample p
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from collections.abc import Sequence
 
 from usi_composer import redaction
+from usi_composer.cli._common import config_parser, fail
 from usi_composer.config import Config, ConfigError, load_config
-from usi_composer.errors import UsiError, error_line
+from usi_composer.errors import UsiError
 
 __all__ = ["main", "teacher_only"]
 
@@ -53,9 +53,7 @@ def _size(n: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     redaction.install()
-    parser = argparse.ArgumentParser(prog="usi-cache-teacher", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="the training yaml, e.g. yamls/usi.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="the training run's overrides")
+    parser = config_parser("usi-cache-teacher", __doc__.splitlines()[0], overrides="the training run's overrides")
     parser.add_argument("--out", required=True, metavar="URI", help="the cache: a local folder or object-store URI")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -70,12 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         trainer = build_trainer(cfg, student=NullStudent(cfg.data.num_classes))
         trainer.fit()
-    except ConfigError as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
     except UsiError as e:
-        print(error_line(e), file=sys.stderr)
-        return 1
+        return fail(e)
     writer = next(c for c in trainer.state.callbacks if isinstance(c, TeacherCacheWriter))
     trainer.close()
     if dist.get_global_rank() == 0 and writer.samples:

@@ -9,35 +9,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction
-from usi_composer.config import ConfigError, load_config
-from usi_composer.errors import UnsafeCheckpointError, UsiError, error_line
+from usi_composer.cli._common import add_checkpoint_options, config_parser, fail
+from usi_composer.config import load_config
+from usi_composer.errors import UsiError
 
 __all__ = ["main"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="usi-eval",
-        description="Evaluate trained weights on the config's validation split (data.val_dir, or the MDS split "
+    parser = config_parser(
+        "usi-eval",
+        "Evaluate trained weights on the config's validation split (data.val_dir, or the MDS split "
         "data.streaming.val_split of data.remote / data.local) with the recipe's eval transform, loader, "
         "precision and metrics: the numbers training reported for those weights (metrics/eval/top1 for the "
         "EMA weights; metrics/eval_best/top1 where BestOfEMAAndRaw kept the raw ones). Print top-1 and top-5.",
+        overrides="config overrides, in order (e.g. data.val_dir=...)",
     )
-    parser.add_argument("config", help="the run's YAML config, e.g. yamls/usi.yaml")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, in order (e.g. data.val_dir=...)"
-    )
-    parser.add_argument(
-        "--checkpoint",
-        metavar="PATH_OR_URI",
-        help="a Composer checkpoint of the recipe (local path, s3://, gs://, ...), a weights file, a folder "
-        "written by usi-export, or a save folder (its latest-rank0.pt); default: the run's latest checkpoint "
-        "in trainer.save_folder",
-    )
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="unpickle the checkpoint in full (it may run code); by default it is read as data",
+    add_checkpoint_options(
+        parser,
+        "a Composer checkpoint of the recipe (local path, s3://, gs://, ...), a weights file, a folder "
+        "written by usi-export, or a save folder (its latest-rank0.pt)",
     )
     parser.add_argument(
         "--metrics-out",
@@ -57,15 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from usi_composer.evaluation import evaluate  # heavy imports
 
         result = evaluate(cfg, args.checkpoint, trust=args.trust_checkpoint)
-    except ConfigError as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
-    except UnsafeCheckpointError as e:
-        print(f"{error_line(e)}; if you trust this file, pass --trust-checkpoint", file=sys.stderr)
-        return 1
     except UsiError as e:
-        print(error_line(e), file=sys.stderr)
-        return 1
+        return fail(e)
     top1, top5 = result.metrics["metrics/eval/top1"], result.metrics["metrics/eval/top5"]
     print(f"top-1 {top1:.4f}  top-5 {top5:.4f}  ({result.samples} images of {result.split})")
     print(f"  {result.checkpoint}: {result.weights}")

@@ -8,39 +8,32 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction
-from usi_composer.config import ConfigError, load_config
-from usi_composer.errors import UnsafeCheckpointError, UsiError, error_line
+from usi_composer.cli._common import add_checkpoint_options, config_parser, fail
+from usi_composer.config import load_config
+from usi_composer.errors import UsiError
 
 __all__ = ["main"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="usi-export",
-        description="Write the trained student of a run (its EMA weights where EMA ran; the raw weights where "
+    parser = config_parser(
+        "usi-export",
+        "Write the trained student of a run (its EMA weights where EMA ran; the raw weights where "
         "BestOfEMAAndRaw kept them) in timm's Hugging Face layout: FOLDER/model.safetensors and "
         "FOLDER/config.json, whose pretrained_cfg holds the input size, interpolation, crop_pct and mean/std the "
         "recipe evaluated with. timm loads it with timm.create_model('local-dir:FOLDER', pretrained=True). "
         "Give the config and overrides the run was trained with (the model, the classes and the eval transform "
         "come from them).",
+        overrides="the run's config overrides, in order",
     )
-    parser.add_argument("config", help="the run's YAML config, e.g. yamls/usi.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="the run's config overrides, in order")
-    parser.add_argument(
-        "--checkpoint",
-        metavar="PATH_OR_URI",
-        help="a Composer checkpoint of the recipe (local path, s3://, gs://, ...), a weights file of "
-        "save_weights, or a save folder (its latest-rank0.pt); default: the run's latest checkpoint in "
-        "trainer.save_folder",
+    add_checkpoint_options(
+        parser,
+        "a Composer checkpoint of the recipe (local path, s3://, gs://, ...), a weights file of "
+        "save_weights, or a save folder (its latest-rank0.pt)",
     )
     parser.add_argument("--out", type=Path, required=True, metavar="FOLDER", help="the folder to write")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the model.safetensors and config.json FOLDER holds"
-    )
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="unpickle the checkpoint in full (it may run code); by default it is read as data",
     )
     parser.add_argument(
         "--push-to-hub",
@@ -60,15 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from usi_composer.export import export_for_timm, push_to_hub  # heavy imports
 
         export = export_for_timm(cfg, args.out, args.checkpoint, trust=args.trust_checkpoint, overwrite=args.overwrite)
-    except ConfigError as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
-    except UnsafeCheckpointError as e:
-        print(f"{error_line(e)}; if you trust this file, pass --trust-checkpoint", file=sys.stderr)
-        return 1
     except UsiError as e:
-        print(error_line(e), file=sys.stderr)
-        return 1
+        return fail(e)
     pretrained = export.config["pretrained_cfg"]
     size = pretrained["input_size"][-1]
     print(f"exported {export.config['architecture']} ({export.config['num_classes']} classes) to {export.folder}")
@@ -82,8 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             url = push_to_hub(export, args.push_to_hub, private=args.private)
         except UsiError as e:
-            print(error_line(e), file=sys.stderr)
-            return 1
+            return fail(e)
         print(f"pushed to {url}: timm.create_model('hf-hub:{args.push_to_hub}', pretrained=True)")
     return 0
 

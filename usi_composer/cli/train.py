@@ -12,20 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction
-from usi_composer.config import ConfigError, dump_config, load_config
-from usi_composer.errors import UsiError, error_line
+from usi_composer.cli._common import config_parser, fail
+from usi_composer.config import dump_config, load_config
+from usi_composer.errors import UsiError
 
 __all__ = ["main"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Train any timm backbone with the USI scheme (knowledge distillation, EMA, "
+    parser = config_parser(
+        "train.py",
+        "Train any timm backbone with the USI scheme (knowledge distillation, EMA, "
         "MixUp/CutMix). Overrides use dot paths, e.g. model.name=resnet50 trainer.max_duration=100ep.",
     )
-    parser.add_argument("config", help="YAML config, e.g. yamls/usi.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied in order")
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -47,16 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except UsiError as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
+        return fail(e)
     if args.dry_run:
         from usi_composer.builders import check_model_sizes
 
         try:
             sizes = check_model_sizes(cfg)
-        except ConfigError as e:
-            print(error_line(e), file=sys.stderr)
-            return 2
+        except UsiError as e:
+            return fail(e)
         print(dump_config(cfg, redacted=True), end="")
         print("\n".join(sizes), file=sys.stderr)
         return 0
@@ -64,12 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         trainer = train(cfg)
-    except ConfigError as e:  # found while building, before training: a model that cannot run at its size, ...
-        print(error_line(e), file=sys.stderr)
-        return 2
-    except UsiError as e:
-        print(error_line(e), file=sys.stderr)
-        return 1
+    except UsiError as e:  # a ConfigError found while building (a model that cannot run at its size, ...): 2
+        return fail(e)
     metrics = final_metrics(trainer)
     trainer.close()  # finishes the W&B run (its summary and files) before we report success
     if args.metrics_out is not None:
