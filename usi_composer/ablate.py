@@ -264,22 +264,10 @@ def run_sweep(
     runs its teacher online; a writer whose cache is filled already (a rerun with new values, or
     another sweep sharing ``teacher_cache``) reads it.
     """
-    parameters = dict(sweep.parameters)
-    if seeds:
-        if SEED_KEY in parameters:
-            raise SweepError(f"{sweep.path}: parameters.{SEED_KEY}: already swept; drop --seeds")
-        parameters[SEED_KEY] = list(seeds)
-    points = grid(parameters)
+    points = _points(sweep, seeds)
     out_dir = out_dir or Path("runs/ablations") / sweep.path.stem
     fixed = ["trainer.progress_bar=false", *overrides]  # logs go to files: no progress bars
-
-    configs = {}
-    for params in points:  # validate the whole grid before spending time on any point
-        configs[_point_id(params)] = load_config(base, [*fixed, *point_args(params)])
-    plans = plan_teacher_caches(configs, teacher_cache) if teacher_cache else {}
-    for params in points:  # with the cache keys on top, each point's config is still valid
-        if plans and plans[_point_id(params)].overrides():
-            load_config(base, [*fixed, *point_args(params), *plans[_point_id(params)].overrides()])
+    configs, plans = _validated(points, base, fixed, teacher_cache)
     first = next(iter(configs.values()))
     if first.loggers.wandb is not None and first.loggers.wandb.group is None:
         fixed.append(f"loggers.wandb.group={_slug(sweep.name)}")  # the sweep's runs side by side in W&B
@@ -289,11 +277,13 @@ def run_sweep(
     results = out_dir / "results.jsonl"
     # What the runner writes (results.jsonl, the logs' first line) is redacted: a point is found
     # again by its redacted command line (secrets do not tell points apart).
-    signature = {"base": str(base), "overrides": redact_argv(fixed)}
+    runner = _Runner(
+        sweep.metric, base, fixed, out_dir, python, echo, {"base": str(base), "overrides": redact_argv(fixed)}
+    )
     done = {
         r["point"]: r
         for r in read_rows(results)
-        if r.get("status") == "ok" and all(r.get(k) == v for k, v in signature.items())
+        if r.get("status") == "ok" and all(r.get(k) == v for k, v in runner.signature.items())
     }
     by_pid = {_point_id(params): params for params in points}
     by_point: dict[str, dict[str, Any]] = {}
@@ -301,37 +291,82 @@ def run_sweep(
     for i, pid in enumerate(_run_order(list(by_pid), plans), 1):
         params = by_pid[pid]
         point = " ".join(redact_argv(point_args(params)))  # the point as written and printed (redacted)
+        step = f"[{i}/{len(points)}] {point}"
         if point in done:
-            value = _fmt(done[point], sweep.metric)
-            echo(f"[{i}/{len(points)}] {point}: done before, skipped ({sweep.metric} = {value})")
+            echo(f"{step}: done before, skipped ({sweep.metric} = {_fmt(done[point], sweep.metric)})")
             by_point[pid] = done[point]
             continue
-        plan = plans.get(pid, TeacherPlan("online"))
-        cfg = configs[pid]
-        filled = plan.role != "online" and _cache_filled(plan.uri, cfg)
-        if plan.role == "read" and not filled:
-            plan = TeacherPlan("online")  # its writer did not fill it
-        elif plan.role == "write" and filled:
-            plan = TeacherPlan("read", plan.uri)  # filled before (a rerun, or another sweep into the same cache)
-        teacher = {"online": "online", "write": f"filled {plan.uri}", "read": f"read {plan.uri}"}[plan.role]
-        log = out_dir / "logs" / f"{_slug(point)}.log"
-        metrics_file = out_dir / "logs" / f"{_slug(point)}.metrics.json"
+        plan = _plan_now(plans.get(pid, TeacherPlan("online")), configs[pid])
+        by_point[pid] = runner.run(step, point, params, configs[pid], plan)
+        _append_row(results, by_point[pid])
+    return [by_point[pid] for pid in by_pid]
+
+
+def _points(sweep: Sweep, seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """The grid, with ``trainer.seed`` swept over ``seeds`` too."""
+    parameters = dict(sweep.parameters)
+    if seeds:
+        if SEED_KEY in parameters:
+            raise SweepError(f"{sweep.path}: parameters.{SEED_KEY}: already swept; drop --seeds")
+        parameters[SEED_KEY] = list(seeds)
+    return grid(parameters)
+
+
+def _validated(
+    points: list[dict[str, Any]], base: Path, fixed: list[str], teacher_cache: str | None
+) -> tuple[dict[str, Any], dict[str, TeacherPlan]]:
+    """Every point's config (validated before any point runs) and its teacher plan."""
+    configs = {_point_id(params): load_config(base, [*fixed, *point_args(params)]) for params in points}
+    plans = plan_teacher_caches(configs, teacher_cache) if teacher_cache else {}
+    for params in points:  # with the cache keys on top, each point's config is still valid
+        if plans and plans[_point_id(params)].overrides():
+            load_config(base, [*fixed, *point_args(params), *plans[_point_id(params)].overrides()])
+    return configs, plans
+
+
+def _plan_now(plan: TeacherPlan, cfg: Any) -> TeacherPlan:
+    """The plan, as the caches stand now: a reader whose writer did not fill its cache runs online;
+    a writer whose cache is filled already (a rerun, or another sweep into the same cache) reads it."""
+    filled = plan.role != "online" and _cache_filled(plan.uri, cfg)
+    if plan.role == "read" and not filled:
+        return TeacherPlan("online")
+    if plan.role == "write" and filled:
+        return TeacherPlan("read", plan.uri)
+    return plan
+
+
+@dataclass
+class _Runner:
+    """Runs one point as a subprocess training run, its output in a log, and makes its row."""
+
+    metric: str
+    base: Path
+    fixed: list[str]
+    out_dir: Path
+    python: str
+    echo: Callable[[str], None]
+    signature: dict[str, Any]
+
+    def run(self, step: str, point: str, params: dict[str, Any], cfg: Any, plan: TeacherPlan) -> dict[str, Any]:
+        log = self.out_dir / "logs" / f"{_slug(point)}.log"
+        metrics_file = self.out_dir / "logs" / f"{_slug(point)}.metrics.json"
         metrics_file.unlink(missing_ok=True)
-        command = [python, "-m", "usi_composer.cli.train", str(base), *fixed, *point_args(params)]
+        command = [self.python, "-m", "usi_composer.cli.train", str(self.base), *self.fixed, *point_args(params)]
         command += [*plan.overrides(), "--metrics-out", str(metrics_file)]
         cached = {"online": "", "write": ", filling the teacher cache", "read": ", reading the teacher cache"}
-        echo(f"[{i}/{len(points)}] {point}: running{cached[plan.role]} (log: {log})")
+        self.echo(f"{step}: running{cached[plan.role]} (log: {log})")
         start = time.perf_counter()
         with log.open("w") as f:
             f.write(" ".join(redact_argv(command)) + "\n\n")
             f.flush()
             returncode = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         seconds = round(time.perf_counter() - start, 1)
+        teacher = {"online": "online", "write": f"filled {plan.uri}", "read": f"read {plan.uri}"}[plan.role]
         row: dict[str, Any] = {
             "point": point,
             "params": redact(params),
-            "model": configs[pid].model.name,
-            **signature,
+            "model": cfg.model.name,
+            **self.signature,
             "seconds": seconds,
             "log": str(log),
             "teacher": teacher,
@@ -339,13 +374,11 @@ def run_sweep(
         if returncode == 0 and metrics_file.is_file():
             metrics = json.loads(metrics_file.read_text())
             row.update(status="ok", wandb_run_dir=metrics.pop("wandb_run_dir", None), metrics=metrics)
-            echo(f"[{i}/{len(points)}] {point}: ok, {sweep.metric} = {_fmt(row, sweep.metric)} ({seconds:.0f} s)")
+            self.echo(f"{step}: ok, {self.metric} = {_fmt(row, self.metric)} ({seconds:.0f} s)")
         else:
             row.update(status="failed", error=redact_text(_error_line(log, returncode)), metrics={})
-            echo(f"[{i}/{len(points)}] {point}: FAILED ({row['error']}); continuing")
-        _append_row(results, row)
-        by_point[pid] = row
-    return [by_point[pid] for pid in by_pid]
+            self.echo(f"{step}: FAILED ({row['error']}); continuing")
+        return row
 
 
 def _cache_filled(uri: str | None, cfg: Any) -> bool:

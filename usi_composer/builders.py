@@ -44,6 +44,7 @@ from usi_composer.tracking import build_wandb_logger, loggable_config
 
 __all__ = [
     "build_algorithms",
+    "build_distillation",
     "build_model",
     "build_trainer",
     "check_model_sizes",
@@ -231,19 +232,31 @@ def build_algorithms(
                 label_smoothing=mc.label_smoothing,
             )
         )
-    if a.distillation.enabled and isinstance(teacher_cache, TeacherCacheReader):
-        kd = a.distillation
-        algorithms.append(
-            KnowledgeDistillation(
-                alpha=kd.alpha,
-                temperature=kd.temperature,
-                ce_weight=kd.ce_weight,
-                log_interval=kd.log_interval,
-                teacher_outputs=teacher_cache,
-            )
-        )
-    elif a.distillation.enabled:
-        t = cfg.teacher
+    if a.distillation.enabled:
+        algorithms.append(build_distillation(cfg, mean, std, compile, teacher_cache))
+    if a.ema.enabled:
+        smoothing = ema_smoothing(a.ema.decay, a.ema.reference_batch_size, cfg.trainer.global_batch_size)
+        algorithms.append(FusedEMA(half_life=None, smoothing=smoothing, update_interval="1ba"))
+    if a.channels_last:
+        algorithms.append(ChannelsLast())
+    if a.progressive_resizing:
+        algorithms.append(ProgressiveResizing())
+    return algorithms
+
+
+def build_distillation(
+    cfg: Config,
+    mean: list[float],
+    std: list[float],
+    compile: bool = False,
+    teacher_cache: TeacherCacheReader | TeacherCacheWriter | None = None,
+) -> KnowledgeDistillation:
+    """``KnowledgeDistillation`` from the teacher (built, BN-folded, re-normalized from the student's
+    ``mean``/``std``), or from a cache of its outputs (a reader: the teacher is not built)."""
+    kd, t = cfg.algorithms.distillation, cfg.teacher
+    reader = teacher_cache if isinstance(teacher_cache, TeacherCacheReader) else None
+    teacher = None
+    if reader is None:
         assert t.name is not None  # validated
         with _checkpoint_key("teacher.checkpoint", "teacher.trust_checkpoint"):
             teacher = build_teacher(
@@ -262,25 +275,15 @@ def build_algorithms(
                 trust_checkpoint=t.trust_checkpoint,
                 **t.kwargs,
             )
-        kd = a.distillation
-        algorithms.append(
-            KnowledgeDistillation(
-                teacher,
-                alpha=kd.alpha,
-                temperature=kd.temperature,
-                ce_weight=kd.ce_weight,
-                log_interval=kd.log_interval,
-                on_teacher_outputs=teacher_cache,
-            )
-        )
-    if a.ema.enabled:
-        smoothing = ema_smoothing(a.ema.decay, a.ema.reference_batch_size, cfg.trainer.global_batch_size)
-        algorithms.append(FusedEMA(half_life=None, smoothing=smoothing, update_interval="1ba"))
-    if a.channels_last:
-        algorithms.append(ChannelsLast())
-    if a.progressive_resizing:
-        algorithms.append(ProgressiveResizing())
-    return algorithms
+    return KnowledgeDistillation(
+        teacher,
+        alpha=kd.alpha,
+        temperature=kd.temperature,
+        ce_weight=kd.ce_weight,
+        log_interval=kd.log_interval,
+        teacher_outputs=reader,
+        on_teacher_outputs=teacher_cache if reader is None else None,
+    )
 
 
 def build_dataloaders(
@@ -443,32 +446,12 @@ def build_trainer(
     # sum to 1 only up to float rounding, and the last eval batch is smaller than the others.
     warnings.filterwarnings("ignore", message="Some targets have less than 1 total probability")
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
-    for line in check_model_sizes(cfg):  # before the data, the weights and the W&B run
-        log.info(line)
-    check_classes(cfg)
-    check_teacher_classes(cfg)
-    if t.load_path:
-        with _checkpoint_key("trainer.load_path", "trainer.trust_checkpoints"):
-            refuse_plain_http(t.load_path)
-            if is_tar(t.load_path) and not t.trust_checkpoints:  # Composer 0.32.1: download_checkpoint
-                what = "extract a tar archive (Composer extracts it unfiltered: a member can write any file)"
-                raise UnsafeCheckpointError(t.load_path, what)
+    check_before_building(cfg)
     wandb_logger = build_wandb_logger(cfg)
     loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
     reproducibility.seed_all(t.seed)
     device, precision = resolve_device_and_precision(cfg)
-    if dist.get_world_size() > 1:
-        # One rendezvous for the run, before the data: a StreamingDataset built before it makes
-        # its own process group and destroys it, and the Trainer's rendezvous on the same port
-        # then races with that store's teardown (a node fails with "failed to recv, got 0 bytes").
-        # Composer's default timeout, as the Trainer's.
-        dist.initialize_dist(device)
-        if dist.get_world_size() > dist.get_local_world_size():
-            separate_node_signal_files()
-    if t.autoresume and not parse_uri(str(t.save_folder))[0]:  # a local folder, where a write may have failed
-        if dist.get_global_rank() == 0:
-            set_aside_partial_checkpoints(format_name_with_dist(str(t.save_folder), t.run_name))
-        dist.barrier()
+    _join_the_job(cfg, device)
     model = build_model(cfg) if student is None else student
     mean, std = student_normalization(cfg, model.module if student is None else None)
     compile = resolve_compile(t.compile, device)
@@ -482,48 +465,94 @@ def build_trainer(
     scheduler = CosineWithWarmupFrom(s.warmup, alpha_i=min(1.0, s.warmup_lr / lr), alpha_f=min(1.0, s.min_lr / lr))
     if device == "gpu":  # one input size throughout: let cuDNN pick the fastest kernels (as timm's train.py does)
         torch.backends.cudnn.benchmark = True
-    algorithms = build_algorithms(cfg, mean, std, compile, teacher_cache)
-    # Every checkpoint records the config, for a later autoresume to check (patches._get_autoresume_checkpoint)
-    record = ConfigRecord(loggable_config(cfg), accept=t.autoresume_accept)
+    all_callbacks = [
+        *build_callbacks(cfg, eval_spec is not None, compile),
+        # every checkpoint records the config, for a later autoresume to check (patches.Trainer)
+        ConfigRecord(loggable_config(cfg), accept=t.autoresume_accept),
+        *([teacher_cache] if teacher_cache is not None else []),
+        *(callbacks or []),
+    ]
+    with trusting_checkpoints(t.trust_checkpoints), _resume_errors(cfg):
+        return Trainer(
+            model=model,
+            train_dataloader=train_spec,
+            eval_dataloader=eval_spec,
+            eval_interval=t.eval_interval if eval_spec is not None else 1,
+            optimizers=optimizer,
+            schedulers=scheduler,
+            step_schedulers_every_batch=True,
+            algorithms=build_algorithms(cfg, mean, std, compile, teacher_cache),
+            device=device,
+            precision=precision,
+            compile_config={} if compile else None,  # Composer compiles the student (after DDP wrapping)
+            loggers=loggers or None,
+            callbacks=all_callbacks,
+            **_trainer_settings(cfg),
+        )
+
+
+def check_before_building(cfg: Config) -> None:
+    """What can be refused before anything is built, downloaded or started: sizes the models cannot
+    run at, classes that do not fit the data, a teacher of other classes, a load path not to be read."""
+    for line in check_model_sizes(cfg):  # before the data, the weights and the W&B run
+        log.info(line)
+    check_classes(cfg)
+    check_teacher_classes(cfg)
+    t = cfg.trainer
+    if t.load_path:
+        with _checkpoint_key("trainer.load_path", "trainer.trust_checkpoints"):
+            refuse_plain_http(t.load_path)
+            if is_tar(t.load_path) and not t.trust_checkpoints:  # Composer 0.32.1: download_checkpoint
+                what = "extract a tar archive (Composer extracts it unfiltered: a member can write any file)"
+                raise UnsafeCheckpointError(t.load_path, what)
+
+
+def _join_the_job(cfg: Config, device: str) -> None:
+    t = cfg.trainer
+    if dist.get_world_size() > 1:
+        # One rendezvous for the run, before the data: a StreamingDataset built before it makes
+        # its own process group and destroys it, and the Trainer's rendezvous on the same port
+        # then races with that store's teardown (a node fails with "failed to recv, got 0 bytes").
+        # Composer's default timeout, as the Trainer's.
+        dist.initialize_dist(device)
+        if dist.get_world_size() > dist.get_local_world_size():
+            separate_node_signal_files()
+    if t.autoresume and not parse_uri(str(t.save_folder))[0]:  # a local folder, where a write may have failed
+        if dist.get_global_rank() == 0:
+            set_aside_partial_checkpoints(format_name_with_dist(str(t.save_folder), t.run_name))
+        dist.barrier()
+
+
+def _trainer_settings(cfg: Config) -> dict[str, Any]:
+    """The Trainer's arguments that are ``trainer.*`` keys as they are."""
+    t = cfg.trainer
+    return dict(
+        max_duration=t.max_duration,
+        device_train_microbatch_size=t.microbatch_size,
+        seed=t.seed,
+        run_name=t.run_name,
+        save_folder=t.save_folder,
+        save_interval=t.save_interval,
+        save_num_checkpoints_to_keep=local_checkpoints_to_keep(cfg),
+        save_overwrite=t.save_overwrite,
+        autoresume=t.autoresume,
+        load_path=t.load_path,
+        progress_bar=t.progress_bar,
+        log_to_console=t.log_to_console,
+        console_log_interval=t.console_log_interval,
+        train_subset_num_batches=t.train_subset_num_batches,
+        eval_subset_num_batches=t.eval_subset_num_batches,
+        parallelism_config={"fsdp": dict(t.fsdp)} if t.fsdp is not None else None,
+    )
+
+
+@contextlib.contextmanager
+def _resume_errors(cfg: Config) -> Iterator[None]:
+    """The checkpoint Composer resumes from, refused or not complete: a config error on the key that named it."""
+    t = cfg.trainer
     try:
-        with trusting_checkpoints(t.trust_checkpoints):
-            return Trainer(
-                model=model,
-                train_dataloader=train_spec,
-                eval_dataloader=eval_spec,
-                max_duration=t.max_duration,
-                eval_interval=t.eval_interval if eval_spec is not None else 1,
-                optimizers=optimizer,
-                schedulers=scheduler,
-                step_schedulers_every_batch=True,
-                algorithms=algorithms,
-                device=device,
-                precision=precision,
-                compile_config={} if compile else None,  # Composer compiles the student (after DDP wrapping)
-                device_train_microbatch_size=t.microbatch_size,
-                seed=t.seed,
-                run_name=t.run_name,
-                save_folder=t.save_folder,
-                save_interval=t.save_interval,
-                save_num_checkpoints_to_keep=local_checkpoints_to_keep(cfg),
-                save_overwrite=t.save_overwrite,
-                autoresume=t.autoresume,
-                load_path=t.load_path,
-                progress_bar=t.progress_bar,
-                log_to_console=t.log_to_console,
-                console_log_interval=t.console_log_interval,
-                train_subset_num_batches=t.train_subset_num_batches,
-                eval_subset_num_batches=t.eval_subset_num_batches,
-                parallelism_config={"fsdp": dict(t.fsdp)} if t.fsdp is not None else None,
-                loggers=loggers or None,
-                callbacks=[
-                    *build_callbacks(cfg, eval_spec is not None, compile),
-                    record,
-                    *([teacher_cache] if teacher_cache is not None else []),
-                    *(callbacks or []),
-                ],
-            )
-    except CheckpointError as e:  # the checkpoint Composer resumes from: refused, or not complete
+        yield
+    except CheckpointError as e:
         key = "trainer.autoresume" if t.autoresume else "trainer.load_path"
         if not isinstance(e, UnsafeCheckpointError):
             raise ConfigError("", key, str(e)) from None
