@@ -259,8 +259,24 @@ def fingerprint(
     evaluation, checkpointing, and MixUp/CutMix's ``label_smoothing`` (it changes the targets,
     not the images).
     """
-    d, t, s, mix, teacher = cfg.data, cfg.trainer, cfg.data.streaming, cfg.algorithms.mixup_cutmix, cfg.teacher
-    per_process = t.global_batch_size // world_size
+    items = {
+        **_data_items(cfg, data, ranks_per_node),
+        **_view_items(cfg, world_size, mean, std),
+        **_teacher_items(cfg, mean, std, teacher_weights),
+        "trainer.compile": compile,
+        "trainer.precision": precision,
+        "trainer.device": device,
+        "torch": torch.__version__,
+    }
+    return json.loads(json.dumps(items))  # as stored: lists, plain numbers
+
+
+MIX_KEYS = ("mixup_alpha", "cutmix_alpha", "switch_prob", "prob")
+
+
+def _data_items(cfg: Config, data: str, ranks_per_node: int) -> dict[str, Any]:
+    """Which samples, in which order: the data's identity, the seed and streaming's shuffle."""
+    d, t, s = cfg.data, cfg.trainer, cfg.data.streaming
     items: dict[str, Any] = {"data": data, "data.num_classes": d.num_classes, "trainer.seed": t.seed}
     if d.remote or d.local:  # streaming's shuffle (a folder's is torch's DistributedSampler, by seed alone)
         items.update(
@@ -273,51 +289,54 @@ def fingerprint(
                 "processes per node": ranks_per_node,  # streaming partitions by nodes and ranks
             }
         )
-    items.update(
-        {
-            "trainer.global_batch_size": t.global_batch_size,
-            "world size": world_size,
-            "trainer.microbatch_size": t.microbatch_size or per_process,
-            "trainer.train_subset_num_batches": t.train_subset_num_batches,
-            "data.image_size": d.image_size,
-            "data.interpolation": d.interpolation,
-            "data.scale": list(d.scale),
-            "data.ratio": list(d.ratio),
-            "data.hflip": d.hflip,
-            "data.auto_augment": d.auto_augment,
-            "data.mean (the student's normalization)": [float(m) for m in mean],
-            "data.std (the student's normalization)": [float(v) for v in std],
-            "data.pipeline": d.pipeline,
-            "data.gpu_decode": d.gpu_decode if d.pipeline == "gpu" else None,
-            "data.streaming.fast_decode": s.fast_decode if d.pipeline == "cpu" else None,
-            "algorithms.channels_last": cfg.algorithms.channels_last,  # the batch's memory format
-            "algorithms.progressive_resizing": cfg.algorithms.progressive_resizing,
-            "algorithms.mixup_cutmix.enabled": mix.enabled,
-        }
-    )
+    return items
+
+
+def _view_items(cfg: Config, world_size: int, mean: Iterable[float], std: Iterable[float]) -> dict[str, Any]:
+    """How the samples become the teacher's input tensors: the batch layout, the views, the mixing."""
+    d, t, s, mix = cfg.data, cfg.trainer, cfg.data.streaming, cfg.algorithms.mixup_cutmix
+    per_process = t.global_batch_size // world_size
+    items: dict[str, Any] = {
+        "trainer.global_batch_size": t.global_batch_size,
+        "world size": world_size,
+        "trainer.microbatch_size": t.microbatch_size or per_process,
+        "trainer.train_subset_num_batches": t.train_subset_num_batches,
+        "data.image_size": d.image_size,
+        "data.interpolation": d.interpolation,
+        "data.scale": list(d.scale),
+        "data.ratio": list(d.ratio),
+        "data.hflip": d.hflip,
+        "data.auto_augment": d.auto_augment,
+        "data.mean (the student's normalization)": [float(m) for m in mean],
+        "data.std (the student's normalization)": [float(v) for v in std],
+        "data.pipeline": d.pipeline,
+        "data.gpu_decode": d.gpu_decode if d.pipeline == "gpu" else None,
+        "data.streaming.fast_decode": s.fast_decode if d.pipeline == "cpu" else None,
+        "algorithms.channels_last": cfg.algorithms.channels_last,  # the batch's memory format
+        "algorithms.progressive_resizing": cfg.algorithms.progressive_resizing,
+        "algorithms.mixup_cutmix.enabled": mix.enabled,
+    }
     if mix.enabled:
         items.update({f"algorithms.mixup_cutmix.{k}": getattr(mix, k) for k in MIX_KEYS})
+    return items
+
+
+def _teacher_items(
+    cfg: Config, mean: Iterable[float], std: Iterable[float], teacher_weights: str | None
+) -> dict[str, Any]:
+    """Which teacher computes the outputs, and how its input is prepared."""
+    d, teacher = cfg.data, cfg.teacher
     teacher_mean, teacher_std = teacher_normalization(cfg, mean, std)
-    items.update(
-        {
-            "teacher.name": teacher.name,
-            "teacher weights": teacher_weights,
-            "teacher.img_size": teacher.img_size or d.image_size,
-            "teacher.mean": teacher_mean,
-            "teacher.std": teacher_std,
-            "teacher.fold_bn": teacher.fold_bn,
-            "teacher.channels_last": teacher.channels_last,
-            "teacher.kwargs": dict(teacher.kwargs),
-            "trainer.compile": compile,
-            "trainer.precision": precision,
-            "trainer.device": device,
-            "torch": torch.__version__,
-        }
-    )
-    return json.loads(json.dumps(items))  # as stored: lists, plain numbers
-
-
-MIX_KEYS = ("mixup_alpha", "cutmix_alpha", "switch_prob", "prob")
+    return {
+        "teacher.name": teacher.name,
+        "teacher weights": teacher_weights,
+        "teacher.img_size": teacher.img_size or d.image_size,
+        "teacher.mean": teacher_mean,
+        "teacher.std": teacher_std,
+        "teacher.fold_bn": teacher.fold_bn,
+        "teacher.channels_last": teacher.channels_last,
+        "teacher.kwargs": dict(teacher.kwargs),
+    }
 
 
 def teacher_normalization(cfg: Config, mean: Iterable[float], std: Iterable[float]) -> tuple[list[float], list[float]]:
@@ -751,55 +770,90 @@ def open_teacher_cache(
     per_process = cfg.trainer.global_batch_size // world_size
     microbatches = math.ceil(per_process / (cfg.trainer.microbatch_size or per_process))
     stored = CacheManifest.read(store)
-    if stored is not None and stored.version != VERSION:
-        raise ConfigError("", key, f"{uri} is a teacher cache of layout version {stored.version}, this is {VERSION}")
     if stored is not None:
-        difference = first_difference(stored.fingerprint, current, skip=() if weights else ("teacher weights",))
-        if difference is not None:
-            item, there, here = difference
-            if kd.cache:
-                message = (
-                    f"the teacher cache at {uri} was written with {item} = {_show(there)}, this run has "
-                    f"{_show(here)}: its teacher outputs are not this run's (write one for this config with "
-                    "usi-cache-teacher, or drop algorithms.distillation.cache to run the teacher)"
-                )
-            else:
-                message = (
-                    f"{uri} holds the teacher outputs of another run ({item} = {_show(there)} there, "
-                    f"{_show(here)} here): write this run's to a new location"
-                )
-            raise ConfigError("", key, message)
-
+        _check_stored(stored, current, uri, key, reading=bool(kd.cache), skip=() if weights else ("teacher weights",))
     if kd.cache:
-        if stored is None:
-            raise ConfigError(
-                "",
-                key,
-                f"no teacher cache at {uri} (no {MANIFEST}): fill it with usi-cache-teacher YAML [key=value ...] "
-                f"--out {uri}, or with algorithms.distillation.cache_write={uri} in a training run",
-            )
-        if (stored.batches_per_epoch, stored.microbatches) != (per_epoch, microbatches):
-            raise ConfigError(
-                "",
-                key,
-                f"the teacher cache at {uri} has {stored.batches_per_epoch} batches per epoch of "
-                f"{stored.microbatches} microbatches, this run {per_epoch} of {microbatches}",
-            )
-        needed = run_batches(cfg.trainer.max_duration, per_epoch, cfg.trainer.global_batch_size)
-        held = _stored_batches(store, world_size)
-        if needed is None or needed > held:
-            duration = cfg.trainer.max_duration
-            run = _describe(needed, per_epoch) if needed else "not counted in batches"
-            raise ConfigError(
-                "",
-                "trainer.max_duration",
-                f"is {duration}: {run}, the teacher cache at {uri} holds {_describe(held, per_epoch)}: shorten the "
-                f"run, or fill a cache for {duration} (usi-cache-teacher ... trainer.max_duration={duration})",
-            )
-        fmt = f"top-{stored.k} logits" if stored.format == "topk" else "every logit (exact)"
-        log.info("teacher cache: reading %s from %s; the teacher is not built", fmt, uri)
-        return TeacherCacheReader(store, stored, needed)
+        return _open_reader(cfg, store, stored, uri, key, (per_epoch, microbatches), world_size)
+    return _open_writer(cfg, store, stored, uri, key, (per_epoch, microbatches), world_size, current)
 
+
+def _check_stored(
+    stored: CacheManifest, current: dict[str, Any], uri: str, key: str, reading: bool, skip: tuple[str, ...]
+) -> None:
+    """A cache found at ``uri`` of this layout version, written for the same teacher inputs and outputs."""
+    if stored.version != VERSION:
+        raise ConfigError("", key, f"{uri} is a teacher cache of layout version {stored.version}, this is {VERSION}")
+    difference = first_difference(stored.fingerprint, current, skip=skip)
+    if difference is None:
+        return
+    item, there, here = difference
+    if reading:
+        message = (
+            f"the teacher cache at {uri} was written with {item} = {_show(there)}, this run has "
+            f"{_show(here)}: its teacher outputs are not this run's (write one for this config with "
+            "usi-cache-teacher, or drop algorithms.distillation.cache to run the teacher)"
+        )
+    else:
+        message = (
+            f"{uri} holds the teacher outputs of another run ({item} = {_show(there)} there, "
+            f"{_show(here)} here): write this run's to a new location"
+        )
+    raise ConfigError("", key, message)
+
+
+def _open_reader(
+    cfg: Config,
+    store: CacheStore,
+    stored: CacheManifest | None,
+    uri: str,
+    key: str,
+    layout: tuple[int, int],
+    world_size: int,
+) -> TeacherCacheReader:
+    """The reader of a cache that exists, has this run's batch layout and holds the whole run."""
+    if stored is None:
+        raise ConfigError(
+            "",
+            key,
+            f"no teacher cache at {uri} (no {MANIFEST}): fill it with usi-cache-teacher YAML [key=value ...] "
+            f"--out {uri}, or with algorithms.distillation.cache_write={uri} in a training run",
+        )
+    per_epoch, microbatches = layout
+    if (stored.batches_per_epoch, stored.microbatches) != layout:
+        raise ConfigError(
+            "",
+            key,
+            f"the teacher cache at {uri} has {stored.batches_per_epoch} batches per epoch of "
+            f"{stored.microbatches} microbatches, this run {per_epoch} of {microbatches}",
+        )
+    needed = run_batches(cfg.trainer.max_duration, per_epoch, cfg.trainer.global_batch_size)
+    held = _stored_batches(store, world_size)
+    if needed is None or needed > held:
+        duration = cfg.trainer.max_duration
+        run = _describe(needed, per_epoch) if needed else "not counted in batches"
+        raise ConfigError(
+            "",
+            "trainer.max_duration",
+            f"is {duration}: {run}, the teacher cache at {uri} holds {_describe(held, per_epoch)}: shorten the "
+            f"run, or fill a cache for {duration} (usi-cache-teacher ... trainer.max_duration={duration})",
+        )
+    fmt = f"top-{stored.k} logits" if stored.format == "topk" else "every logit (exact)"
+    log.info("teacher cache: reading %s from %s; the teacher is not built", fmt, uri)
+    return TeacherCacheReader(store, stored, needed)
+
+
+def _open_writer(
+    cfg: Config,
+    store: CacheStore,
+    stored: CacheManifest | None,
+    uri: str,
+    key: str,
+    layout: tuple[int, int],
+    world_size: int,
+    current: dict[str, Any],
+) -> TeacherCacheWriter:
+    """The writer into an empty location, or into a cache of the same fingerprint and format (continued)."""
+    kd = cfg.algorithms.distillation
     fmt, k = kd.cache_format, kd.cache_topk if kd.cache_format == "topk" else None
     if stored is not None and (stored.format, stored.k) != (fmt, k):
         raise ConfigError(
@@ -808,7 +862,7 @@ def open_teacher_cache(
             f"{uri} holds a {stored.format} cache{f' (k={stored.k})' if stored.k else ''}, this run writes "
             f"{fmt}{f' (k={k})' if k else ''}: write to a new location",
         )
-    manifest = CacheManifest(fmt, k, cfg.data.num_classes, per_epoch, microbatches, world_size, current)
+    manifest = CacheManifest(fmt, k, cfg.data.num_classes, *layout, world_size, current)
     if dist.get_global_rank() == 0 and stored is None:
         if store.holds_other_files():
             raise ConfigError("", key, f"{uri} is a folder with other files in it, not a teacher cache: name a new one")
