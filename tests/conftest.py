@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import IMAGENET_SAMPLE, REPO
+from helpers import IMAGENET_SAMPLE, REPO, record_shared_memory, release_shared_memory
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +48,19 @@ def saved_teacher(tmp_path_factory: pytest.TempPathFactory):
         return cache[(name, num_classes)]
 
     return make
+
+
+
+@pytest.fixture(scope="session")
+def _streaming_shared_memory():
+    """Every streaming ``SharedMemory`` this process makes, recorded as made (``record_shared_memory``)."""
+    with record_shared_memory() as made:
+        yield made
+
+
+@pytest.fixture(autouse=True)
+def _release_streaming_shared_memory(_streaming_shared_memory):
+    """After each test, release the shared memory its datasets made: the suite makes hundreds of
+    datasets, and each keeps seven file descriptors until exit (CI ran out of them: EMFILE)."""
+    yield
+    release_shared_memory(_streaming_shared_memory)

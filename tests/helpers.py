@@ -4,7 +4,9 @@ runs of the recipe, and files whose unpickling would run code. Fixtures live in 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import io
 import os
 import shlex
@@ -198,6 +200,58 @@ TINY_TRAIN = [
     "trainer.precision=fp32",
     "trainer.progress_bar=false",
 ]
+
+
+# --------------------------------------------------------------------------- streaming's shared memory
+
+
+@contextlib.contextmanager
+def record_shared_memory() -> Iterator[list[Any]]:
+    """Yields a list that gets every streaming ``SharedMemory`` made while active (streaming 0.13.0).
+
+    Each ``StreamingDataset`` makes seven blocks, and streaming registers each one's ``cleanup`` with
+    atexit: a block, and its open file descriptor, outlives its dataset until the process exits.
+    """
+    from streaming.base.shared import SharedMemory
+
+    made: list[SharedMemory] = []
+    init = SharedMemory.__init__
+
+    def recording_init(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    SharedMemory.__init__ = recording_init
+    try:
+        yield made
+    finally:
+        SharedMemory.__init__ = init
+
+
+def release_shared_memory(made: list[Any]) -> None:
+    """Close (and unlink, where made here) the recorded blocks, as atexit would at exit; ``made`` keeps
+    those still viewed by a live object (arrays of a dataset something holds: BufferError)."""
+    if not made:
+        return
+    gc.collect()  # datasets that reference cycles keep alive: their arrays view the blocks
+    kept = []
+    for shm in made:
+        try:
+            shm.cleanup()
+        except BufferError:
+            kept.append(shm)
+            continue
+        atexit.unregister(shm.cleanup)
+    made[:] = kept
+
+
+def shared_memory_descriptors() -> int:
+    """How many of this process's file descriptors are open on ``/dev/shm``."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/")
+    return n
 
 
 # --------------------------------------------------------------------------- seconds-long runs of the recipe
