@@ -50,7 +50,6 @@ def saved_teacher(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
-
 @pytest.fixture(scope="session")
 def _streaming_shared_memory():
     """Every streaming ``SharedMemory`` this process makes, recorded as made (``record_shared_memory``)."""

@@ -55,7 +55,6 @@ def odd_imagenet(tmp_path: Path) -> Path:
     return src
 
 
-
 def test_the_suites_release_of_streaming_shared_memory_closes_a_datasets_descriptors(tmp_path: Path) -> None:
     """The autouse fixture in conftest.py keeps the suite under CI's descriptor limit: this fails
     where a streaming release makes its blocks some other way (then the fixture records nothing)."""
@@ -67,6 +66,7 @@ def test_the_suites_release_of_streaming_shared_memory_closes_a_datasets_descrip
         assert len(made) >= 6 and shared_memory_descriptors() >= before + len(made)  # still open: the leak
         release_shared_memory(made)
     assert made == [] and shared_memory_descriptors() == before
+
 
 def test_convert_keeps_bytes_labels_classes_and_decodes_odd_files_to_rgb(odd_imagenet: Path, tmp_path: Path) -> None:
     out = tmp_path / "mds"
