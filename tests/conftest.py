@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import IMAGENET_SAMPLE, REPO, record_shared_memory, release_shared_memory
+from helpers import IMAGENET_SAMPLE, REPO, record_shared_memory, release_shared_memory, unlink_orphaned_shared_memory
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Killed runs' shared memory would cost every dataset of the suite descriptors: it goes first."""
+    orphans = unlink_orphaned_shared_memory()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if orphans and reporter:
+        reporter.write_line(f"removed {len(orphans)} orphaned streaming shared-memory block(s) from /dev/shm")
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from helpers import (
     sample_files,
     sample_root,
     shared_memory_descriptors,
+    unlink_orphaned_shared_memory,
 )
 from usi_composer.cli import train as train_cli
 from usi_composer.config import ConfigError, DataConfig, load_config
@@ -66,6 +67,18 @@ def test_the_suites_release_of_streaming_shared_memory_closes_a_datasets_descrip
         assert len(made) >= 6 and shared_memory_descriptors() >= before + len(made)  # still open: the leak
         release_shared_memory(made)
     assert made == [] and shared_memory_descriptors() == before
+
+
+def test_orphaned_streaming_blocks_go_and_held_ones_stay() -> None:
+    orphan, held = Path("/dev/shm/999998_locals"), Path("/dev/shm/999999_locals")
+    orphan.write_bytes(b"left by a killed run")
+    try:
+        with held.open("wb"):  # a live process's block
+            assert "999998_locals" in unlink_orphaned_shared_memory()
+            assert not orphan.exists() and held.exists()
+    finally:
+        orphan.unlink(missing_ok=True)
+        held.unlink()
 
 
 def test_convert_keeps_bytes_labels_classes_and_decodes_odd_files_to_rgb(odd_imagenet: Path, tmp_path: Path) -> None:
