@@ -266,9 +266,7 @@ def unlink_orphaned_shared_memory() -> list[str]:
             held.update(
                 line.rsplit(" ", 1)[-1] for line in (proc / "maps").read_text().splitlines() if "/dev/shm/" in line
             )
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    held.add(os.readlink(fd))
+            held.update(_descriptor_targets(proc))
     removed = []
     for block in ours:
         if str(block) not in held:
@@ -280,11 +278,14 @@ def unlink_orphaned_shared_memory() -> list[str]:
 
 def shared_memory_descriptors() -> int:
     """How many of this process's file descriptors are open on ``/dev/shm``."""
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
-            n += os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/")
-    return n
+    return sum(target.startswith("/dev/shm/") for target in _descriptor_targets(Path("/proc/self")))
+
+
+def _descriptor_targets(proc: Path) -> Iterator[str]:
+    """What each open file descriptor of the process ``proc`` (``/proc/<pid>``) points at."""
+    for fd in (proc / "fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own descriptor among them)
+            yield os.readlink(fd)
 
 
 # --------------------------------------------------------------------------- seconds-long runs of the recipe
