@@ -153,8 +153,8 @@ def cpu_figures(args: argparse.Namespace, src: Path, mds: Path) -> dict[str, Any
 
 
 def gpu_figures(args: argparse.Namespace, src: Path, mds: Path) -> dict[str, Any]:
-    from usi_composer.builders import build_gpu_pipeline
     from usi_composer.config import load_config
+    from usi_composer.data.loaders import build_gpu_pipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}

@@ -49,7 +49,7 @@ def step_ms(args, teacher: torch.nn.Module | None) -> float:
 def main() -> None:
     args = base_parser(__doc__.splitlines()[0]).parse_args()
     setup(args)
-    teacher = build_teacher(args.teacher, args.num_classes, MEAN, STD, teacher_mean=MEAN, teacher_std=STD)
+    teacher = build_teacher(args.teacher, args.num_classes, (MEAN, STD), (MEAN, STD))
     x = next(iter(synthetic_loader(args, 1)))[0]
     if torch.cuda.is_available():
         teacher, x = teacher.cuda(), x.cuda()

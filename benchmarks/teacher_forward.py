@@ -29,10 +29,8 @@ def main() -> None:
     ours = build_teacher(
         args.teacher,
         args.num_classes,
-        mean,
-        std,
-        teacher_mean=mean,
-        teacher_std=std,
+        (mean, std),
+        (mean, std),
         channels_last=not args.no_channels_last,
     ).to(device)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)

@@ -64,11 +64,11 @@ from timm.task import DistillationTeacher, LogitDistillationTask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import usi_composer.algorithms
-from usi_composer import builders
+from usi_composer import builders, preflight
 from usi_composer.algorithms import kd_loss
-from usi_composer.builders import ema_smoothing, scaled_lr
 from usi_composer.config import Config, load_config
 from usi_composer.data import DeviceNormalize
+from usi_composer.plan import RunPlan, resolve
 from usi_composer.teacher import build_teacher
 
 YAML = Path(__file__).resolve().parents[1] / "yamls" / "usi.yaml"
@@ -251,13 +251,13 @@ def run_ours(args: argparse.Namespace, cfg: Config) -> Meter:
     meter = Meter(args)
     batches = DeviceBatches(args, Meter.num_steps(args))
 
-    def synthetic_dataloaders(cfg: Config, mean: list[float], std: list[float], *_: Any) -> tuple[DataSpec, None]:
-        normalize = DeviceNormalize(mean, std, channels_last=cfg.algorithms.channels_last)
+    def synthetic_dataloaders(cfg: Config, plan: RunPlan) -> tuple[DataSpec, None]:
+        normalize = DeviceNormalize(plan.student_mean, plan.student_std, channels_last=cfg.algorithms.channels_last)
         return DataSpec(batches, microbatch_transforms=normalize), None
 
-    # synthetic data: no folder or classes.json to check the classes against
-    no_classes = mock.patch.object(builders, "check_classes", lambda cfg: None)
-    with mock.patch.object(builders, "build_dataloaders", synthetic_dataloaders), no_classes:
+    # synthetic data: no folder or classes.json to check (the pre-flight's data checks are skipped)
+    no_data = [mock.patch.object(preflight, name, lambda cfg, plan: None) for name in ("check_data", "check_classes")]
+    with mock.patch.object(builders, "build_dataloaders", synthetic_dataloaders), no_data[0], no_data[1]:
         trainer = builders.build_trainer(cfg, callbacks=[_MeterCallback(meter)])
     meter.optimizer = trainer.state.optimizers[0]
     meter.step_end()  # the first step's start
@@ -268,10 +268,10 @@ def run_ours(args: argparse.Namespace, cfg: Config) -> Meter:
 
 def _hyper(cfg: Config) -> dict[str, Any]:
     a, o, s = cfg.algorithms, cfg.optimizer, cfg.scheduler
-    batch = cfg.trainer.global_batch_size
+    plan = resolve(cfg)
     return dict(
-        lr=scaled_lr(cfg),
-        ema=ema_smoothing(a.ema.decay, a.ema.reference_batch_size, batch),
+        lr=plan.lr,
+        ema=plan.ema_smoothing,
         mixup=dict(
             mixup_alpha=a.mixup_cutmix.mixup_alpha,
             cutmix_alpha=a.mixup_cutmix.cutmix_alpha,
@@ -394,9 +394,8 @@ def teachers(args: argparse.Namespace, checkpoint: str) -> tuple[torch.nn.Module
     net = timm.create_model(args.teacher, num_classes=args.num_classes)
     torch.save(net.state_dict(), checkpoint)
     student_cfg = timm.create_model(args.student, num_classes=1).pretrained_cfg
-    prepared = build_teacher(
-        args.teacher, args.num_classes, student_cfg["mean"], student_cfg["std"], checkpoint=checkpoint
-    ).to(args.device)
+    normalizations = (student_cfg["mean"], student_cfg["std"]), (net.pretrained_cfg["mean"], net.pretrained_cfg["std"])
+    prepared = build_teacher(args.teacher, args.num_classes, *normalizations, checkpoint=checkpoint).to(args.device)
     prepared.model.pretrained_cfg = net.pretrained_cfg
     return prepared, prepared.model
 

@@ -43,7 +43,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-import usi_composer.builders
+import usi_composer.preflight
 from usi_composer.config import load_config
 from usi_composer.data.mds import ImageNetMDS
 from usi_composer.errors import UsiError
@@ -60,7 +60,7 @@ def _getitem_with_index(self: ImageNetMDS, idx: int):
 ImageNetMDS.__getitem__ = _getitem_with_index  # type: ignore[method-assign]
 # With the sample index as the label, data.num_classes is the number of samples, not the shards'
 # classes.json: the recipe's check of the two before training does not apply to these runs.
-usi_composer.builders.check_classes = lambda cfg: None
+usi_composer.preflight.check_classes = lambda cfg, plan: None
 
 
 class RecordAndKill(Callback):

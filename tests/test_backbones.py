@@ -12,11 +12,12 @@ import timm
 import torch
 from composer.loggers import InMemoryLogger
 
-from usi_composer.builders import check_model_sizes
 from usi_composer.cli.train import main
 from usi_composer.config import ConfigError, load_config
 from usi_composer.errors import CheckpointError, InputSizeError
 from usi_composer.models import check_input_size, load_weights
+from usi_composer.plan import resolve
+from usi_composer.preflight import check_model_sizes
 from usi_composer.teacher import build_teacher
 from usi_composer.training import train
 
@@ -55,7 +56,7 @@ def test_each_family_trains_at_32px(family: str, digits: Path) -> None:
     name, takes_img_size = FAMILIES[family]
     cfg = load_config(DEMO, demo_overrides(digits, f"model.name={name}"))
     assert cfg.data.image_size == 32
-    (line,) = check_model_sizes(cfg)
+    (line,) = check_model_sizes(cfg, resolve(cfg))
     built = "built for 32 px (timm's img_size), runs at 32 px" if takes_img_size else "runs at 32 px (no img_size"
     assert line.startswith(f"student {name}: {built}"), line
     logger = InMemoryLogger()
@@ -138,8 +139,10 @@ def test_cli_bad_teacher_size_from_the_data_names_teacher_img_size(capsys: pytes
     ), line
 
 
-def test_dry_run_shows_the_size_of_each_model(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([DEMO, "model.name=deit_tiny_patch16_224", "teacher.img_size=48", "--dry-run"]) == 0
+def test_dry_run_shows_the_size_of_each_model(digits: Path, saved_teacher, capsys: pytest.CaptureFixture[str]) -> None:
+    teacher = f"teacher.checkpoint={saved_teacher('resnet18', 10)}"
+    overrides = demo_overrides(digits, "algorithms.distillation.enabled=true", teacher, "teacher.img_size=48")
+    assert main([DEMO, "model.name=deit_tiny_patch16_224", *overrides, "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert "img_size: 48" in out
     assert err.strip().splitlines() == [
@@ -201,7 +204,7 @@ def test_cli_teacher_weights_of_another_architecture_are_one_line(
 
 def test_teacher_built_for_another_size_sees_the_batch_resized() -> None:
     same = (0.5,) * 3  # the teacher's normalization is the student's: nothing but the size changes
-    teacher = build_teacher("deit_tiny_patch16_224", 10, same, same, teacher_mean=same, teacher_std=same, img_size=48)
+    teacher = build_teacher("deit_tiny_patch16_224", 10, (same, same), (same, same), img_size=48)
     x = torch.randn(2, 3, 32, 32)
     resized = torch.nn.functional.interpolate(x, size=(48, 48), mode="bicubic", align_corners=False, antialias=True)
     assert torch.allclose(teacher(x), teacher.model(resized), atol=1e-6)

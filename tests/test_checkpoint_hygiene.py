@@ -19,10 +19,11 @@ from composer.core import State
 
 from helpers import DEMO, one_error_line, tiny
 from usi_composer import builders, patches
-from usi_composer.builders import build_trainer, local_checkpoints_to_keep
+from usi_composer.builders import build_trainer
 from usi_composer.checkpoints import first_math_change, is_complete
 from usi_composer.cli.train import main
 from usi_composer.config import config_to_dict, load_config
+from usi_composer.plan import resolve
 from usi_composer.training import train
 
 
@@ -155,7 +156,7 @@ def test_nothing_complete_starts_from_scratch(digits: Path, run_folder: Path, ca
 
 def test_local_checkpoints_kept_default_to_one_for_a_remote_folder() -> None:
     def kept(*overrides: str) -> int:
-        return local_checkpoints_to_keep(load_config(DEMO, list(overrides)))
+        return resolve(load_config(DEMO, list(overrides))).checkpoints_to_keep
 
     assert kept() == -1 and kept("trainer.save_folder=/ckpt/run") == -1
     assert kept("trainer.save_folder=s3://bucket/run") == 1 and kept("trainer.save_folder=gs://bucket/run") == 1

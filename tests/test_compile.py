@@ -15,12 +15,17 @@ from torch import nn
 from helpers import COMPILE_MODEL, GraphCount, compile_overrides, run_cli
 from usi_composer.algorithms import BestOfEMAAndRaw
 from usi_composer.cli.train import main
-from usi_composer.compilation import compile_failure, resolve_compile
+from usi_composer.compilation import compile_failure
 from usi_composer.config import load_config
+from usi_composer.plan import Env, resolve
 from usi_composer.training import train
 
 
 def test_auto_compiles_on_gpus_only() -> None:
+    def resolve_compile(setting: object, device: str) -> bool:
+        cfg = load_config("yamls/usi.yaml", [f"trainer.compile={str(setting).lower()}", f"trainer.device={device}"])
+        return resolve(cfg, Env(cuda=device == "gpu")).compile
+
     assert [resolve_compile(s, d) for s in ("auto", True, False) for d in ("cpu", "gpu")] == [
         False,
         True,
@@ -39,7 +44,7 @@ def test_dry_run_with_compile_builds_nothing(capsys: pytest.CaptureFixture[str],
         raise AssertionError("--dry-run built the trainer")
 
     monkeypatch.setattr(usi_composer.builders, "build_trainer", build_trainer)
-    assert main(["yamls/usi.yaml", "trainer.compile=true", "--dry-run"]) == 0
+    assert main(["yamls/usi.yaml", "trainer.compile=true", "--print-config"]) == 0
     assert "compile: true" in capsys.readouterr().out
 
 

@@ -10,6 +10,7 @@ import yaml
 from helpers import run_cli
 from usi_composer.cli.train import main
 from usi_composer.config import ConfigError, dump_config, load_config
+from usi_composer.plan import resolve
 
 USI = "yamls/usi.yaml"
 
@@ -23,21 +24,27 @@ USI = "yamls/usi.yaml"
         (["algorithms.distillation.temperature=0"], {}, "algorithms.distillation.temperature: must be > 0, got 0.0"),
         (["model.name=resnt50"], {}, "model.name: unknown timm model 'resnt50' (did you mean 'resnet50'"),
         (["teacher.name=tresnet_v2_x"], {}, "teacher.name: unknown timm model 'tresnet_v2_x' (did you mean"),
-        ([], {"WORLD_SIZE": "3"}, "usi.yaml: trainer.global_batch_size: 1024 does not divide by the world size 3"),
+        ([], {"WORLD_SIZE": "3"}, "trainer.global_batch_size: 1024 does not divide by the world size 3"),
         (["data.crop_pct=1.5"], {}, "data.crop_pct: must be in (0, 1], got 1.5"),
-        (["trainer.max_duration=300epochs"], {}, "trainer.max_duration: not a Composer time string: '300epochs'"),
+        (["trainer.max_duration=300epochs"], {}, "trainer.max_duration: must be a number with a unit (300ep, "),
+        (["trainer.max_duration=2"], {}, "trainer.max_duration: must be a number with a unit (300ep, 2000ba, "),
+        (["scheduler.warmup=0.05dur"], {}, None),
+        (["trainer.eval_interval=1"], {}, "'trainer.eval_interval=1': trainer.eval_interval: must be a number with"),
         (["trainer.global_batch_size=6", "trainer.microbatch_size=3"], {}, "needs an even size per process, got 3"),
         (["nokey"], {}, "override 'nokey': expected key=value"),
         (["trainer.compile=maybe"], {}, "trainer.compile: must be auto, true or false, got 'maybe'"),
     ],
 )
 def test_bad_values_name_source_and_key(
-    overrides: list[str], env: dict, expected: str, monkeypatch: pytest.MonkeyPatch
+    overrides: list[str], env: dict, expected: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    if expected is None:  # accepted
+        resolve(load_config(USI, overrides))
+        return
     with pytest.raises(ConfigError) as info:
-        load_config(USI, overrides)
+        resolve(load_config(USI, overrides))  # the world layout is the run plan's to check
     message = str(info.value)
     assert expected in message and "\n" not in message
 
@@ -46,11 +53,11 @@ def test_bad_values_name_source_and_key(
     ("overrides", "env", "expected"),
     [
         (["model.nme=resnet18"], {}, "error: override 'model.nme=resnet18': model.nme: unknown key 'nme'"),
-        ([], {"WORLD_SIZE": "3"}, "error: yamls/usi.yaml: trainer.global_batch_size: 1024 does not divide"),
+        ([], {"WORLD_SIZE": "3"}, "error: trainer.global_batch_size: 1024 does not divide"),
     ],
 )
 def test_cli_prints_one_line_and_exits_2(
-    overrides: list[str], env: dict, expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    overrides: list[str], env: dict, expected: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -101,7 +108,7 @@ def test_distillation_needs_teacher_weights(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_the_paper_values_and_loads_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main([USI, "--dry-run", "model.name=deit_tiny_patch16_224"]) == 0
+    assert main([USI, "--print-config", "model.name=deit_tiny_patch16_224"]) == 0
     stdout = capsys.readouterr().out
     printed = yaml.safe_load(stdout)
     a, o = printed["algorithms"], printed["optimizer"]
@@ -119,13 +126,18 @@ def test_dry_run_prints_the_paper_values_and_loads_back(tmp_path: Path, capsys: 
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(stdout)
     assert load_config(dumped) == load_config(USI, ["model.name=deit_tiny_patch16_224"])
-    assert dump_config(load_config(dumped)) == stdout
+    config, plan = stdout.split("# the run plan", 1)
+    assert dump_config(load_config(dumped)) == config  # the plan follows as YAML comments
+    assert "\n# lr: 0.002\n" in plan and "\n# ema_smoothing: 0.99996\n" in plan
 
 
 def test_ema_and_lr_scale_with_the_global_batch() -> None:
-    from usi_composer.builders import ema_smoothing, scaled_lr
+    from usi_composer.plan import resolve
+
+    def plan(batch: int):
+        return resolve(load_config(USI, [f"trainer.global_batch_size={batch}"]))
 
     # Same half-life in samples: 16 steps at batch 64 decay as much as 1 step at batch 1024.
-    assert ema_smoothing(0.99996, 1024, 64) ** 16 == pytest.approx(0.99996, rel=1e-12)
-    assert ema_smoothing(0.99996, 1024, 1024) == 0.99996
-    assert scaled_lr(load_config(USI, ["trainer.global_batch_size=256"])) == pytest.approx(5e-4)
+    assert plan(64).ema_smoothing ** 16 == pytest.approx(0.99996, rel=1e-12)
+    assert plan(1024).ema_smoothing == 0.99996
+    assert plan(256).lr == pytest.approx(5e-4)

@@ -417,12 +417,13 @@ def test_val_takes_the_training_classes_in_the_folder_dataset(src: Path) -> None
 
 
 def test_the_builder_gives_val_the_training_classes(src: Path) -> None:
-    from usi_composer.builders import build_dataloaders
     from usi_composer.config import load_config
+    from usi_composer.data.loaders import build_dataloaders
+    from usi_composer.plan import resolve
 
     overrides = [f"data.train_dir={src / 'train'}", f"data.val_dir={src / 'val'}", "data.num_workers=0"]
     cfg = load_config(REPO / "yamls" / "usi.yaml", [*overrides, "trainer.global_batch_size=2", "trainer.device=cpu"])
-    train, val = build_dataloaders(cfg, [0.5] * 3, [0.5] * 3)
+    train, val = build_dataloaders(cfg, resolve(cfg))
     assert val is not None
     classes = train.dataloader.dataset.classes
     assert sorted(y for _, y in val.dataloader.dataset.samples) == [0, 2, 4] and len(classes) == 6

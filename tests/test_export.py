@@ -26,6 +26,7 @@ from usi_composer.cli import export as export_cli
 from usi_composer.config import load_config
 from usi_composer.data.convert import convert_imagenet
 from usi_composer.models import save_weights, trained_weights
+from usi_composer.plan import resolve
 from usi_composer.training import train
 
 DEMO = str(REPO / "yamls" / "demo.yaml")
@@ -224,7 +225,7 @@ def test_the_export_is_a_model_and_a_teacher_checkpoint(run: Run, exported: tupl
             f"teacher.checkpoint={weights}",
         ],  # demo.yaml's teacher.mean/std: the student's, as the export's pretrained_cfg says
     )
-    algorithms = build_algorithms(cfg, [0.5] * 3, [0.5] * 3)
+    algorithms = build_algorithms(cfg, resolve(cfg))
     teacher = next(a for a in algorithms if isinstance(a, KnowledgeDistillation)).teacher
     reference = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     x = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(0))

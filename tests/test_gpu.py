@@ -33,11 +33,11 @@ from helpers import (
 )
 from usi_composer.algorithms import BestOfEMAAndRaw
 from usi_composer.algorithms.ema import FusedEMAParameters
-from usi_composer.builders import build_gpu_pipeline
 from usi_composer.config import DataConfig, load_config
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.gpu_pipeline import KIND, KIND_JPEG, KIND_PIXELS, collate_encoded, decode_images
 from usi_composer.data.layout import find_classes
+from usi_composer.data.loaders import build_gpu_pipeline
 from usi_composer.data.spec import TransformSpec
 from usi_composer.data.transforms import decode_rgb
 from usi_composer.training import train
@@ -74,7 +74,7 @@ def _chw(data: bytes) -> torch.Tensor:
 
 
 def _pipeline(*extra: str):
-    """The recipe's gpu pipeline (``builders.build_gpu_pipeline``) for yamls/usi.yaml at SIZE px."""
+    """The recipe's gpu pipeline (``data.loaders.build_gpu_pipeline``) for yamls/usi.yaml at SIZE px."""
     cfg = load_config("yamls/usi.yaml", [f"data.image_size={SIZE}", *extra])
     return build_gpu_pipeline(cfg, TransformSpec.from_data(cfg.data, mean=MEAN, std=STD))
 

@@ -11,7 +11,6 @@ from PIL import Image
 from streaming import MDSWriter
 
 from helpers import IMAGENET_SAMPLE, REPO
-from usi_composer.builders import validate_hash
 from usi_composer.cli import train as train_cli
 from usi_composer.config import DataConfig, load_config
 from usi_composer.data.gpu_pipeline import EncodedSample
@@ -19,6 +18,7 @@ from usi_composer.data.mds import MDS_COLUMNS
 from usi_composer.data.spec import TransformSpec
 from usi_composer.data.transforms import BytesTransform, transform_sample
 from usi_composer.errors import CorruptSampleError
+from usi_composer.plan import resolve
 
 FILES = sorted((IMAGENET_SAMPLE / "train").glob("*/*.JPEG"))[:4]
 
@@ -100,8 +100,12 @@ def test_the_pixel_limit_reaches_training(tmp_path: Path, capsys: pytest.Capture
 
 def test_remote_shards_are_hash_checked_by_default() -> None:
     usi = REPO / "yamls" / "usi.yaml"
-    remote = load_config(usi, ["data.remote=s3://bucket/imagenet"]).data
-    assert remote.streaming.validate_hash == "auto" and validate_hash(remote) == "sha1"
-    assert validate_hash(load_config(usi, ["data.local=/data/imagenet-mds"]).data) is None
-    assert validate_hash(load_config(usi, ["data.remote=s3://b/i", "data.streaming.validate_hash=null"]).data) is None
-    assert validate_hash(load_config(usi, ["data.local=/d", "data.streaming.validate_hash=xxh64"]).data) == "xxh64"
+
+    def validate_hash(*overrides: str) -> str | None:
+        return resolve(load_config(usi, list(overrides))).validate_hash
+
+    assert load_config(usi, ["data.remote=s3://bucket/imagenet"]).data.streaming.validate_hash == "auto"
+    assert validate_hash("data.remote=s3://bucket/imagenet") == "sha1"
+    assert validate_hash("data.local=/data/imagenet-mds") is None
+    assert validate_hash("data.remote=s3://b/i", "data.streaming.validate_hash=null") is None
+    assert validate_hash("data.local=/d", "data.streaming.validate_hash=xxh64") == "xxh64"

@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from usi_composer.errors import SetupError
@@ -13,6 +14,9 @@ PAIRS = [
     (((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))),  # ImageNet -> TResNet
     (((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((0.481, 0.458, 0.408), (0.269, 0.261, 0.276))),  # Inception -> CLIP
 ]
+
+HALF = ((0.5,) * 3, (0.5,) * 3)  # a student's normalization
+IMAGENET = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)  # resnet10t's pretrained cfg
 
 
 @pytest.mark.parametrize(("student", "teacher"), PAIRS)
@@ -56,7 +60,7 @@ def test_fold_batchnorm_is_exact_and_removes_bn(name: str) -> None:
 
 def test_build_teacher_is_frozen_and_matches_timm(saved_teacher) -> None:
     ckpt = saved_teacher("resnet10t", 10)
-    teacher = build_teacher("resnet10t", 10, (0.5,) * 3, (0.5,) * 3, checkpoint=str(ckpt))
+    teacher = build_teacher("resnet10t", 10, HALF, IMAGENET, checkpoint=str(ckpt))
     assert not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
     plain = timm.create_model("resnet10t", num_classes=10)
@@ -77,12 +81,12 @@ def test_pretrained_offline_names_the_alternative(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SetupError, match=r"pass checkpoint=PATH"):
-        build_teacher("resnet10t", 10, (0.5,) * 3, (0.5,) * 3, pretrained=True)
+        build_teacher("resnet10t", 10, HALF, IMAGENET, pretrained=True)
 
 
 def test_missing_checkpoint_is_a_setup_error(tmp_path) -> None:
     with pytest.raises(SetupError, match="checkpoint not found"):
-        build_teacher("resnet10t", 10, (0.5,) * 3, (0.5,) * 3, checkpoint=str(tmp_path / "nope.pt"))
+        build_teacher("resnet10t", 10, HALF, IMAGENET, checkpoint=str(tmp_path / "nope.pt"))
 
 
 def pretrained_teacher(digits, file, *extra: str) -> list[str]:
@@ -124,12 +128,17 @@ def test_pretrained_teacher_for_other_classes_stops_before_anything_is_built(dig
 
 def test_pretrained_teacher_key_names_where_the_class_count_comes_from(digits) -> None:
     from helpers import DEMO
-    from usi_composer.builders import check_teacher_classes
     from usi_composer.config import ConfigError, load_config
+    from usi_composer.plan import resolve
+    from usi_composer.preflight import check_teacher_classes
+
+    def check(*overrides: str) -> None:
+        cfg = load_config(DEMO, list(overrides))
+        check_teacher_classes(cfg, resolve(cfg))
 
     def key(*overrides: str) -> str:
         with pytest.raises(ConfigError) as error:
-            check_teacher_classes(load_config(DEMO, list(overrides)))
+            check(*overrides)
         return error.value.key
 
     hub = ["teacher.name=tresnet_v2_l.miil_in21k_ft_in1k", "teacher.checkpoint=null", "teacher.pretrained=true"]
@@ -137,8 +146,8 @@ def test_pretrained_teacher_key_names_where_the_class_count_comes_from(digits) -
     assert key(*hub, "teacher.kwargs.pretrained_cfg_overlay.num_classes=100") == (
         "teacher.kwargs.pretrained_cfg_overlay.num_classes"
     )
-    check_teacher_classes(load_config(DEMO, [*hub, "data.num_classes=1000"]))  # the weights' classes: fine
-    check_teacher_classes(load_config(DEMO, [*hub, "algorithms.distillation.enabled=false"]))  # no teacher
+    check(*hub, "data.num_classes=1000")  # the weights' classes: fine
+    check(*hub, "algorithms.distillation.enabled=false")  # no teacher
 
 
 def test_pretrained_teacher_for_the_same_classes_distils(digits, saved_teacher) -> None:

@@ -11,12 +11,13 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RandAugment
 from torchvision.transforms import CenterCrop, Resize
 
-from usi_composer.builders import build_dataloaders
 from usi_composer.config import DataConfig, load_config
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.gpu_pipeline import DeviceTransform, EncodedSample, collate_encoded
+from usi_composer.data.loaders import build_dataloaders
 from usi_composer.data.spec import TransformSpec
 from usi_composer.data.transforms import BytesTransform, build_transform
+from usi_composer.plan import resolve
 
 STUDENT_MEAN, STUDENT_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -97,7 +98,8 @@ def test_one_spec_from_the_config_and_the_student_drives_every_transform(
             "data.num_workers=0",
         ],
     )
-    train, val = build_dataloaders(cfg, list(STUDENT_MEAN), list(STUDENT_STD))
+    plan = dataclasses.replace(resolve(cfg), student_mean=tuple(STUDENT_MEAN), student_std=tuple(STUDENT_STD))
+    train, val = build_dataloaders(cfg, plan)
     assert val is not None
     transforms = [train.dataloader.dataset.transform, val.dataloader.dataset.transform]
     if pipeline == "gpu":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import datetime
 import logging
 import os
@@ -22,23 +21,22 @@ import re
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from composer.core import Callback
+from omegaconf import OmegaConf
 from torch.torch_version import TorchVersion
 
-from usi_composer.config import Config, ConfigError, config_to_dict
+from usi_composer.config import FREE, Config, ConfigError, config_to_dict, leaf_fields
 from usi_composer.errors import CheckpointError, UnsafeCheckpointError, first_line
+from usi_composer.storage import TEMP_PREFIX
 
 __all__ = [
     "LATEST_CHECKPOINT",
-    "NOT_TRAINING_MATH",
     "SAFE_GLOBALS",
     "ConfigRecord",
-    "atomic_file",
     "check_algorithm_reprs",
     "first_math_change",
     "is_complete",
@@ -179,28 +177,8 @@ def _evaluates_to_a_plain_call(text: Any, algorithm: str) -> bool:
 
 # --------------------------------------------------------------------------- writing and hygiene
 
-_TEMP_PREFIX = ".tmp-"
+_TEMP_PREFIX = TEMP_PREFIX  # storage.atomic_file's temporary names: what a killed write leaves
 _TEMP_NAME = re.compile(rf"^{re.escape(_TEMP_PREFIX)}[0-9a-f]{{12}}-(?P<name>.+)$")
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[str]:
-    """A temporary name beside ``path`` to write to, moved over ``path`` (``os.replace``) once the
-    write has finished and reached the disk; removed if the write failed. ``path`` is never a partial
-    file: it is the previous file or the complete new one. The temporary name keeps ``path``'s ending
-    (writers pick the format by it) and starts with a dot, so no checkpoint name pattern matches it."""
-    path = os.fspath(path)
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f"{_TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def is_complete(path: str | os.PathLike) -> bool:
@@ -270,45 +248,6 @@ def _free_name(path: str) -> str:
 
 # --------------------------------------------------------------------------- resuming with another config
 
-# Keys whose change leaves what the run computes as it was: a resume with them changed is silent.
-# Prefixes of dotted key paths. Everything else is training math (model, data, batch sizes, optimizer,
-# scheduler, seed, duration, precision, augmentation, algorithms, teacher) and stops an autoresume.
-NOT_TRAINING_MATH = (
-    # evaluation
-    "trainer.eval_",
-    "data.val_dir",
-    "data.streaming.val_split",
-    "data.crop_pct",
-    "algorithms.ema.best_of_raw",
-    # logging
-    "loggers",
-    "trainer.progress_bar",
-    "trainer.log_to_console",
-    "trainer.console_log_interval",
-    "algorithms.distillation.log_interval",
-    # a cached teacher is the same teacher (usi_composer/teacher_cache.py: its fingerprint is checked)
-    "algorithms.distillation.cache",
-    # checkpointing and resuming
-    "trainer.save_",
-    "trainer.run_name",
-    "trainer.autoresume",
-    "trainer.load_path",
-    "trainer.trust_checkpoints",
-    "model.trust_checkpoint",
-    "teacher.trust_checkpoint",
-    # how it runs and how the data is read (the number of nodes is not in the config: elastic resume)
-    "trainer.compile",
-    "trainer.fsdp",
-    "trainer.device",
-    "data.num_workers",
-    "data.pin_memory",
-    "data.persistent_workers",
-    "data.streaming.predownload",
-    "data.streaming.cache_limit",
-    "data.streaming.download_",
-    "data.streaming.validate_hash",
-)
-# ... and data.local where data.remote is set (then it is the shards' cache, not the data).
 _ABSENT, _UNKNOWN = object(), object()
 
 
@@ -337,12 +276,17 @@ def first_math_change(
     """The first key (in the config's order) whose value changes the training math from the config a
     checkpoint recorded to the current one, with both values (``unset`` where absent); None if none does.
 
-    ``accept``: key paths whose change (or their children's) is accepted. A key the recorded config
-    lacks because it was written before the key existed counts as its default; a key of a free-form
-    field (``model.kwargs``, ...) that one side lacks counts as unset.
+    Which keys are training math is the schema's to say: every leaf whose role is not ``free``
+    (``usi_composer/config/fields.py``) and that applies to the current run (its ``when``; e.g.
+    ``data.local`` is only the shards' cache where ``data.remote`` is set). ``accept``: key paths whose
+    change (or their children's) is accepted. A key the recorded config lacks because it was written
+    before the key existed counts as its default; a key of a free-form field (``model.kwargs``, ...) that
+    one side lacks counts as unset.
     """
     old, new = _flatten(recorded), _flatten(current)
     defaults = _flatten(config_to_dict(Config()))
+    leaves = {leaf.key: leaf for leaf in leaf_fields(Config)}
+    config = OmegaConf.create(current)  # what the leaves' `when` reads (cfg.data.remote, ...)
 
     def value(side: dict[str, Any], key: str) -> Any:
         if key in side:
@@ -351,12 +295,14 @@ def first_math_change(
             return _ABSENT
         return defaults.get(key, _UNKNOWN)  # written before the key existed: its default
 
+    def is_math(key: str) -> bool:
+        leaf = leaves.get(key) or next((v for k, v in leaves.items() if key.startswith(f"{k}.")), None)
+        return leaf is not None and leaf.role != FREE and leaf.applies(config)
+
     for key in [*new, *(k for k in old if k not in new)]:
         before, after = value(old, key), value(new, key)
-        if before is _UNKNOWN or after is _UNKNOWN or before == after or key.startswith(NOT_TRAINING_MATH):
+        if before is _UNKNOWN or after is _UNKNOWN or before == after or not is_math(key):
             continue  # _UNKNOWN: a key this version's schema no longer has
-        if key == "data.local" and new.get("data.remote"):
-            continue  # the shards' cache
         if not any(key == a or key.startswith(f"{a}.") for a in accept):
             return key, before, after
     return None
@@ -388,7 +334,6 @@ class ConfigRecord(Callback):
         key, before, after = change
         accept = ",".join([*self.accept, key])
         raise ConfigError(
-            "",
             "trainer.autoresume",
             f"{key} is {_show(after)}, the checkpoint was trained with {_show(before)} (a change to the "
             f"training math); to continue with it anyway, add trainer.autoresume_accept=[{accept}]",

@@ -24,18 +24,13 @@ from torch import nn
 from usi_composer.errors import UsiError, reason
 from usi_composer.patches import compiler_exception, mark_dynamic
 
-__all__ = ["CompileError", "CompileTime", "compile_failure", "mark_batch_dynamic", "resolve_compile"]
+__all__ = ["CompileError", "CompileTime", "compile_failure", "mark_batch_dynamic"]
 
 log = logging.getLogger(__name__)
 
 
 class CompileError(UsiError, RuntimeError):
     """Compiling the student or the teacher failed; the message names it and the option to turn off."""
-
-
-def resolve_compile(setting: bool | str, device: str) -> bool:
-    """``trainer.compile``: ``auto`` compiles on GPUs only (on a CPU compiling costs more than it saves)."""
-    return device == "gpu" if setting == "auto" else bool(setting)
 
 
 def mark_batch_dynamic(batch: Any) -> Any:

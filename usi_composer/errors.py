@@ -5,6 +5,17 @@ class UsiError(Exception):
     """Base of the errors a user can fix (bad config, missing data, weights that need network)."""
 
 
+class ConfigError(UsiError, ValueError):
+    """A bad configuration, with a one-line message: ``<source>: <key.path>: <what is wrong>``.
+
+    ``source``: the yaml file or the override that set the key, where the problem is found while
+    loading; empty for what is found later (the run plan, the pre-flight, building)."""
+
+    def __init__(self, key: str, message: str, *, source: str = "") -> None:
+        self.source, self.key, self.message = source, key, message
+        super().__init__(": ".join(part for part in (source, key, message) if part))
+
+
 class SetupError(UsiError, RuntimeError):
     """Something the config points to cannot be built: missing data, unreachable weights."""
 
@@ -34,6 +45,10 @@ class CorruptSampleError(LoaderWorkerError):
 
 class LostPeerError(UsiError, RuntimeError):
     """Another process of a distributed job died or became unreachable (a lost node)."""
+
+
+class CorruptFileError(SetupError):
+    """A file the recipe wrote earlier that is not what was written (cut short, other bytes, unreadable)."""
 
 
 class CheckpointError(SetupError):

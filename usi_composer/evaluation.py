@@ -1,5 +1,5 @@
 """Top-1 and top-5 of trained weights on a validation split, through the pipeline training evaluates
-with (``usi-eval``): the same loader and ``TransformSpec`` (``builders.build_dataloaders``), device
+with (``usi-eval``): the same loader and ``TransformSpec`` (``data/loaders.py``), device
 transform, precision, memory format and metrics (``USIClassifier``), so a checkpoint scores what
 training reported for its weights.
 """
@@ -13,11 +13,12 @@ import torch
 from composer.core.precision import get_precision_context
 from composer.utils import get_device
 
-from usi_composer.builders import build_dataloaders, resolve_device_and_precision, student_normalization
 from usi_composer.config import Config, ConfigError
+from usi_composer.data.loaders import build_dataloaders
 from usi_composer.export import resolve_checkpoint, trained_backbone
 from usi_composer.models import USIClassifier
 from usi_composer.patches import apply_patches
+from usi_composer.plan import resolve
 
 __all__ = ["Evaluation", "evaluate", "validation_split"]
 
@@ -37,10 +38,10 @@ def validation_split(cfg: Config) -> str:
     d = cfg.data
     if d.remote or d.local:
         if d.streaming.val_split is None:
-            raise ConfigError("", "data.streaming.val_split", "is null: name the MDS split to evaluate on (e.g. val)")
+            raise ConfigError("data.streaming.val_split", "is null: name the MDS split to evaluate on (e.g. val)")
         return f"{(d.remote or d.local or '').rstrip('/')}/{d.streaming.val_split}"
     if d.val_dir is None:
-        raise ConfigError("", "data.val_dir", "is unset: set it to the validation folder (<val_dir>/<class>/<image>)")
+        raise ConfigError("data.val_dir", "is unset: set it to the validation folder (<val_dir>/<class>/<image>)")
     return d.val_dir
 
 
@@ -55,15 +56,15 @@ def evaluate(cfg: Config, checkpoint: str | None = None, trust: bool = False) ->
     the numbers agree but for images whose top two logits (nearly) tie.
     """
     split = validation_split(cfg)  # before any weights are read
+    plan = resolve(cfg)
     checkpoint = resolve_checkpoint(cfg, checkpoint)
     apply_patches()  # the streaming fixes build_dataloaders relies on, as in training
     trained = trained_backbone(cfg, checkpoint, trust)
     model = USIClassifier(trained.module, num_classes=cfg.data.num_classes)
-    mean, std = student_normalization(cfg, trained.module)
-    _, val = build_dataloaders(cfg, mean, std)
+    _, val = build_dataloaders(cfg, plan)
     assert val is not None  # validation_split
-    device_name, precision = resolve_device_and_precision(cfg)
-    device = get_device(device_name)
+    precision = plan.precision
+    device = get_device(plan.device)
     model = device.module_to_device(model)
     if cfg.algorithms.channels_last:  # as Composer's ChannelsLast algorithm converts the student
         model = model.to(memory_format=torch.channels_last)

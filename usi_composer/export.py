@@ -23,12 +23,12 @@ from typing import Any
 from composer.utils import format_name_with_dist
 from torch import nn
 
-from usi_composer.builders import student_normalization
 from usi_composer.checkpoints import LATEST_CHECKPOINT
 from usi_composer.config import Config, ConfigError
 from usi_composer.data import TransformSpec
 from usi_composer.errors import CheckpointError, SetupError, first_line
 from usi_composer.models import create_model_for_size, load_weights
+from usi_composer.plan import resolve
 
 __all__ = [
     "EXPORT_FILES",
@@ -80,10 +80,10 @@ def resolve_checkpoint(cfg: Config, checkpoint: str | None) -> str:
         )
     t = cfg.trainer
     if not t.save_folder:
-        raise ConfigError("", "trainer.save_folder", "is unset: pass --checkpoint, or the run's save_folder")
+        raise ConfigError("trainer.save_folder", "is unset: pass --checkpoint, or the run's save_folder")
     if "{run_name}" in t.save_folder and not t.run_name:
         raise ConfigError(
-            "", "trainer.run_name", f"is unset, and trainer.save_folder ({t.save_folder}) names the run: set the run's"
+            "trainer.run_name", f"is unset, and trainer.save_folder ({t.save_folder}) names the run: set the run's"
         )
     return f"{format_name_with_dist(t.save_folder, t.run_name or '').rstrip('/')}/{LATEST_CHECKPOINT}"
 
@@ -111,11 +111,11 @@ def trained_backbone(cfg: Config, checkpoint: str, trust: bool = False) -> Train
     return TrainedBackbone(module.eval(), weights, model_args)
 
 
-def eval_data_config(cfg: Config, backbone: nn.Module) -> dict[str, Any]:
+def eval_data_config(cfg: Config) -> dict[str, Any]:
     """The recipe's eval transform (``TransformSpec``, as ``build_dataloaders`` makes it) in timm's data
     config keys: what ``timm.data.create_transform(**config)`` needs to rebuild it."""
-    mean, std = student_normalization(cfg, backbone)
-    spec = TransformSpec.from_data(cfg.data, mean=mean, std=std)
+    plan = resolve(cfg)
+    spec = TransformSpec.from_data(cfg.data, mean=plan.student_mean, std=plan.student_std)
     return {
         "input_size": (3, spec.image_size, spec.image_size),
         "interpolation": spec.fixed_interpolation,
@@ -167,7 +167,7 @@ def export_for_timm(
     checkpoint = resolve_checkpoint(cfg, checkpoint)
     trained = trained_backbone(cfg, checkpoint, trust)
     module = trained.module
-    data_config = eval_data_config(cfg, module)
+    data_config = eval_data_config(cfg)
     module.pretrained_cfg = {
         **{k: v for k, v in module.pretrained_cfg.items() if k not in _SOURCE_WEIGHTS},
         **data_config,

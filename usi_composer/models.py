@@ -17,8 +17,9 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from usi_composer.checkpoints import atomic_file, read_checkpoint, refuse_plain_http
+from usi_composer.checkpoints import read_checkpoint, refuse_plain_http
 from usi_composer.errors import CheckpointError, InputSizeError, SetupError, reason
+from usi_composer.storage import atomic_file
 
 __all__ = [
     "USIClassifier",

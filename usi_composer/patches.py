@@ -45,8 +45,9 @@ import torch
 from composer.utils import dist, ensure_tuple, parse_uri
 from streaming import StreamingDataset
 
-from usi_composer.checkpoints import ConfigRecord, atomic_file, check_algorithm_reprs, read_checkpoint
+from usi_composer.checkpoints import ConfigRecord, check_algorithm_reprs, read_checkpoint
 from usi_composer.errors import SetupError
+from usi_composer.storage import atomic_file
 
 __all__ = [
     "CHECKED",
@@ -382,7 +383,7 @@ def _write_checkpoint_file(state_dict: dict[str, Any], filename: str) -> None:
     """Composer 0.32.1 writes a checkpoint in place, so a write that fails (a full disk) or is killed
     leaves a truncated file under a checkpoint's name, which later blocks autoresume. Here Composer's
     writer (any of its formats) writes a temporary file beside it, moved over the name once complete
-    (``checkpoints.atomic_file``)."""
+    (``storage.atomic_file``)."""
     with atomic_file(filename) as tmp:
         _ORIGINALS["_write_checkpoint_file"](state_dict, tmp)
 

@@ -31,6 +31,7 @@ __all__ = [
     "StorageError",
     "atomic_file",
     "atomic_write",
+    "check",
     "exists",
     "is_remote",
     "join",
@@ -40,6 +41,7 @@ __all__ = [
     "read_json",
     "write_json",
 ]
+
 
 def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: set back at once, at import (no threads yet)
@@ -84,6 +86,12 @@ def _remote(location: str) -> tuple[Any, str]:
 
     scheme, bucket, path = parse_uri(location)
     return _bucket(scheme, bucket), path.lstrip("/")
+
+
+def check(location: str | os.PathLike) -> None:
+    """A :class:`StorageError` where ``location`` is a URI no object store of Composer's takes (no request is made)."""
+    if is_remote(location):
+        _remote(os.fspath(location))
 
 
 def read(location: str | os.PathLike) -> bytes:

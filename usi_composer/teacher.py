@@ -130,12 +130,10 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
 def build_teacher(
     name: str,
     num_classes: int,
-    student_mean: Sequence[float],
-    student_std: Sequence[float],
+    student: tuple[Sequence[float], Sequence[float]],
+    teacher: tuple[Sequence[float], Sequence[float]],
     checkpoint: str | None = None,
     pretrained: bool = False,
-    teacher_mean: Sequence[float] | None = None,
-    teacher_std: Sequence[float] | None = None,
     fold_bn: bool = True,
     channels_last: bool = True,
     compile: bool = False,
@@ -149,8 +147,8 @@ def build_teacher(
     ``img_size``: the size the teacher is built for (timm's ``img_size`` where the model takes
     it) and sees: a student batch of another size is resized to it. None: the batch's size.
 
-    ``teacher_mean``/``teacher_std``: the normalization the teacher was trained with; by default
-    its timm ``pretrained_cfg`` (right for timm's weights, not for a teacher trained with others).
+    ``student``: the (mean, std) its inputs are normalized with; ``teacher``: the (mean, std) it was
+    trained with (``plan.py`` resolves both: ``teacher.mean``/``std``, else its timm ``pretrained_cfg``).
     ``compile``: ``torch.compile`` the prepared teacher in place (``nn.Module.compile``: it stays
     this module, and compiles at its first call).
     ``trust_checkpoint``: unpickle ``checkpoint`` in full (it may run code); else it is read as data.
@@ -164,16 +162,12 @@ def build_teacher(
         trust_checkpoint=trust_checkpoint,
         **kwargs,
     )
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    teacher_mean = teacher_mean or cfg.get("mean", student_mean)
-    teacher_std = teacher_std or cfg.get("std", student_std)
     model = model.eval().requires_grad_(False)
     if fold_bn:
         model = fold_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    teacher = Renormalize(model, student_mean, student_std, teacher_mean, teacher_std, channels_last, img_size)
-    teacher = teacher.eval().requires_grad_(False)
+    prepared = Renormalize(model, *student, *teacher, channels_last, img_size).eval().requires_grad_(False)
     if compile:
-        teacher.compile()
-    return teacher
+        prepared.compile()
+    return prepared

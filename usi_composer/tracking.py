@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from usi_composer.config import Config, WandBConfig, config_to_dict
+from usi_composer.plan import RunPlan
 from usi_composer.redaction import redact
 
 __all__ = ["build_wandb_logger", "iter_wandb_records", "loggable_config", "read_wandb_run"]
@@ -20,8 +21,10 @@ def loggable_config(cfg: Config, environ: dict[str, str] | None = None) -> dict[
     return redact(config_to_dict(cfg), environ)
 
 
-def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None
-    """Composer's ``WandBLogger`` as ``loggers.wandb`` says, or None when it is null.
+def build_wandb_logger(cfg: Config, plan: RunPlan | None = None) -> Any:
+    """Composer's ``WandBLogger`` as ``loggers.wandb`` says, or None when it is null. Its config: the
+    resolved config and, under ``plan``, the run plan's derived values (the scaled LR, the EMA smoothing
+    per step, the batch layout, the normalizations).
 
     A run started by ``wandb agent`` (``WANDB_SWEEP_ID`` set) always logs, with W&B's defaults
     where ``loggers.wandb`` is null: the sweep reads its metric from the run, so the sweep files
@@ -34,7 +37,10 @@ def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None
         return None
     from usi_composer.patches import wandb_logger_class
 
-    init_kwargs: dict[str, Any] = {"config": loggable_config(cfg)}
+    config = loggable_config(cfg)
+    if plan is not None:
+        config["plan"] = redact(plan.as_dict())
+    init_kwargs: dict[str, Any] = {"config": config}
     if w.notes is not None:
         init_kwargs["notes"] = redact(w.notes)
     if w.mode is not None:

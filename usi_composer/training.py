@@ -6,7 +6,7 @@ all train through it; failures a user can act on become one-line errors here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from composer.loggers import WandBLogger
 from composer.utils import dist
@@ -17,12 +17,16 @@ from usi_composer.compilation import compile_failure
 from usi_composer.config import Config
 from usi_composer.errors import LostPeerError, first_line
 
+if TYPE_CHECKING:
+    from composer import Trainer
+
 __all__ = ["final_metrics", "final_top1", "lost_peer", "train"]
 
 
-def train(cfg: Config, **build_kwargs: object):  # -> composer.Trainer
-    """Build the trainer for ``cfg``, fit it, return it (metrics are in ``trainer.state.eval_metrics``)."""
-    trainer = build_trainer(cfg, **build_kwargs)  # type: ignore[arg-type]
+def train(cfg: Config, **build_kwargs: Any) -> Trainer:
+    """Resolve ``cfg``'s run plan, check it before anything is built, set up the process, build the
+    trainer, fit it and return it (``builders.build_trainer``; metrics are in ``trainer.state.eval_metrics``)."""
+    trainer = build_trainer(cfg, **build_kwargs)
     try:
         trainer.fit()
     except Exception as e:  # a compile failure or a lost node becomes one line that says what to do
@@ -61,7 +65,7 @@ def _teacher(trainer: Any, cfg: Config) -> tuple[str, Any] | None:
     return (str(cfg.teacher.name), kd.teacher) if kd is not None and kd.teacher is not None else None
 
 
-def final_top1(trainer, label: str = "eval") -> float:  # trainer: composer.Trainer
+def final_top1(trainer: Trainer, label: str = "eval") -> float:
     """Top-1 of the last evaluation: of the better of EMA and raw weights where both were validated."""
     best = next((c for c in trainer.state.callbacks if isinstance(c, BestOfEMAAndRaw)), None)
     if best is not None and label in best.scores:
@@ -69,7 +73,7 @@ def final_top1(trainer, label: str = "eval") -> float:  # trainer: composer.Trai
     return float(trainer.state.eval_metrics[label]["top1"].compute())
 
 
-def final_metrics(trainer: Any) -> dict[str, Any]:
+def final_metrics(trainer: Trainer) -> dict[str, Any]:
     """The last evaluation's metrics under their logged names (``metrics/eval/top1``, ...; the
     EMA weights' where EMA ran), ``metrics/eval_best/top1`` (:func:`final_top1`) and
     ``wandb_run_dir`` where a W&B run was written."""

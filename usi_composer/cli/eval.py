@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,12 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"top-1 {top1:.4f}  top-5 {top5:.4f}  ({result.samples} images of {result.split})")
     print(f"  {result.checkpoint}: {result.weights}")
     if args.metrics_out is not None:
-        from usi_composer.checkpoints import atomic_file
+        from usi_composer import storage
 
         report = {**result.metrics, "samples": result.samples, "checkpoint": result.checkpoint}
-        args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(args.metrics_out) as tmp, open(tmp, "w") as f:
-            f.write(json.dumps({**report, "weights": result.weights}, indent=1) + "\n")
+        storage.write_json(args.metrics_out, {**report, "weights": result.weights})
     return 0
 
 

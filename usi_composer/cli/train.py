@@ -6,14 +6,13 @@ Also ``python train.py ...`` (one process) and the ``usi-train`` console script.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction
 from usi_composer.cli._common import config_parser, fail
-from usi_composer.config import dump_config, load_config
+from usi_composer.config import Config, dump_config, load_config
 from usi_composer.errors import UsiError
 
 __all__ = ["main"]
@@ -28,8 +27,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the config, print it resolved as YAML and exit; on stderr, the size each model "
-        "is built for (checked by one forward on PyTorch's meta device: no weights, no data, no training)",
+        help="run every check that needs no weights or network (the config, the data's folders and classes, "
+        "the checkpoints and their shapes, the models' kwargs and sizes: one forward on PyTorch's meta device), "
+        "print the resolved config and the run plan as YAML and exit; on stderr, the size each model is built for",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="validate the config, print it resolved as YAML with the run plan, and exit: nothing on disk "
+        "is checked (for a config written on one machine to run on another; --dry-run checks everything)",
     )
     parser.add_argument(
         "--metrics-out",
@@ -47,16 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except UsiError as e:
         return fail(e)
-    if args.dry_run:
-        from usi_composer.builders import check_model_sizes
-
-        try:
-            sizes = check_model_sizes(cfg)
-        except UsiError as e:
-            return fail(e)
-        print(dump_config(cfg, redacted=True), end="")
-        print("\n".join(sizes), file=sys.stderr)
-        return 0
+    if args.dry_run or args.print_config:
+        return _dry_run(cfg, check=args.dry_run)
     from usi_composer.training import final_metrics, train  # heavy imports only when training
 
     try:
@@ -66,8 +64,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = final_metrics(trainer)
     trainer.close()  # finishes the W&B run (its summary and files) before we report success
     if args.metrics_out is not None:
-        args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics_out.write_text(json.dumps(metrics, indent=1) + "\n")
+        from usi_composer import storage
+
+        storage.write_json(args.metrics_out, metrics)
+    return 0
+
+
+def _dry_run(cfg: Config, check: bool) -> int:
+    """Print the resolved config and the run plan (as YAML comments, so the output loads back as a config);
+    ``check``: first run the pre-flight, and print on stderr what each model is built for."""
+    from usi_composer.plan import describe, resolve
+    from usi_composer.preflight import preflight
+
+    try:
+        plan = resolve(cfg)
+        sizes = preflight(cfg, plan) if check else []
+    except UsiError as e:
+        return fail(e)
+    print(dump_config(cfg, redacted=True), end="")
+    print("# the run plan: what the config and this machine resolve to (usi_composer/plan.py)")
+    print("\n".join(f"# {line}" for line in describe(plan)))
+    print("\n".join([*sizes, *plan.notes]), file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,93 @@
+"""Filling a teacher cache without a student: what ``usi-cache-teacher`` runs.
+
+The training run's own loop (``builders.build_trainer``: the same data, microbatching, device
+transforms, MixUp/CutMix and teacher, in the same precision and compile setting) over
+``trainer.max_duration`` with a :class:`NullStudent` and without EMA, evaluation, checkpoints or W&B.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from composer.models import ComposerModel
+from composer.utils import dist
+from torch import nn
+
+from usi_composer.config import Config
+from usi_composer.teacher_cache.writer import TeacherCacheWriter
+
+__all__ = ["NullStudent", "fill_cache", "teacher_only"]
+
+
+def teacher_only(cfg: Config, out: str) -> Config:
+    """``cfg`` as the run that fills a cache at ``out``: ``cache_write`` set, and what does not shape
+    the teacher's inputs (EMA, evaluation, checkpoints, resuming, W&B) turned off."""
+    cfg = copy.deepcopy(cfg)
+    kd = cfg.algorithms.distillation
+    kd.cache, kd.cache_write = None, out
+    cfg.algorithms.ema.enabled = False
+    cfg.data.val_dir = None
+    cfg.data.streaming.val_split = None
+    trainer = cfg.trainer
+    trainer.save_folder, trainer.autoresume, trainer.load_path = None, False, None
+    cfg.loggers.wandb = None
+    return cfg
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def fill_cache(cfg: Config, out: str) -> str | None:
+    """Run ``cfg``'s training loop with a :class:`NullStudent`, storing the teacher's outputs at ``out``;
+    return the summary line (rank 0, where anything was written), else None."""
+    from usi_composer.builders import build_trainer
+
+    cfg = teacher_only(cfg, out)
+    trainer = build_trainer(cfg, student=NullStudent(cfg.data.num_classes))
+    trainer.fit()
+    writer = next(c for c in trainer.state.callbacks if isinstance(c, TeacherCacheWriter))
+    trainer.close()
+    if dist.get_global_rank() != 0 or not writer.samples:
+        return None
+    m = writer.manifest
+    what = f"top-{m.k} logits" if m.format == "topk" else "every logit"
+    per_sample, epochs = writer.stored_bytes / writer.samples, writer.stored_batches / m.batches_per_epoch
+    return (
+        f"teacher cache {out}: {writer.stored_batches} batches ({epochs:g} epochs) x {m.world_size} "
+        f"rank(s), {what} of {m.num_classes} classes; "
+        f"{per_sample:.1f} bytes per sample per epoch ({writer.payload_bytes / writer.samples:.1f} of them the "
+        f"outputs), {_size(writer.stored_bytes * m.world_size)} in all"
+    )
+
+
+class NullStudent(ComposerModel):
+    """What ``usi-cache-teacher`` trains in place of the student: nothing worth computing.
+
+    Its outputs are zeros of the classes' shape, from one parameter, so the loss, backward pass
+    and optimizer step of Composer's loop run as in training (and cost nothing), while the data,
+    the microbatching, the device transforms, MixUp/CutMix and the teacher run exactly as they do
+    in a training run: the teacher's inputs are a training run's by construction.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.module = nn.Module()
+        self.module.register_parameter("weight", nn.Parameter(torch.zeros(())))
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        inputs = batch[0]
+        return self.module.weight.expand(inputs.shape[0], self.num_classes)
+
+    def loss(self, outputs: torch.Tensor, batch: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return outputs.sum() * 0.0
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
+        return {}
