@@ -18,7 +18,7 @@ import torch
 from composer.core import State
 
 from helpers import DEMO, one_error_line, tiny
-from usi_composer import builders, patches
+from usi_composer import checkpoints, patches
 from usi_composer.builders import build_trainer
 from usi_composer.checkpoints import first_math_change, is_complete
 from usi_composer.cli.train import main
@@ -121,7 +121,7 @@ def test_without_the_set_aside_composer_refuses_to_resume(
     cut_in_half(run_folder / "ep0-ba3-rank0.pt")
     (run_folder / "latest-rank0.pt").unlink()
     (run_folder / "latest-rank0.pt").symlink_to("ep0-ba2-rank0.pt")
-    monkeypatch.setattr(builders, "set_aside_partial_checkpoints", lambda folder: None)
+    monkeypatch.setattr(checkpoints, "set_aside_partial_checkpoints", lambda folder: None)
     run = resumable(digits, run_folder, "trainer.max_duration=4ba", "trainer.autoresume_accept=[trainer.max_duration]")
     trainer = build_trainer(load_config(DEMO, run))
     with pytest.raises(FileExistsError, match=r"ep0-ba3-rank0\.pt may conflict with a future checkpoint"):

@@ -57,7 +57,11 @@ def test_bad_values_name_source_and_key(
     ],
 )
 def test_cli_prints_one_line_and_exits_2(
-    overrides: list[str], env: dict, expected: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    overrides: list[str],
+    env: dict,
+    expected: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -20,7 +20,16 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import NUM_CLASSES, TINY_TRAIN, MotoServer, make_imagenet, run, tiny_image_folder, tiny_overrides
+from helpers import (
+    NUM_CLASSES,
+    TINY_TRAIN,
+    MotoServer,
+    make_imagenet,
+    one_error_line,
+    run,
+    tiny_image_folder,
+    tiny_overrides,
+)
 from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix, kd_loss
 from usi_composer.checkpoints import first_math_change
 from usi_composer.cli import cache_teacher
@@ -172,12 +181,20 @@ def test_reading_a_cache_needs_no_teacher_weights_but_writing_one_does() -> None
         load_config(DEMO, ["teacher.checkpoint=null", "algorithms.distillation.cache_write=/a"])
 
 
-def test_the_cache_keys_are_not_training_math() -> None:
+def test_where_the_cache_is_is_free_its_format_is_training_math() -> None:
+    """Reading an exact cache is the online teacher (its fingerprint is checked): ``cache`` and ``cache_write``
+    are free. A top-k cache is another teacher signal: ``cache_format``/``cache_topk`` are training math, so an
+    online run resumed with a top-k cache is refused (the reader needs the config to say its format)."""
     base = config_to_dict(load_config(DEMO))
-    for key, value in [("cache", "/a"), ("cache_write", "s3://b/c"), ("cache_format", "topk"), ("cache_topk", 5)]:
+    for key, value in [("cache", "/a"), ("cache_write", "s3://b/c")]:
         changed = config_to_dict(load_config(DEMO))
         changed["algorithms"]["distillation"][key] = value
         assert first_math_change(base, changed) is None, key
+    topk = config_to_dict(load_config(DEMO))
+    topk["algorithms"]["distillation"].update(cache="/a", cache_format="topk", cache_topk=5)
+    assert first_math_change(base, topk) == ("algorithms.distillation.cache_format", "full", "topk")
+    accepted = ["algorithms.distillation.cache_format", "algorithms.distillation.cache_topk"]
+    assert first_math_change(base, topk, accept=accepted) is None
     changed["algorithms"]["distillation"]["alpha"] = 1.0
     assert first_math_change(base, changed) == ("algorithms.distillation.alpha", 5.0, 1.0)
 
@@ -261,9 +278,9 @@ def test_usi_cache_teacher_writes_every_batch_and_reports_its_size(tiny: dict) -
         ("trainer.seed=5", "trainer.seed = 0, this run has 5"),
         ("data.image_size=24", "data.image_size = 16, this run has 24"),
         ("algorithms.mixup_cutmix.prob=0.5", "algorithms.mixup_cutmix.prob = 1.0, this run has 0.5"),
-        ("data.mean=[0.4,0.4,0.4]", "data.mean (the student's normalization) = [0.5, 0.5, 0.5], this run has [0.4"),
+        ("data.mean=[0.4,0.4,0.4]", "plan.student_mean = [0.5, 0.5, 0.5], this run has [0.4"),
         ("teacher.fold_bn=false", "teacher.fold_bn = true, this run has false"),
-        ("trainer.microbatch_size=4", "trainer.microbatch_size = 8, this run has 4"),
+        ("trainer.microbatch_size=4", "plan.microbatch_size = 8, this run has 4"),
     ],
 )
 def test_a_run_whose_teacher_inputs_differ_stops_naming_the_first_difference(
@@ -420,7 +437,7 @@ def test_a_run_reading_a_full_cache_ends_bit_identical_to_the_online_run(
         assert diffs == [], (cached, diffs)
 
 
-def test_a_topk_cache_is_close_to_the_full_one(tiny: dict, tmp_path: Path) -> None:
+def test_a_topk_cache_is_close_to_the_full_one(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A top-2 cache of 4 classes trains (the teacher is not built) and its KD targets are the full
     cache's top-2 probabilities and tail mass."""
     args = [*tiny["args"], "algorithms.distillation.cache_format=topk", "algorithms.distillation.cache_topk=2"]
@@ -433,9 +450,15 @@ def test_a_topk_cache_is_close_to_the_full_one(tiny: dict, tmp_path: Path) -> No
         assert math.isclose(F.kl_div(q.log(), p, reduction="batchmean").item(), 0.0, abs_tol=0.05)
         top2 = p.topk(2, dim=-1).indices
         torch.testing.assert_close(q.gather(-1, top2), p.gather(-1, top2), rtol=1e-5, atol=1e-6)
-    assert (
-        train_cli.main([DEMO, *tiny["args"], f"algorithms.distillation.cache={cache}", "teacher.checkpoint=null"]) == 0
-    )
+    read = [f"algorithms.distillation.cache={cache}", "teacher.checkpoint=null"]
+    # the format is training math: a run reading a top-k cache says so (else refused, naming what to set)
+    assert train_cli.main([DEMO, *tiny["args"], *read]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == (
+        f"error: algorithms.distillation.cache_format: the teacher cache at {cache} holds the top 2 logits: set "
+        "algorithms.distillation.cache_format=topk algorithms.distillation.cache_topk=2"
+    ), line
+    assert train_cli.main([DEMO, *args, *read]) == 0
 
 
 # --------------------------------------------------------------------------- sweeps: one cache per group

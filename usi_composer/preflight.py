@@ -88,7 +88,8 @@ def check_model_sizes(cfg: Config, plan: RunPlan) -> list[str]:
         if took:
             lines.append(f"{role} {model.name}: built for {built_for} px (timm's img_size), runs at {runs_at} px")
         else:
-            lines.append(f"{role} {model.name}: runs at {runs_at} px (no img_size in its timm constructor: any size)")
+            any_size = "no img_size in its timm constructor: any size it can"
+            lines.append(f"{role} {model.name}: runs at {runs_at} px ({any_size})")
     return lines
 
 
