@@ -37,7 +37,7 @@ from usi_composer.data.mds import read_classes_json, streaming_dataloader
 from usi_composer.errors import CheckpointError, InputSizeError, UnsafeCheckpointError
 from usi_composer.models import USIClassifier, check_input_size, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
-from usi_composer.patches import Trainer, apply_patches, separate_node_signal_files, trusting_checkpoints
+from usi_composer.patches.trainer import Trainer, apply_patches, separate_node_signal_files, trusting_checkpoints
 from usi_composer.teacher import build_teacher
 from usi_composer.teacher_cache import TeacherCacheReader, TeacherCacheWriter, open_teacher_cache
 from usi_composer.tracking import build_wandb_logger, loggable_config

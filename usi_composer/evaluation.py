@@ -17,7 +17,7 @@ from usi_composer.builders import build_dataloaders, resolve_device_and_precisio
 from usi_composer.config import Config, ConfigError
 from usi_composer.export import resolve_checkpoint, trained_backbone
 from usi_composer.models import USIClassifier
-from usi_composer.patches import apply_patches
+from usi_composer.patches.trainer import apply_patches
 
 __all__ = ["Evaluation", "evaluate", "validation_split"]
 

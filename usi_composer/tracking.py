@@ -32,7 +32,7 @@ def build_wandb_logger(cfg: Config):  # -> composer.loggers.WandBLogger | None
         w = WandBConfig()
     if w is None:
         return None
-    from usi_composer.patches import wandb_logger_class
+    from usi_composer.patches.wandb_logger import wandb_logger_class
 
     init_kwargs: dict[str, Any] = {"config": loggable_config(cfg)}
     if w.notes is not None:
