@@ -25,7 +25,7 @@ import torch
 from composer.algorithms import EMA
 
 # Private to Composer (checked against 0.32.1, as EMA._should_start and torch's _foreach_* kernels
-# below): the recipe's start-up check lists and guards them (usi_composer/patches.py: PRIVATE_APIS).
+# below): the recipe's start-up check lists and guards them (usi_composer/patches/__init__.py: PRIVATE_APIS).
 from composer.algorithms.ema.ema import EMAParameters
 from composer.core import Event, State
 from composer.loggers import Logger

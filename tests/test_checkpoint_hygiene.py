@@ -18,11 +18,12 @@ import torch
 from composer.core import State
 
 from helpers import DEMO, one_error_line, tiny
-from usi_composer import checkpoints, patches
+from usi_composer import checkpoints
 from usi_composer.builders import build_trainer
 from usi_composer.checkpoints import first_math_change, is_complete
 from usi_composer.cli.train import main
 from usi_composer.config import config_to_dict, load_config
+from usi_composer.patches import trainer as composer_patches
 from usi_composer.plan import resolve
 from usi_composer.training import train
 
@@ -72,7 +73,7 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_partial_one(tmp_path: Path, full_disk: None) -> None:
-    patches.apply_patches()
+    composer_patches.apply_patches()
     previous = tmp_path / "ep0-ba1-rank0.pt"
     previous.write_bytes(b"the previous checkpoint")
     with pytest.raises(OSError, match="No space left"):
@@ -84,7 +85,9 @@ def test_a_failed_write_leaves_the_previous_file_and_no_partial_one(tmp_path: Pa
 
     # Composer's own writer leaves the half-written file under the checkpoint's name
     with pytest.raises(OSError, match="No space left"):
-        patches._ORIGINALS["_write_checkpoint_file"]({"w": torch.zeros(1000)}, str(tmp_path / "ep0-ba3-rank0.pt"))
+        composer_patches._ORIGINALS["_write_checkpoint_file"](
+            {"w": torch.zeros(1000)}, str(tmp_path / "ep0-ba3-rank0.pt")
+        )
     assert (tmp_path / "ep0-ba3-rank0.pt").exists() and not is_complete(tmp_path / "ep0-ba3-rank0.pt")
 
 

@@ -21,6 +21,7 @@ from usi_composer.cli.train import main
 from usi_composer.config import ConfigError, load_config
 from usi_composer.errors import CheckpointError, SetupError, UnsafeCheckpointError
 from usi_composer.models import load_weights, save_weights
+from usi_composer.patches import trainer as composer_patches
 from usi_composer.training import train
 
 
@@ -238,28 +239,28 @@ def test_what_composer_cannot_read_as_data_needs_trust(digits: Path, capsys: pyt
 
 
 def test_patches_are_idempotent_and_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
-    patches.apply_patches()
-    patches.apply_patches()
-    assert composer_checkpoint._write_checkpoint_file is patches._write_checkpoint_file
-    assert patches._ORIGINALS["_write_checkpoint_file"] is not patches._write_checkpoint_file
+    composer_patches.apply_patches()
+    composer_patches.apply_patches()
+    assert composer_checkpoint._write_checkpoint_file is composer_patches._write_checkpoint_file
+    assert composer_patches._ORIGINALS["_write_checkpoint_file"] is not composer_patches._write_checkpoint_file
 
     def changed(state_dict, filename, compress=False):  # an upstream change of the signature
         pass
 
     monkeypatch.setattr(composer_checkpoint, "_write_checkpoint_file", changed)
     with pytest.raises(SetupError) as error:
-        patches.apply_patches()
+        composer_patches.apply_patches()
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith(
-        "usi_composer/patches.py relies on composer.utils.checkpoint._write_checkpoint_file, checked against "
+        "usi_composer/patches relies on composer.utils.checkpoint._write_checkpoint_file, checked against "
         "composer 0.32.1; in the installed composer 0.32.1 its parameters are (state_dict, filename, compress), "
         "not (state_dict, filename): install mosaicml==0.32.1, or update the code PRIVATE_APIS names for it "
-        "(replaced by _write_checkpoint_file below: checkpoints are written atomically)"
+        "(replaced by _write_checkpoint_file in patches/trainer.py: checkpoints are written atomically)"
     ), message
     monkeypatch.delattr(composer_checkpoint, "_write_checkpoint_file")
     with pytest.raises(SetupError, match=r"_write_checkpoint_file, .* it is missing: install mosaicml==0.32.1"):
-        patches.apply_patches()
+        composer_patches.apply_patches()
 
 
 def test_every_private_api_is_guarded_where_the_recipe_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:

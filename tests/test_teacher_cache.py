@@ -469,7 +469,7 @@ def _configs(points: list[list[str]]) -> dict[str, object]:
 
 
 def test_sweeps_share_a_cache_where_the_teachers_inputs_are_the_same() -> None:
-    from usi_composer.ablate import _run_order, plan_teacher_caches
+    from usi_composer.ablate.caches import plan_teacher_caches, run_order
 
     # temperature x seed: one cache per seed, filled by its first point
     grid = [[f"algorithms.distillation.temperature={t}", f"trainer.seed={s}"] for t in (0.5, 1.0, 2.0) for s in (0, 1)]
@@ -498,7 +498,7 @@ def test_sweeps_share_a_cache_where_the_teachers_inputs_are_the_same() -> None:
     durations = _configs([[f"trainer.max_duration={d}"] for d in ("2ep", "8ep", "4ep")])
     plans = plan_teacher_caches(durations, "/c")
     assert [p.role for p in plans.values()] == ["read", "write", "read"]
-    assert _run_order(list(durations), plans) == [
+    assert run_order(list(durations), plans) == [
         "trainer.max_duration=8ep",
         "trainer.max_duration=2ep",
         "trainer.max_duration=4ep",

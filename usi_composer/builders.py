@@ -28,7 +28,7 @@ from usi_composer.data.loaders import build_dataloaders
 from usi_composer.errors import CheckpointError, UnsafeCheckpointError
 from usi_composer.models import USIClassifier, create_backbone
 from usi_composer.optim import CosineWithWarmupFrom, build_optimizer
-from usi_composer.patches import Trainer, trusting_checkpoints
+from usi_composer.patches.trainer import Trainer, trusting_checkpoints
 from usi_composer.plan import RunPlan
 from usi_composer.preflight import checkpoint_key
 from usi_composer.process import prepare

@@ -22,7 +22,7 @@ from composer.loggers import Logger
 from torch import nn
 
 from usi_composer.errors import UsiError, reason
-from usi_composer.patches import compiler_exception, mark_dynamic
+from usi_composer.patches.torch_compile import compiler_exception, mark_dynamic
 
 __all__ = ["CompileError", "CompileTime", "compile_failure", "mark_batch_dynamic"]
 

@@ -17,7 +17,7 @@ from usi_composer.config import Config, ConfigError
 from usi_composer.data.loaders import build_dataloaders
 from usi_composer.export import resolve_checkpoint, trained_backbone
 from usi_composer.models import USIClassifier
-from usi_composer.patches import apply_patches
+from usi_composer.patches.trainer import apply_patches
 from usi_composer.plan import resolve
 
 __all__ = ["Evaluation", "evaluate", "validation_split"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from usi_composer.ablate import read_rows
+from usi_composer.ablate.results import read_rows
 from usi_composer.errors import UsiError, first_line
 from usi_composer.plotting import new_figure, save_figure
 

@@ -35,7 +35,7 @@ def setup_process(cfg: Config, plan: RunPlan) -> None:
     from composer.utils import dist, format_name_with_dist, reproducibility
 
     from usi_composer.checkpoints import set_aside_partial_checkpoints
-    from usi_composer.patches import apply_patches, separate_node_signal_files
+    from usi_composer.patches.trainer import apply_patches, separate_node_signal_files
 
     apply_patches()  # first: a Composer its overrides do not fit stops here, before anything is built
     # Composer warns on every batch about things that are expected here: MixUp/CutMix targets

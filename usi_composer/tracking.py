@@ -35,7 +35,7 @@ def build_wandb_logger(cfg: Config, plan: RunPlan | None = None) -> Any:
         w = WandBConfig()
     if w is None:
         return None
-    from usi_composer.patches import wandb_logger_class
+    from usi_composer.patches.wandb_logger import wandb_logger_class
 
     config = loggable_config(cfg)
     if plan is not None:

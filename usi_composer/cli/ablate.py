@@ -26,15 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction
-from usi_composer.ablate import (
-    finished_rows,
-    load_sweep,
-    plot,
-    reference_point,
-    replace_values,
-    report,
-    run_sweep,
-)
+from usi_composer.ablate.report import plot, reference_point, report
+from usi_composer.ablate.results import finished_rows
+from usi_composer.ablate.run import run_sweep
+from usi_composer.ablate.sweep import load_sweep, replace_values
 from usi_composer.config import find_yaml, load_config
 from usi_composer.demo import demo_overrides
 from usi_composer.errors import UsiError, error_line

@@ -32,7 +32,7 @@ from streaming.base.storage import CloudDownloader
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.transforms import transform_sample
 from usi_composer.errors import LoaderWorkerError, SetupError, reason
-from usi_composer.patches import StreamingDatasetFixes
+from usi_composer.patches.streaming_dataset import StreamingDatasetFixes
 
 __all__ = [
     "MDS_COLUMNS",
