@@ -117,7 +117,7 @@ def build_distillation(
 
 
 def build_callbacks(cfg: Config, plan: RunPlan) -> list[Callback]:
-    callbacks: list[Callback] = [LRMonitor(), SpeedMonitor(window_size=50)]
+    callbacks: list[Callback] = [LRMonitor(), SpeedMonitor(window_size=cfg.trainer.speed_window)]
     if plan.compile:
         teacher = f" and teacher {cfg.teacher.name}" if plan.builds_teacher else ""
         callbacks.append(CompileTime(f"student {cfg.model.name}{teacher}"))

@@ -33,11 +33,11 @@ log = logging.getLogger(__name__)
 def preflight(cfg: Config, plan: RunPlan) -> list[str]:
     """Run every check; return the lines that say what each model is built for and runs at."""
     sizes = check_model_sizes(cfg, plan)  # also: the kwargs each constructor takes
+    check_data(cfg, plan)
+    check_classes(cfg, plan)
     check_teacher_classes(cfg, plan)
     check_checkpoints(cfg, plan)
     check_save_folder(cfg)
-    check_data(cfg, plan)
-    check_classes(cfg, plan)
     return sizes
 
 

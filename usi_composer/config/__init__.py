@@ -10,7 +10,7 @@ Nothing heavy (models, data, processes) is built here; what is derived from the 
 environment is the run plan's (``usi_composer/plan.py``).
 """
 
-from usi_composer.config.fields import FREE, MATH, TEACHER_INPUT, keys_with_role, leaf_fields, value_at
+from usi_composer.config.fields import FREE, MATH, ROLES, TEACHER_INPUT, keys_with_role, leaf_fields, value_at
 from usi_composer.config.loading import config_to_dict, dump_config, find_yaml, load_config, packaged_yamls
 from usi_composer.config.rules import RULES, validate
 from usi_composer.config.schema import (
@@ -34,6 +34,7 @@ from usi_composer.errors import ConfigError
 __all__ = [
     "FREE",
     "MATH",
+    "ROLES",
     "RULES",
     "TEACHER_INPUT",
     "AlgorithmsConfig",

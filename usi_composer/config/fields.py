@@ -37,6 +37,7 @@ __all__ = [
     "leaf_fields",
     "math",
     "teacher_input",
+    "undeclared",
     "value_at",
 ]
 
@@ -110,8 +111,9 @@ def leaf_fields(schema: Any, prefix: str = "") -> Iterator[Leaf]:
     hints = _section_types(schema)
     for f in fields(schema):
         section = hints.get(f.name)
-        if section is not None:
-            yield from leaf_fields(section, f"{prefix}{f.name}.")
+        if section is not None:  # an instance's own section (a subclass, say), else the declared type
+            value = None if isinstance(schema, type) else getattr(schema, f.name)
+            yield from leaf_fields(value if is_dataclass(value) else section, f"{prefix}{f.name}.")
         else:
             yield Leaf(f"{prefix}{f.name}", f)
 
@@ -127,6 +129,11 @@ def _section_types(schema: Any) -> dict[str, type]:
             if isinstance(candidate, type) and is_dataclass(candidate):
                 sections[name] = candidate
     return sections
+
+
+def undeclared(schema: Any) -> list[str]:
+    """The key paths of ``schema``'s leaves that declare no role (a test holds this empty)."""
+    return [leaf.key for leaf in leaf_fields(schema) if leaf.role not in ROLES]
 
 
 def keys_with_role(schema: Any, role: Role) -> tuple[str, ...]:

@@ -376,6 +376,7 @@ class TrainerConfig:
     progress_bar: bool = free(True)
     log_to_console: bool = free(False)
     console_log_interval: str = free("1ep", check=_time_string("ep", "ba", "sp", "dur"))
+    speed_window: int = free(50, AT_LEAST_ONE)  # batches Composer's SpeedMonitor averages throughput over
     train_subset_num_batches: int = teacher_input(-1)
     eval_subset_num_batches: int = free(-1)
     fsdp: dict[str, Any] | None = free(None)  # Composer FSDP (v1) options, e.g. {sharding_strategy: FULL_SHARD}; GPUs

@@ -134,7 +134,7 @@ def _enhance_increasing(level, sign):
     return factor.clamp(min=0.1) if isinstance(factor, torch.Tensor) else max(0.1, factor)
 
 
-def _enhance(level: torch.Tensor) -> torch.Tensor:
+def _enhance_level(level: torch.Tensor) -> torch.Tensor:
     """timm's ``_enhance_level_to_arg``: a factor in [0.1, 1.9]."""
     return (level / _LEVEL_DENOM) * 1.8 + 0.1
 
@@ -169,10 +169,10 @@ _TENSOR_LEVEL_TO_ARG: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] =
     "Solarize": _solarize,
     "SolarizeIncreasing": lambda level: 256 - _solarize(level),
     "SolarizeAdd": lambda level: torch.trunc((level / _LEVEL_DENOM) * 110).clamp(max=128),
-    "Color": _enhance,
-    "Contrast": _enhance,
-    "Brightness": _enhance,
-    "Sharpness": _enhance,
+    "Color": _enhance_level,
+    "Contrast": _enhance_level,
+    "Brightness": _enhance_level,
+    "Sharpness": _enhance_level,
 }
 
 
@@ -457,7 +457,7 @@ def _apply_slot(
     if slot.tables:
         out = _update(out, slot.remapped, lambda rows: _remap(x, rows, slot, names))
     if names & _BLEND_OPS:
-        out = _update(out, slot.blended, lambda rows: _enhance(x, rows, slot, names))
+        out = _update(out, slot.blended, lambda rows: _blend_enhance(x, rows, slot, names))
     if names & _AFFINE_OPS:
         theta = _theta(slot.data, x.shape[3], x.shape[2])
         out = _update(
@@ -485,7 +485,7 @@ def _remap(x: torch.Tensor, rows: torch.Tensor | None, slot: _SlotDraws, names: 
     return lut.to(torch.uint8).reshape(-1, 256).gather(1, index).view_as(xs)
 
 
-def _enhance(x: torch.Tensor, rows: torch.Tensor | None, slot: _SlotDraws, names: set[str]) -> torch.Tensor:
+def _blend_enhance(x: torch.Tensor, rows: torch.Tensor | None, slot: _SlotDraws, names: set[str]) -> torch.Tensor:
     """The blend ops of ``rows``: PIL's ImageEnhance towards grayscale (Color) or the smoothed image (Sharpness)."""
     xs = _rows(x, rows)
     xf = xs.float()
