@@ -190,19 +190,6 @@ class MotoServer:
         )
 
 
-TINY_TRAIN = [
-    "model.name=resnet18",
-    "algorithms.distillation.enabled=false",
-    "algorithms.mixup_cutmix.enabled=false",
-    "algorithms.channels_last=false",
-    "data.image_size=16",
-    "data.pin_memory=false",
-    "trainer.device=cpu",
-    "trainer.precision=fp32",
-    "trainer.progress_bar=false",
-]
-
-
 # --------------------------------------------------------------------------- streaming's shared memory
 
 
@@ -289,13 +276,95 @@ def _descriptor_targets(proc: Path) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- seconds-long runs of the recipe
-# A tiny image folder and the overrides that make yamls/demo.yaml train for two batches in seconds
-# (the teacher's weights come from conftest's ``saved_teacher``).
+# A tiny image folder and ``tiny_run``: the overrides that make a recipe train for a few batches in
+# seconds (the folders and the teacher's weights come from conftest's fixtures).
 
 DEMO_YAML = REPO / "yamls" / "demo.yaml"
 STUDENT = "mobilenetv3_small_050"  # tiny timm models, fixed here so the tests do not follow demo tuning
 TEACHER = "resnet10t"
 NUM_CLASSES = 4
+COMPILE_MODEL = "test_efficientnet"  # timm's tiny test CNN: compiles in seconds
+
+
+def tiny_run(
+    folder: Path | None = None, *extra: str, teacher_weights: Path | None = None, **sections: Any
+) -> list[str]:
+    """``key=value`` overrides that shrink a recipe to a run of seconds.
+
+    ``folder``: an image-folder root (``train/``, and ``val/`` where it has one) in place of the
+    recipe's data. ``teacher_weights``: saved weights for the teacher (``TEACHER`` unless ``teacher={"name": ...}``
+    in ``sections``, not timm's pretrained ones); without it, distillation is off. ``sections``: config
+    sections as nested dicts (``trainer={"max_duration": "2ba"}``, None for null), over the above.
+    ``extra``: ``key=value`` strings, last. The progress bar is off unless a section turns it on.
+    The kinds of run the tests share are the presets below: ``tiny_run(digits, **CHECKPOINTED)``.
+    """
+    keys: dict[str, Any] = {"trainer.progress_bar": False}
+    if folder is not None:
+        val = folder / "val"
+        keys.update(
+            {"data.local": None, "data.train_dir": folder / "train", "data.val_dir": val if val.is_dir() else None}
+        )
+    if teacher_weights is None:
+        keys["algorithms.distillation.enabled"] = False
+    else:
+        keys.update({"teacher.name": TEACHER, "teacher.pretrained": False, "teacher.checkpoint": teacher_weights})
+    keys.update(_flatten(sections))
+    return [f"{key}={_yaml_value(value)}" for key, value in keys.items()] + list(extra)
+
+
+def _flatten(sections: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+# tiny_run's presets (its keyword arguments), one per kind of run:
+# yamls/usi.yaml's recipe on the CPU, small and plain; the data and the rest are the test's.
+USI_CPU: dict[str, Any] = dict(
+    model={"name": "resnet18"},
+    algorithms={"mixup_cutmix": {"enabled": False}, "channels_last": False},
+    data={"image_size": 16, "pin_memory": False},
+    trainer={"device": "cpu", "precision": "fp32"},
+)
+# yamls/demo.yaml's recipe on tiny_image_folder (with a teacher): two batches of 8, one eval batch, no workers.
+DEMO_CPU: dict[str, Any] = dict(
+    model={"name": STUDENT},
+    data={"num_classes": NUM_CLASSES, "image_size": 16, "num_workers": 0, "persistent_workers": False},
+    trainer={
+        "global_batch_size": 8,
+        "eval_batch_size": 16,
+        "max_duration": "2ba",
+        "eval_interval": "2ba",
+        "device": "cpu",
+        "precision": "fp32",
+    },
+)
+# yamls/demo.yaml's student (EMA, MixUp/CutMix, channels-last) as timm's 0.4M-parameter test_resnet,
+# 8 images a batch, on the digits without evaluation or a teacher, checkpointing every batch.
+CHECKPOINTED: dict[str, Any] = dict(
+    model={"name": "test_resnet"},
+    data={"val_dir": None},
+    trainer={"global_batch_size": 8, "max_duration": "2ba", "save_interval": "1ba", "run_name": "tiny"},
+)
+# yamls/usi.yaml compiled, on the digits, with COMPILE_MODEL as student and teacher (give teacher_weights=).
+COMPILED: dict[str, Any] = dict(
+    model={"name": COMPILE_MODEL},
+    teacher={"name": COMPILE_MODEL},
+    data={"num_classes": 10, "image_size": 32, "num_workers": 0, "persistent_workers": False},
+    trainer={"compile": True},
+)
 
 
 def tiny_image_folder(root: Path, per_class: int = 4, size: int = 16, seed: int = 0) -> Path:
@@ -311,52 +380,11 @@ def tiny_image_folder(root: Path, per_class: int = 4, size: int = 16, seed: int 
     return root
 
 
-def tiny_overrides(data_root: Path, teacher: Path) -> list[str]:
-    """yamls/demo.yaml's recipe on the tiny folder: two batches of 8, one eval batch, no workers."""
-    return [
-        f"model.name={STUDENT}",
-        f"teacher.name={TEACHER}",
-        f"teacher.checkpoint={teacher}",
-        "data.local=null",  # demo.yaml streams MDS; these tests use a folder
-        f"data.train_dir={data_root / 'train'}",
-        f"data.val_dir={data_root / 'val'}",
-        f"data.num_classes={NUM_CLASSES}",
-        "data.image_size=16",
-        "data.num_workers=0",
-        "data.persistent_workers=false",
-        "trainer.global_batch_size=8",
-        "trainer.eval_batch_size=16",
-        "trainer.max_duration=2ba",
-        "trainer.eval_interval=2ba",
-        "trainer.progress_bar=false",
-        "trainer.device=cpu",
-        "trainer.precision=fp32",
-    ]
-
-
 # --------------------------------------------------------------------------- checkpoints
 # A seconds-long run of the demo recipe, and files whose unpickling would run code (writing a
 # marker file, so a test can see whether it ran).
 
 DEMO = "yamls/demo.yaml"  # as the checkpoint tests name it
-
-
-def tiny(digits: Path, *extra: str) -> list[str]:
-    """The demo student (EMA, MixUp/CutMix, channels-last) as timm's 0.4M-parameter test_resnet,
-    8 images a batch, on the digits folders, without a teacher, checkpointing every batch."""
-    return [
-        "data.local=null",
-        f"data.train_dir={digits / 'train'}",
-        "data.val_dir=null",
-        "model.name=test_resnet",
-        "algorithms.distillation.enabled=false",
-        "trainer.global_batch_size=8",
-        "trainer.max_duration=2ba",
-        "trainer.save_interval=1ba",
-        "trainer.run_name=tiny",
-        "trainer.progress_bar=false",
-        *extra,
-    ]
 
 
 class RunsCode:
@@ -385,28 +413,9 @@ def one_error_line(stderr: str) -> str:
 
 
 # --------------------------------------------------------------------------- models, compilation, the gpu pipeline
-# (shared by the CPU tests and tests/test_gpu.py)
+# (shared by the CPU tests, tests/test_cpu_and_gpu.py and tests/test_gpu.py)
 
-COMPILE_MODEL = "test_efficientnet"  # timm's tiny test CNN: compiles in seconds
 NUM_CLASSES_BN = 3  # tiny_bn_net's classes
-
-
-def compile_overrides(digits: Path, teacher: Path, *extra: str) -> list[str]:
-    return [
-        f"data.train_dir={digits / 'train'}",
-        f"data.val_dir={digits / 'val'}",
-        "data.num_classes=10",
-        "data.image_size=32",
-        "data.num_workers=0",
-        "data.persistent_workers=false",
-        f"model.name={COMPILE_MODEL}",
-        f"teacher.name={COMPILE_MODEL}",
-        "teacher.pretrained=false",
-        f"teacher.checkpoint={teacher}",
-        "trainer.progress_bar=false",
-        "trainer.compile=true",
-        *extra,
-    ]
 
 
 def unique_graphs() -> int:
@@ -425,6 +434,22 @@ class GraphCount(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         self.at_fit_end = unique_graphs()
+
+
+def assert_averaged_as_composer_does(ours: Any, theirs: Any, live: dict[str, torch.Tensor], updates: int) -> None:
+    """FusedEMA's average ``ours`` (``FusedEMAParameters``) against Composer's ``theirs`` (``EMAParameters``)
+    of the same training, whose raw tensors are ``live`` (every parameter and buffer by name) after
+    ``updates`` updates: float tensors equal to fp32 rounding and unlike the raw ones, integer ones
+    (num_batches_tracked) copied (Composer averages then truncates the count)."""
+    averaged = {**theirs.named_parameters_dict, **theirs.named_buffers_dict}
+    fused = {**ours.named_parameters_dict, **ours.named_buffers_dict}
+    assert fused.keys() == averaged.keys() == live.keys()  # every parameter and buffer
+    for name, value in fused.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, averaged[name], rtol=1e-6, atol=1e-7, msg=name)
+            assert not torch.equal(value, live[name]), f"{name}: averaged weights must differ from the raw ones"
+        else:
+            assert torch.equal(value, live[name]) and int(value) == updates, name
 
 
 def tiny_bn_net(layers: int = 1) -> torch.nn.Module:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import DEMO_YAML, NUM_CLASSES, REPO, TEACHER, tiny_image_folder, tiny_overrides
+from helpers import DEMO_CPU, DEMO_YAML, NUM_CLASSES, REPO, TEACHER, tiny_run
 from usi_composer.ablate import (
     Sweep,
     SweepError,
@@ -110,24 +110,18 @@ def test_bad_sweeps_stop_with_one_line_and_exit_2(
     assert not (tmp_path / "results.jsonl").exists()  # nothing ran
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, saved_teacher) -> dict:
-    tmp = tmp_path_factory.mktemp("ablate")
-    data = tiny_image_folder(tmp / "data")
-    return {"tmp": tmp, "data": data, "teacher": saved_teacher(TEACHER, NUM_CLASSES)}
-
-
 @pytest.mark.slow
 def test_two_point_grid_runs_logs_to_wandb_and_is_skipped_when_rerun(
-    tiny: dict, monkeypatch: pytest.MonkeyPatch
+    tiny_folder: Path, saved_teacher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    out = tiny["tmp"] / "two"
-    path = tiny["tmp"] / "temperature.yaml"
+    out = tmp_path / "two"
+    path = tmp_path / "temperature.yaml"
     path.write_text((SWEEPS / "temperature.yaml").read_text())
 
     sweep = replace_values(load_sweep(path), ["algorithms.distillation.temperature=1.0,4.0"])
-    overrides = [*tiny_overrides(tiny["data"], tiny["teacher"]), f"loggers.wandb.dir={tiny['tmp'] / 'wb'}"]
+    teacher = saved_teacher(TEACHER, NUM_CLASSES)
+    overrides = [*tiny_run(tiny_folder, teacher_weights=teacher, **DEMO_CPU), f"loggers.wandb.dir={tmp_path / 'wb'}"]
     lines: list[str] = []
     rows = run_sweep(sweep, DEMO_YAML, overrides, out, echo=lines.append)
 
@@ -167,9 +161,14 @@ def sweep_key(sweep: Sweep) -> str:
 
 @pytest.mark.slow
 def test_runner_survives_a_failing_point_and_retries_it(
-    tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_folder: Path,
+    saved_teacher,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Through the CLI with the demo's yaml: the demo's data/teacher come from prepare_teacher."""
+    tiny = {"data": tiny_folder, "teacher": saved_teacher(TEACHER, NUM_CLASSES)}
     later = tmp_path / "val-later"  # a val folder that does not exist yet: that point fails
     sweep = tmp_path / "s.yaml"
     sweep.write_text(
@@ -192,7 +191,8 @@ def test_runner_survives_a_failing_point_and_retries_it(
     import usi_composer.demo
 
     monkeypatch.setattr(usi_composer.demo, "prepare_teacher", fake_prepare_teacher)
-    tiny_args = [o for o in tiny_overrides(tiny["data"], tiny["teacher"]) if not o.startswith(("data.", "teacher.ch"))]
+    run_args = tiny_run(tiny["data"], teacher_weights=tiny["teacher"], **DEMO_CPU)
+    tiny_args = [o for o in run_args if not o.startswith(("data.", "teacher.ch"))]
     args = [str(sweep), "--base", str(DEMO_YAML), "--out", str(tmp_path / "out"), "--demo-workdir", "wd"]
     args += [*tiny_args, f"data.num_classes={4}", "data.image_size=16", "data.num_workers=0"]
     args += ["data.local=null", f"data.train_dir={tiny['data'] / 'train'}"]  # the folder, where val_dir counts

@@ -356,12 +356,15 @@ def test_values_outside_the_declared_ranges_are_refused(make, message: str) -> N
 
 
 def test_range_ends_are_allowed_where_declared() -> None:
-    KnowledgeDistillation(Recorder(), alpha=0, ce_weight=0, log_interval=1)
+    """Each end is accepted, not refused, and kept as given (not moved inside the range)."""
+    kd = KnowledgeDistillation(Recorder(), alpha=0, ce_weight=0, log_interval=1)
+    assert (kd.alpha, kd.ce_weight, kd.log_interval) == (0.0, 0.0, 1)
     for p in (0, 1):
-        MixUpCutMix(NUM_CLASSES, switch_prob=p, prob=p, label_smoothing=p)
-    MixUpCutMix(NUM_CLASSES, mixup_alpha=0)
-    MixUpCutMix(NUM_CLASSES, cutmix_alpha=0)
-    FusedEMA(half_life=None, smoothing=0.999)
+        mix = MixUpCutMix(NUM_CLASSES, switch_prob=p, prob=p, label_smoothing=p)
+        assert (mix.switch_prob, mix.prob, mix.label_smoothing) == (p, p, p)
+    assert MixUpCutMix(NUM_CLASSES, mixup_alpha=0).mixup_alpha == 0
+    assert MixUpCutMix(NUM_CLASSES, cutmix_alpha=0).cutmix_alpha == 0
+    assert FusedEMA(half_life=None, smoothing=0.999).smoothing == 0.999
 
 
 def test_ranges_are_declared_per_hyperparameter() -> None:

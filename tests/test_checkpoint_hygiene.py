@@ -17,7 +17,7 @@ import pytest
 import torch
 from composer.core import State
 
-from helpers import DEMO, one_error_line, tiny
+from helpers import CHECKPOINTED, DEMO, one_error_line, tiny_run
 from usi_composer import checkpoints
 from usi_composer.builders import build_trainer
 from usi_composer.checkpoints import first_math_change, is_complete
@@ -29,7 +29,7 @@ from usi_composer.training import train
 
 
 def resumable(digits: Path, folder: Path, *extra: str) -> list[str]:
-    return tiny(digits, f"trainer.save_folder={folder}", "trainer.autoresume=true", *extra)
+    return tiny_run(digits, f"trainer.save_folder={folder}", "trainer.autoresume=true", *extra, **CHECKPOINTED)
 
 
 @pytest.fixture(scope="module")

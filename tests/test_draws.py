@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +12,8 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from helpers import make_imagenet, sample_files
+from helpers import sample_files
 from usi_composer.config import DataConfig
-from usi_composer.data.convert import convert_imagenet
 from usi_composer.data.draws import draw_sample, sample_rng
 from usi_composer.data.folder import folder_dataloader
 from usi_composer.data.mds import streaming_dataloader
@@ -144,14 +142,6 @@ def _key_of(data: bytes, rng: np.random.Generator) -> torch.Tensor:
 N_SAMPLES = 12
 
 
-@pytest.fixture(scope="module")
-def imagenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("keys")
-    src = make_imagenet(root / "src", n_classes=N_SAMPLES // 2, per_class=2)
-    convert_imagenet(src, str(root / "mds"), workers=1, progress=False)
-    return root
-
-
 def _epochs(loader, n: int) -> list[list[tuple[int, int]]]:
     out = []
     for _ in range(n):
@@ -162,9 +152,9 @@ def _epochs(loader, n: int) -> list[list[tuple[int, int]]]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_folder_workers_see_epoch_and_index(imagenet: Path, workers: int) -> None:
+def test_folder_workers_see_epoch_and_index(image_folders, workers: int) -> None:
     loader = folder_dataloader(
-        str(imagenet / "src" / "train"),
+        str(image_folders(N_SAMPLES // 2, per_class=2) / "train"),
         _key_of,
         4,
         shuffle=True,
@@ -180,11 +170,11 @@ def test_folder_workers_see_epoch_and_index(imagenet: Path, workers: int) -> Non
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_mds_workers_see_epoch_and_global_sample_id_also_after_resume(imagenet: Path, workers: int) -> None:
+def test_mds_workers_see_epoch_and_global_sample_id_also_after_resume(mds_dataset, workers: int) -> None:
     def loader():
         return streaming_dataloader(
             remote=None,
-            local=str(imagenet / "mds"),
+            local=str(mds_dataset(N_SAMPLES // 2, per_class=2)),
             split="train",
             transform=_key_of,
             batch_size=4,

@@ -1,4 +1,5 @@
-"""FusedEMA: Composer's EMA to fp32 rounding, in a few fused kernels; standalone use; checkpoints."""
+"""FusedEMA: Composer's EMA to fp32 rounding through a Trainer; standalone use; checkpoints. Its update
+against Composer's and its kernel count, on the CPU and CUDA: tests/test_cpu_and_gpu.py."""
 
 from __future__ import annotations
 
@@ -9,16 +10,14 @@ import pytest
 import torch
 from composer import Trainer
 from composer.algorithms import EMA
-from composer.algorithms.ema.ema import EMAParameters, compute_ema
 from composer.loggers import InMemoryLogger
 from composer.models import ComposerClassifier
 from resumption import differences, run_pair
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import NUM_CLASSES_BN, RecordOps, launch, tiny_bn_net
+from helpers import NUM_CLASSES_BN, assert_averaged_as_composer_does, launch, tiny_bn_net
 from usi_composer.algorithms import FusedEMA
-from usi_composer.algorithms.ema import FusedEMAParameters
 
 
 def _data(n: int, seed: int = 0) -> TensorDataset:
@@ -61,15 +60,7 @@ def test_matches_composers_ema(args: dict) -> None:
     raw_theirs, raw_ours = (dict(m.state_dict()) for m in runs.values())
     for name in raw_theirs:  # the training itself is untouched
         assert torch.equal(raw_theirs[name], raw_ours[name]), name
-    averaged = {**theirs.ema_model.named_parameters_dict, **theirs.ema_model.named_buffers_dict}
-    fused = {**ours.ema_model.named_parameters_dict, **ours.ema_model.named_buffers_dict}
-    assert fused.keys() == averaged.keys() and len(fused) == len(raw_ours)  # every parameter and buffer
-    for name, value in fused.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(value, averaged[name], rtol=1e-6, atol=1e-7, msg=name)
-            assert not torch.equal(value, raw_ours[name]), f"{name}: averaged weights must differ from the raw ones"
-        else:  # num_batches_tracked: copied (Composer averages then truncates the count)
-            assert torch.equal(value, raw_ours[name]) and int(value) == 6, name
+    assert_averaged_as_composer_does(ours.ema_model, theirs.ema_model, raw_ours, updates=6)
 
 
 def test_half_life_none_needs_no_update_interval() -> None:
@@ -132,27 +123,6 @@ def test_rebinds_when_the_models_tensors_are_replaced_between_fits() -> None:
 
     plain, replaced = run(False), run(True)
     assert all(torch.equal(plain[name], replaced[name]) for name in plain)
-
-
-def _ops(update, model: nn.Module) -> list[str]:
-    with RecordOps() as count:
-        update(model)
-    return count.ops
-
-
-def test_update_is_a_few_fused_kernels_whatever_the_model_size() -> None:
-    small, large = tiny_bn_net(layers=2), tiny_bn_net(layers=8)
-    fused, composers = {}, {}
-    for model in (small, large):
-        shadow = FusedEMAParameters(model)
-        shadow.bind(model)
-        fused[model] = _ops(lambda m, s=shadow: s.update(m, 0.9), model)
-        reference = EMAParameters(model)
-        composers[model] = _ops(lambda m, r=reference: compute_ema(m, r, 0.9), model)
-    assert fused[small] == fused[large], "the op count must not grow with the number of tensors"
-    assert len(fused[small]) <= 4, fused[small]  # params lerp; buffers mul + add; integer copy
-    assert all("_foreach_" in op for op in fused[small]), fused[small]
-    assert len(composers[large]) > 2 * len(composers[small])  # the counter sees a per-tensor loop
 
 
 def test_checkpoint_holds_the_averaged_weights(tmp_path: Path) -> None:

@@ -15,18 +15,17 @@ from pathlib import Path
 import pytest
 from resumption import differences
 
-from helpers import TINY_TRAIN, make_imagenet, run
-from usi_composer.data.convert import convert_imagenet
+from helpers import USI_CPU, run, tiny_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]  # train.py runs in subprocesses
 
 N_SAMPLES, BATCH = 40, 8  # 5 batches per epoch
 RUN = [
-    *TINY_TRAIN,
-    "algorithms.mixup_cutmix.enabled=true",  # TINY_TRAIN turns it off; its draws must resume too
+    *tiny_run(**USI_CPU),
+    "algorithms.mixup_cutmix.enabled=true",  # USI_CPU turns it off; its draws must resume too
     "algorithms.ema.enabled=true",
     "algorithms.ema.best_of_raw=false",
-    f"data.num_classes={N_SAMPLES // 2}",  # the classes make_imagenet writes below (checked before step 1)
+    f"data.num_classes={N_SAMPLES // 2}",  # the classes of the data below (checked before step 1)
     "data.num_workers=2",
     "data.persistent_workers=true",
     f"trainer.global_batch_size={BATCH}",
@@ -34,14 +33,6 @@ RUN = [
     "trainer.save_interval=4ba",
     "trainer.seed=11",
 ]
-
-
-@pytest.fixture(scope="module")
-def imagenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("exact")
-    src = make_imagenet(root / "src", n_classes=N_SAMPLES // 2, per_class=2)
-    convert_imagenet(src, str(root / "mds"), workers=1, shard_size="256kb", progress=False)
-    return root
 
 
 def _train(tmp_path: Path, name: str, data: list[str], load_path: Path | None = None) -> Path:
@@ -60,12 +51,12 @@ def _checkpoint(folder: Path, batch: int) -> Path:
 
 @pytest.mark.parametrize(("source", "pipeline"), [("mds", "cpu"), ("folders", "cpu"), ("mds", "gpu")])
 def test_resume_from_mid_epoch_checkpoint_is_bit_identical(
-    imagenet: Path, tmp_path: Path, source: str, pipeline: str
+    image_folders, mds_dataset, tmp_path: Path, source: str, pipeline: str
 ) -> None:
     if source == "mds":
-        data = [f"data.local={imagenet / 'mds'}", "data.streaming.val_split=null"]
+        data = [f"data.local={mds_dataset(N_SAMPLES // 2, 2, '256kb')}", "data.streaming.val_split=null"]
     else:
-        data = [f"data.train_dir={imagenet / 'src' / 'train'}", "data.val_dir=null"]
+        data = [f"data.train_dir={image_folders(N_SAMPLES // 2, 2) / 'train'}", "data.val_dir=null"]
     data.append(f"data.pipeline={pipeline}")
     a = _train(tmp_path, "a", data)
     b = _train(tmp_path, "b", data, load_path=_checkpoint(a, 8))

@@ -1,8 +1,8 @@
-"""What only a GPU can check: FusedEMA's multi-tensor kernels, inductor compilation of student and
-teacher, nvJPEG decoding and the gpu pipeline on CUDA, and short bf16 train.py runs.
+"""What only a GPU can check: nvJPEG decoding and the gpu pipeline on CUDA, and short bf16 train.py runs.
 
 ``make test-gpu`` runs these (``pytest -m gpu``); without CUDA each one is reported as skipped.
-The CPU versions of these checks are in test_ema.py, test_compile.py and test_gpu_pipeline.py.
+The CPU versions of these checks are in test_gpu_pipeline.py. FusedEMA's kernels and the recipe's
+compilation are tests parametrized over the CPU and CUDA: tests/test_cpu_and_gpu.py.
 """
 
 from __future__ import annotations
@@ -13,26 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch._dynamo  # private module: its graph counter is the test's measuring tool
-from composer.algorithms.ema.ema import EMAParameters, compute_ema
 from composer.loggers import InMemoryLogger
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 from helpers import (
-    COMPILE_MODEL,
-    GraphCount,
     InputRecorder,
-    compile_overrides,
     quirky_images,
     run_cli,
-    tiny_bn_net,
     to_pixels,
 )
-from usi_composer.algorithms import BestOfEMAAndRaw
-from usi_composer.algorithms.ema import FusedEMAParameters
 from usi_composer.config import DataConfig, load_config
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.gpu_pipeline import KIND, KIND_JPEG, KIND_PIXELS, collate_encoded, decode_images
@@ -84,111 +74,6 @@ def _encoded(datas: list[bytes]) -> tuple[list[torch.Tensor], list[list[float]]]
     sample = _pipeline().eval_sample
     pairs = [sample(d) for d in datas]
     return [p for p, _ in pairs], [row.tolist() for _, row in pairs]
-
-
-# ---------------------------------------------------------------- FusedEMA
-
-
-def _cuda_kernels(fn) -> list[str]:
-    """The CUDA kernels ``fn()`` launches (memory copies and sets left out), after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    kernels = (e for e in prof.events() if e.device_type == DeviceType.CUDA)
-    return [e.name for e in kernels if not e.name.startswith(("Memcpy", "Memset"))]
-
-
-def test_fused_ema_on_cuda_matches_composers_ema_without_host_syncs() -> None:
-    model = tiny_bn_net(layers=2).to(CUDA)  # convolutions and BatchNorm: float and integer buffers
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    ours, theirs = FusedEMAParameters(model), EMAParameters(model)
-    ours.bind(model)
-    g = torch.Generator(device=CUDA).manual_seed(0)
-    for _ in range(5):
-        model(torch.randn(8, 3, 6, 6, device=CUDA, generator=g)).logsumexp(1).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        torch.cuda.set_sync_debug_mode("error")  # any host sync in the update raises
-        try:
-            ours.update(model, 0.8)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        compute_ema(model, theirs, 0.8)
-    live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    averaged = {**theirs.named_parameters_dict, **theirs.named_buffers_dict}
-    fused = {**ours.named_parameters_dict, **ours.named_buffers_dict}
-    assert fused.keys() == averaged.keys() == live.keys()
-    for name, value in fused.items():
-        assert value.device.type == CUDA.type, name
-        if value.is_floating_point():
-            torch.testing.assert_close(value, averaged[name], rtol=1e-6, atol=1e-7, msg=name)
-            assert not torch.equal(value, live[name]), f"{name}: averaged weights must differ from the raw ones"
-        else:  # num_batches_tracked: copied (Composer averages then truncates the count)
-            assert torch.equal(value, live[name]) and int(value) == 5, name
-
-
-def test_fused_ema_update_launches_a_few_kernels_whatever_the_tensor_count() -> None:
-    """On CUDA each ``_foreach_*`` op is one kernel launch per up to 64 tensors (torch's
-    multi_tensor_apply): models of 18 and 102 tensors take the same launches; a ResNet-50 takes a
-    handful for its 320 tensors, where Composer's per-tensor loop launches several per tensor."""
-    small, large = tiny_bn_net(layers=2).to(CUDA), tiny_bn_net(layers=14).to(CUDA)
-    resnet = timm.create_model("resnet50", num_classes=10).to(CUDA)
-    fused, composers, tensors = {}, {}, {}
-    for name, model in (("small", small), ("large", large), ("resnet50", resnet)):
-        shadow = FusedEMAParameters(model)
-        shadow.bind(model)
-        fused[name] = _cuda_kernels(lambda m=model, s=shadow: s.update(m, 0.9))
-        reference = EMAParameters(model)
-        composers[name] = _cuda_kernels(lambda m=model, r=reference: compute_ema(m, r, 0.9))
-        tensors[name] = len(list(model.parameters())) + len(list(model.buffers()))
-    assert tensors["large"] > 5 * tensors["small"]
-    # params lerp; float buffers mul + add; integer buffers copy: one launch each below 64 tensors
-    assert len(fused["small"]) == len(fused["large"]) <= 4, (fused["small"], fused["large"])
-    assert 10 * len(fused["resnet50"]) <= tensors["resnet50"], fused["resnet50"]
-    assert len(composers["resnet50"]) >= tensors["resnet50"], "the profiler sees Composer's per-tensor launches"
-
-
-# ---------------------------------------------------------------- compilation
-
-
-def test_recipe_compiles_student_and_teacher_once_on_cuda(digits: Path, saved_teacher) -> None:
-    """tests/test_compile.py's check with inductor on CUDA in bf16, as ``trainer.compile=auto`` does
-    on a GPU: two epochs, each with an evaluation of the EMA and the raw weights whose last batch
-    is a partial one; every graph compiles once."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    eval_batch = 32  # no CPU-only split of the batch dimension here (tests/test_compile.py keeps it below 16)
-    val_images = sum(1 for p in (digits / "val").rglob("*") if p.is_file())
-    assert val_images % eval_batch > 1, "the last eval batch must be a partial one, of more than one sample"
-    cfg = load_config(
-        "yamls/usi.yaml",
-        compile_overrides(
-            digits,
-            saved_teacher(COMPILE_MODEL, 10),
-            "trainer.compile=auto",
-            "trainer.global_batch_size=32",
-            f"trainer.eval_batch_size={eval_batch}",
-            "trainer.max_duration=2ep",
-            "trainer.train_subset_num_batches=3",
-        ),
-    )
-    graphs, logger = GraphCount(), InMemoryLogger()
-    trainer = train(cfg, loggers=[logger], callbacks=[graphs])
-    assert trainer.state.device.name == "gpu" and trainer.state.precision.value == "amp_bf16"
-    # First batch: the student's training graph (forward and backward) and the teacher's; first
-    # evaluation: the student's eval graph, for every batch size. Nothing compiles after that.
-    assert graphs.after_batch == [2, 2, 2, 3, 3, 3]
-    assert graphs.at_fit_end == 3
-    best = next(c for c in trainer.state.callbacks if isinstance(c, BestOfEMAAndRaw))
-    assert set(best.scores["eval"]) == {"ema", "raw"}, "both weight sets were evaluated"
-    assert len(logger.data["metrics/eval/top1"]) == 2, "two evaluations, one per epoch"
-    compile_time = logger.data["time/compile"]
-    assert len(compile_time) == 1 and compile_time[0][1] > 0, "logged once"
-    totals = [float(v) for _, v in logger.data["loss/train/total"]]
-    assert len(totals) == 6 and all(math.isfinite(t) for t in totals), totals
-    trainer.close()
 
 
 # ---------------------------------------------------------------- nvJPEG and the gpu pipeline

@@ -43,28 +43,17 @@ BOUND_S = 120  # a lost node must end the job within this (Composer's dist timeo
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[MotoServer]:
-    with MotoServer().serving() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def bucket(s3: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+def bucket(s3: MotoServer, s3_bucket, digits: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """N_SAMPLES of the demo's digits (8 per class) as MDS shards in s3://digits/mds."""
-    from usi_composer.data import export_digits
-    from usi_composer.data.convert import convert_imagenet
-
-    root = tmp_path_factory.mktemp("multinode")
-    digits = export_digits(root / "digits")
+    subset = tmp_path_factory.mktemp("multinode")
     for folder in sorted((digits / "train").iterdir()):
-        (root / "subset" / "train" / folder.name).mkdir(parents=True)
+        (subset / "train" / folder.name).mkdir(parents=True)
         for png in sorted(folder.glob("*.png"))[: N_SAMPLES // 10]:
-            shutil.copyfile(png, root / "subset" / "train" / folder.name / png.name)
-    s3.client().create_bucket(Bucket="digits")
-    convert_imagenet(root / "subset", "s3://digits/mds", workers=1, shard_size="16kb", progress=False)
+            shutil.copyfile(png, subset / "train" / folder.name / png.name)
+    url = s3_bucket(subset, "s3://digits/mds", shard_size="16kb")
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="digits", Prefix="mds/train/")["Contents"]]
     assert len([k for k in keys if k.endswith(".mds")]) > 2, keys  # several shards to spread over nodes
-    return "s3://digits/mds"
+    return url
 
 
 @pytest.fixture

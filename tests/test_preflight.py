@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import NUM_CLASSES, REPO, STUDENT, TEACHER, one_error_line, tiny_image_folder, tiny_overrides
+from helpers import DEMO_CPU, NUM_CLASSES, REPO, STUDENT, TEACHER, one_error_line, tiny_run
 from usi_composer.checkpoints import first_math_change
 from usi_composer.cli.train import main
 from usi_composer.config import ROLES, Config, DataConfig, config_to_dict, leaf_fields, load_config
@@ -22,10 +22,9 @@ DEMO = "yamls/demo.yaml"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, saved_teacher) -> list[str]:
+def run(tiny_folder: Path, saved_teacher) -> list[str]:
     """A run that passes the pre-flight: the demo recipe on a tiny folder of 4 classes, a saved teacher."""
-    root = tiny_image_folder(tmp_path_factory.mktemp("tiny"))
-    return tiny_overrides(root, saved_teacher(TEACHER, NUM_CLASSES))
+    return tiny_run(tiny_folder, teacher_weights=saved_teacher(TEACHER, NUM_CLASSES), **DEMO_CPU)
 
 
 def test_a_run_that_can_start_passes(run: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from helpers import DEMO, SYSTEM, one_error_line, tiny, with_code
+from helpers import CHECKPOINTED, DEMO, SYSTEM, one_error_line, tiny_run, with_code
 from usi_composer import patches
 from usi_composer.builders import build_model, build_trainer
 from usi_composer.cli.train import main
@@ -40,7 +40,7 @@ def assert_weights(module: torch.nn.Module, expected: dict[str, torch.Tensor]) -
 def composer_run(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 2-batch run of the recipe, a Composer checkpoint after each batch."""
     folder = tmp_path_factory.mktemp("composer-run")
-    train(load_config(DEMO, tiny(digits, f"trainer.save_folder={folder}"))).close()
+    train(load_config(DEMO, tiny_run(digits, f"trainer.save_folder={folder}", **CHECKPOINTED))).close()
     return folder
 
 
@@ -52,14 +52,16 @@ def test_model_checkpoint_that_runs_code_is_refused_unless_trusted(
 ) -> None:
     marker = tmp_path / "ran"
     path = with_code({"state_dict": weights()}, tmp_path / "student.pt", marker)
-    assert main([DEMO, *tiny(digits, f"model.checkpoint={path}")]) == 2
+    assert main([DEMO, *tiny_run(digits, f"model.checkpoint={path}", **CHECKPOINTED)]) == 2
     assert one_error_line(capsys.readouterr().err) == (
         f"error: model.checkpoint: {path}: refusing to unpickle '{SYSTEM}' (a checkpoint can run code when it is "
         "loaded); if you trust this file, set model.trust_checkpoint=true"
     )
     assert not marker.exists()
 
-    model = build_model(load_config(DEMO, tiny(digits, f"model.checkpoint={path}", "model.trust_checkpoint=true")))
+    model = build_model(
+        load_config(DEMO, tiny_run(digits, f"model.checkpoint={path}", "model.trust_checkpoint=true", **CHECKPOINTED))
+    )
     assert marker.exists(), "trusted: unpickled in full, the file's code ran"
     assert_weights(model.module, weights())
 
@@ -70,14 +72,14 @@ def test_teacher_checkpoint_that_runs_code_is_refused_unless_trusted(
     marker = tmp_path / "ran"
     path = with_code({"state_dict": weights()}, tmp_path / "teacher.pt", marker)
     teacher = ["algorithms.distillation.enabled=true", "teacher.name=test_resnet", f"teacher.checkpoint={path}"]
-    assert main([DEMO, *tiny(digits, *teacher)]) == 2
+    assert main([DEMO, *tiny_run(digits, *teacher, **CHECKPOINTED)]) == 2
     assert one_error_line(capsys.readouterr().err) == (
         f"error: teacher.checkpoint: {path}: refusing to unpickle '{SYSTEM}' (a checkpoint can run code when it is "
         "loaded); if you trust this file, set teacher.trust_checkpoint=true"
     )
     assert not marker.exists()
 
-    assert main([DEMO, *tiny(digits, *teacher, "teacher.trust_checkpoint=true")]) == 0
+    assert main([DEMO, *tiny_run(digits, *teacher, "teacher.trust_checkpoint=true", **CHECKPOINTED)]) == 0
     assert marker.exists()
 
 
@@ -87,7 +89,7 @@ def test_composer_resume_that_runs_code_is_refused_unless_trusted(
     marker = tmp_path / "ran"
     ours = torch.load(composer_run / "ep0-ba1-rank0.pt", weights_only=False)  # our own file
     path = with_code(ours, tmp_path / "ep0-ba1-rank0.pt", marker)
-    run = tiny(digits, f"trainer.load_path={path}", f"trainer.save_folder={tmp_path / 'out'}")
+    run = tiny_run(digits, f"trainer.load_path={path}", f"trainer.save_folder={tmp_path / 'out'}", **CHECKPOINTED)
     assert main([DEMO, *run]) == 2
     assert one_error_line(capsys.readouterr().err) == (
         f"error: trainer.load_path: {path}: refusing to unpickle '{SYSTEM}' (a checkpoint can run code when it is "
@@ -113,7 +115,7 @@ def test_composer_evaluates_algorithm_reprs_so_they_are_checked(
     torch.save(checkpoint, path)
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) != [], "numpy RNG state, allow-listed"
 
-    run = tiny(digits, f"trainer.load_path={path}", f"trainer.save_folder={tmp_path / 'out'}")
+    run = tiny_run(digits, f"trainer.load_path={path}", f"trainer.save_folder={tmp_path / 'out'}", **CHECKPOINTED)
     assert main([DEMO, *run]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: trainer.load_path: {path}: refusing to evaluate its BlurPool repr "), line
@@ -171,7 +173,7 @@ def test_timm_train_checkpoint_loads_its_ema_weights(tmp_path: Path, caplog: pyt
 def test_composer_checkpoint_loads_as_model_checkpoint(digits: Path, composer_run: Path) -> None:
     path = composer_run / "ep0-ba2-rank0.pt"
     state = torch.load(path, weights_only=False)["state"]["model"]
-    model = build_model(load_config(DEMO, tiny(digits, f"model.checkpoint={path}")))
+    model = build_model(load_config(DEMO, tiny_run(digits, f"model.checkpoint={path}", **CHECKPOINTED)))
     assert_weights(model.module, {k.removeprefix("module."): v for k, v in state.items()})
 
 
@@ -187,7 +189,7 @@ def test_composer_checkpoint_resumes_with_load_path_as_data(
 
     monkeypatch.setattr(torch, "load", recording)
     run = [f"trainer.load_path={composer_run / 'ep0-ba1-rank0.pt'}", f"trainer.save_folder={tmp_path}"]
-    trainer = build_trainer(load_config(DEMO, tiny(digits, *run, "trainer.max_duration=3ba")))
+    trainer = build_trainer(load_config(DEMO, tiny_run(digits, *run, "trainer.max_duration=3ba", **CHECKPOINTED)))
     assert int(trainer.state.timestamp.batch) == 1
     assert weights_only == [True], "Composer's load, as data"
     trainer.fit()
@@ -196,7 +198,7 @@ def test_composer_checkpoint_resumes_with_load_path_as_data(
 
 
 def test_save_weights_writes_files_that_load_as_data(digits: Path, tmp_path: Path) -> None:
-    trainer = train(load_config(DEMO, tiny(digits)))
+    trainer = train(load_config(DEMO, tiny_run(digits, **CHECKPOINTED)))
     for name in ("student.pt", "student.safetensors"):
         save_weights(trainer, tmp_path / name)
     plain = torch.load(tmp_path / "student.pt", weights_only=True)  # no allow-listed global needed
@@ -214,14 +216,14 @@ def test_plain_http_is_refused(digits: Path, capsys: pytest.CaptureFixture[str])
     with pytest.raises(CheckpointError, match=r"^http://example.com/w.pt: refusing plain http:// .*; use https://$"):
         load_weights(timm.create_model("test_resnet", num_classes=10), "http://example.com/w.pt")
     for key in ("model.checkpoint", "trainer.load_path"):
-        assert main([DEMO, *tiny(digits, f"{key}=http://example.com/w.pt")]) == 2
+        assert main([DEMO, *tiny_run(digits, f"{key}=http://example.com/w.pt", **CHECKPOINTED)]) == 2
         line = one_error_line(capsys.readouterr().err)
         assert line.startswith(f"error: {key}: http://example.com/w.pt: refusing plain http://"), line
 
 
 def test_what_composer_cannot_read_as_data_needs_trust(digits: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A tar checkpoint: Composer 0.32.1 extracts it without a filter (its members can write any file)
-    assert main([DEMO, *tiny(digits, "trainer.load_path=/ckpt/ep1.tar.gz")]) == 2
+    assert main([DEMO, *tiny_run(digits, "trainer.load_path=/ckpt/ep1.tar.gz", **CHECKPOINTED)]) == 2
     assert one_error_line(capsys.readouterr().err) == (
         "error: trainer.load_path: /ckpt/ep1.tar.gz: refusing to extract a tar archive (Composer extracts it "
         "unfiltered: a member can write any file) (a checkpoint can run code when it is loaded); if you trust "

@@ -17,7 +17,7 @@ from torchvision.transforms.functional import resized_crop
 
 from helpers import (
     REPO,
-    TINY_TRAIN,
+    USI_CPU,
     make_imagenet,
     record_shared_memory,
     release_shared_memory,
@@ -25,6 +25,7 @@ from helpers import (
     sample_files,
     sample_root,
     shared_memory_descriptors,
+    tiny_run,
     unlink_orphaned_shared_memory,
 )
 from usi_composer.cli import train as train_cli
@@ -235,7 +236,7 @@ def test_streaming_config_valid_and_missing_data() -> None:
 
 def test_train_cli_missing_local_mds_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = [f"data.local={tmp_path / 'nothing'}", "trainer.max_duration=1ba", "trainer.global_batch_size=2"]
-    assert train_cli.main(["yamls/usi.yaml", *args, *TINY_TRAIN]) == 1
+    assert train_cli.main(["yamls/usi.yaml", *args, *tiny_run(**USI_CPU)]) == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()], err
     assert err.startswith(f"error: no MDS dataset at {tmp_path / 'nothing'}/train")

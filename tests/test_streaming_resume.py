@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_TRAIN, free_port, make_imagenet, run
-from usi_composer.data.convert import convert_imagenet
+from helpers import USI_CPU, free_port, run, tiny_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # killed and relaunched training processes
 
@@ -16,11 +15,8 @@ N_SAMPLES, GLOBAL_BATCH, KILL_AFTER = 48, 8, 2  # 6 batches per epoch, killed af
 
 
 @pytest.fixture(scope="module")
-def mds(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    src = make_imagenet(root / "src", n_classes=N_SAMPLES // 2, per_class=2)
-    convert_imagenet(src, str(root / "mds"), workers=1, shard_size="512kb", progress=False)
-    return root / "mds"
+def mds(mds_dataset) -> Path:
+    return mds_dataset(N_SAMPLES // 2, per_class=2, shard_size="512kb")
 
 
 def _seen(record_dir: Path) -> list[int]:
@@ -46,7 +42,7 @@ def test_kill_and_autoresume_sees_every_sample_exactly_once(mds: Path, tmp_path:
         "trainer.run_name=resume-test",
         "trainer.autoresume=true",
         "algorithms.ema.enabled=false",
-        *TINY_TRAIN,
+        *tiny_run(**USI_CPU),
     ]
     child = ["tests/streaming_child.py"]
     first = run([*prefix, *child, str(tmp_path / "first"), str(KILL_AFTER), "yamls/usi.yaml", *overrides], timeout=150)

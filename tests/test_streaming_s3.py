@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_TRAIN, MotoServer, make_imagenet, run, sample_root
+from helpers import REPO, USI_CPU, MotoServer, make_imagenet, run, sample_root, tiny_run
 from usi_composer.config import DataConfig
 from usi_composer.data.mds import StreamingDataError, streaming_dataloader
 from usi_composer.data.spec import TransformSpec
@@ -25,34 +24,12 @@ BOUND_S = 60  # every fault must end in an error within this many seconds
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    with MotoServer().serving() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def bucket(s3: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+def bucket(s3: MotoServer, s3_bucket) -> str:
     """imagenet-sample converted into s3://imagenet-sample/mds with the CLI, as a newcomer would."""
-    s3.client().create_bucket(Bucket="imagenet-sample")
-    proc = run(
-        [
-            sys.executable,
-            "-m",
-            "usi_composer.data.convert",
-            str(sample_root()),
-            "s3://imagenet-sample/mds",
-            "--shard-size",
-            "8mb",
-            "--no-progress",
-        ],
-        env=s3.env(),
-        timeout=150,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "train: 1000 images" in proc.stdout
+    url = s3_bucket(sample_root(), "s3://imagenet-sample/mds", shard_size="8mb", cli=True)
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="imagenet-sample", Prefix="mds/")["Contents"]]
-    assert "mds/classes.json" in keys and "mds/train/index.json" in keys and len(keys) > 10
-    return "s3://imagenet-sample/mds"
+    assert len(keys) > 10, keys
+    return url
 
 
 def _loader(remote: str, local: Path, **kwargs):
@@ -91,7 +68,7 @@ def test_train_two_batches_streaming_from_the_bucket(bucket: str, s3: MotoServer
             "data.num_workers=1",
             "trainer.global_batch_size=4",
             "trainer.max_duration=2ba",
-            *TINY_TRAIN,
+            *tiny_run(**USI_CPU),
         ],
         env=s3.env(),
         timeout=150,

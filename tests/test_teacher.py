@@ -92,9 +92,9 @@ def test_missing_checkpoint_is_a_setup_error(tmp_path) -> None:
 def pretrained_teacher(digits, file, *extra: str) -> list[str]:
     """The demo recipe distilling from test_resnet with timm's pretrained loading of ``file``
     (``pretrained_cfg_overlay.file``: timm loads a local file as it would the hub's weights)."""
-    from helpers import tiny
+    from helpers import CHECKPOINTED, tiny_run
 
-    return tiny(
+    return tiny_run(
         digits,
         "algorithms.distillation.enabled=true",
         "teacher.name=test_resnet",
@@ -102,6 +102,7 @@ def pretrained_teacher(digits, file, *extra: str) -> list[str]:
         "teacher.pretrained=true",
         f"teacher.kwargs.pretrained_cfg_overlay.file={file}",
         *extra,
+        **CHECKPOINTED,
     )
 
 

@@ -20,22 +20,12 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import (
-    NUM_CLASSES,
-    TINY_TRAIN,
-    MotoServer,
-    make_imagenet,
-    one_error_line,
-    run,
-    tiny_image_folder,
-    tiny_overrides,
-)
+from helpers import DEMO_CPU, NUM_CLASSES, USI_CPU, MotoServer, one_error_line, run, tiny_run
 from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix, kd_loss
 from usi_composer.checkpoints import first_math_change
 from usi_composer.cli import cache_teacher
 from usi_composer.cli import train as train_cli
 from usi_composer.config import ConfigError, config_to_dict, load_config
-from usi_composer.data.convert import convert_imagenet
 from usi_composer.teacher_cache import CacheStore, decode, encode, first_difference
 
 DEMO = "yamls/demo.yaml"
@@ -243,15 +233,14 @@ def test_a_cache_round_trips_through_an_object_store(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, saved_teacher) -> dict:
-    """A tiny image folder, a teacher's weights, and a full cache of 2 batches written by usi-cache-teacher."""
-    root = tmp_path_factory.mktemp("cache")
-    data = tiny_image_folder(root / "data")
+def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path, saved_teacher) -> dict:
+    """The tiny run's overrides and data, its teacher's weights, and a full cache of 2 batches written
+    by usi-cache-teacher."""
     teacher = saved_teacher("resnet10t", NUM_CLASSES)
-    args = [*tiny_overrides(data, teacher), "model.name=resnet10t", "data.val_dir=null"]
-    cache = root / "cache"
+    args = [*tiny_run(tiny_folder, teacher_weights=teacher, **DEMO_CPU), "model.name=resnet10t", "data.val_dir=null"]
+    cache = tmp_path_factory.mktemp("cache") / "cache"
     assert cache_teacher.main([DEMO, *args, "--out", str(cache)]) == 0
-    return {"root": root, "args": args, "cache": cache, "teacher": teacher}
+    return {"data": tiny_folder, "args": args, "cache": cache, "teacher": teacher}
 
 
 def _train_rc(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
@@ -361,7 +350,7 @@ def test_reading_without_the_teacher_weights_skips_their_hash_and_builds_no_teac
 
 N_SAMPLES, BATCH = 40, 8  # 5 batches per epoch, as tests/test_exact_resume.py
 EXACT = [
-    *TINY_TRAIN,
+    *tiny_run(**USI_CPU),
     "model.name=resnet10t",
     "algorithms.distillation.enabled=true",
     "teacher.name=resnet10t",
@@ -379,14 +368,6 @@ EXACT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def imagenet(tmp_path_factory: pytest.TempPathFactory, saved_teacher) -> dict:
-    root = tmp_path_factory.mktemp("exact-cache")
-    src = make_imagenet(root / "src", n_classes=N_SAMPLES // 2, per_class=2)
-    convert_imagenet(src, str(root / "mds"), workers=1, shard_size="256kb", progress=False)
-    return {"root": root, "teacher": saved_teacher("resnet10t", N_SAMPLES // 2)}
-
-
 def _run(script: list[str], args: list[str]) -> None:
     result = run([sys.executable, *script, "yamls/usi.yaml", *args], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -401,18 +382,17 @@ def _checkpoint(folder: Path, batch: int) -> Path:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("source", ["mds", "folders"])
 def test_a_run_reading_a_full_cache_ends_bit_identical_to_the_online_run(
-    imagenet: dict, tmp_path: Path, source: str
+    image_folders, mds_dataset, saved_teacher, tmp_path: Path, source: str
 ) -> None:
     """(a) trains online and fills a cache as it trains; (b) usi-cache-teacher fills another with no
     student; (c) reads (b)'s from scratch; (d) resumes (c)'s batch-8 checkpoint reading (a)'s. The
     two caches hold equal tensors, and (a), (c) and (d) end with equal weights, EMA weights and
     optimizer state (12 batches over three epochs, random crops, RandAugment, MixUp/CutMix, EMA)."""
-    root = imagenet["root"]
     if source == "mds":
-        data = [f"data.local={root / 'mds'}", "data.streaming.val_split=null"]
+        data = [f"data.local={mds_dataset(N_SAMPLES // 2, 2, '256kb')}", "data.streaming.val_split=null"]
     else:
-        data = [f"data.train_dir={root / 'src' / 'train'}", "data.val_dir=null"]
-    args = [*EXACT, *data, f"teacher.checkpoint={imagenet['teacher']}"]
+        data = [f"data.train_dir={image_folders(N_SAMPLES // 2, 2) / 'train'}", "data.val_dir=null"]
+    args = [*EXACT, *data, f"teacher.checkpoint={saved_teacher('resnet10t', N_SAMPLES // 2)}"]
 
     def folder(name: str) -> list[str]:
         return [f"trainer.save_folder={tmp_path / name}", f"trainer.run_name={name}"]
@@ -520,8 +500,8 @@ def test_usi_ablate_fills_one_cache_and_its_readers_train_as_online(
     base = tmp_path / "student.yaml"  # not demo.yaml: no demo teacher to prepare
     base.write_text(DEMO_YAML.read_text())
     sweep = str(REPO / "yamls" / "sweeps" / "temperature.yaml")
-    data, teacher = tiny["root"] / "data", tiny["teacher"]
-    common = [sweep, "--base", str(base), *tiny_overrides(data, teacher), "model.name=resnet10t"]
+    data, teacher = tiny["data"], tiny["teacher"]
+    common = [sweep, "--base", str(base), *tiny_run(data, teacher_weights=teacher, **DEMO_CPU), "model.name=resnet10t"]
     out = tmp_path / "cached"
     assert ablate_cli.main([*common, "--out", str(out), "--values", "algorithms.distillation.temperature=1.0,4.0"]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DEMO_YAML, NUM_CLASSES, TEACHER, run_cli, tiny_image_folder, tiny_overrides
+from helpers import DEMO_CPU, DEMO_YAML, NUM_CLASSES, TEACHER, run_cli, tiny_run
 from usi_composer.cli import train as train_cli
 from usi_composer.config import ConfigError, load_config
 from usi_composer.redaction import REDACTED, redact, redact_argv
@@ -22,10 +22,10 @@ AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
 
 @pytest.fixture(scope="module")
-def offline_run(tmp_path_factory: pytest.TempPathFactory, saved_teacher) -> dict:
+def offline_run(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path, saved_teacher) -> dict:
     """One real two-batch training run logged to W&B offline, as a user starts it."""
     tmp = tmp_path_factory.mktemp("wandb-run")
-    data = tiny_image_folder(tmp / "data")
+    data = tiny_folder
     teacher = saved_teacher(TEACHER, NUM_CLASSES)
     env = {
         **os.environ,
@@ -36,7 +36,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory, saved_teacher) -> dict
     }
     args = [
         str(DEMO_YAML),
-        *tiny_overrides(data, teacher),
+        *tiny_run(data, teacher_weights=teacher, **DEMO_CPU),
         "algorithms.distillation.temperature=2.5",  # an override: must reach the run's config
         "loggers.wandb.project=usi-test",
         "loggers.wandb.group=g1",
