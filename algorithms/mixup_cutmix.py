@@ -80,21 +80,12 @@ def mixup_cutmix_batch(
     Returns:
         The mixed images and their ``(N, num_classes)`` soft targets.
     """
-    hparams = dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, switch_prob=switch_prob, prob=prob)
-    for name, value in {**hparams, "label_smoothing": label_smoothing}.items():
+    _check_batch(inputs, targets)
+    given = dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, switch_prob=switch_prob, prob=prob)
+    for name, value in {**given, "label_smoothing": label_smoothing}.items():
         MixUpCutMix.ranges[name].check(name, value)
     if (message := MixUpCutMix.alphas_violation(mixup_alpha, cutmix_alpha)) is not None:
         raise ValueError(message)
-    if targets.ndim != 1:
-        raise ValueError(
-            f"MixUpCutMix expects integer class targets of shape (N,), got {tuple(targets.shape)}: "
-            "is another mixing algorithm enabled too?"
-        )
-    if inputs.shape[0] % 2:
-        raise ValueError(
-            f"MixUpCutMix needs an even microbatch size, got {inputs.shape[0]}: "
-            "use an even batch size per device and drop the last incomplete batch."
-        )
     # timm's Mixup draws from numpy's global RNG inside its methods, which take no generator;
     # the draws (timm's _params_per_batch and rand_bbox arithmetic) and the in-place mixing
     # they feed (timm's _mix_batch, 3 lines) are therefore written here; timm's mixup_target
@@ -111,6 +102,19 @@ def mixup_cutmix_batch(
             flipped = inputs.flip(0).mul_(1.0 - lam)
             inputs.mul_(lam).add_(flipped)
     return inputs, mixup_target(targets, num_classes, lam, label_smoothing)
+
+
+def _check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    if targets.ndim != 1:
+        raise ValueError(
+            f"MixUpCutMix expects integer class targets of shape (N,), got {tuple(targets.shape)}: "
+            "is another mixing algorithm enabled too?"
+        )
+    if inputs.shape[0] % 2:
+        raise ValueError(
+            f"MixUpCutMix needs an even microbatch size, got {inputs.shape[0]}: "
+            "use an even batch size per device and drop the last incomplete batch."
+        )
 
 
 def _cutmix_box(size: torch.Size, lam: float, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], float]:

@@ -38,6 +38,7 @@ __all__ = [
     "SAFE_GLOBALS",
     "ConfigRecord",
     "check_algorithm_reprs",
+    "checkpoint_problem",
     "first_math_change",
     "is_complete",
     "read_checkpoint",
@@ -181,13 +182,23 @@ _TEMP_PREFIX = TEMP_PREFIX  # storage.atomic_file's temporary names: what a kill
 _TEMP_NAME = re.compile(rf"^{re.escape(_TEMP_PREFIX)}[0-9a-f]{{12}}-(?P<name>.+)$")
 
 
-def is_complete(path: str | os.PathLike) -> bool:
-    """Whether a torch checkpoint (zip format) is whole: a cut file has no readable central directory."""
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a torch checkpoint (zip format), or None where it is whole and its bytes are the
+    ones written: a cut file has no readable central directory, and every member's CRC-32 (recorded by
+    the zip writer) is checked, so a flipped byte inside a tensor shows. Reads the whole file once."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist()):
+                return "not a torch checkpoint (no data.pkl)"
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"not a complete checkpoint (a write cut short: {first_line(e, 120)})"
+    return None if bad is None else f"its bytes changed after it was written ({bad} fails its CRC-32)"
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether a torch checkpoint is whole and verified (:func:`checkpoint_problem`)."""
+    return checkpoint_problem(path) is None
 
 
 # Composer's default names (the recipe sets no other): rank 0 writes a run's monolithic checkpoints.
@@ -197,36 +208,46 @@ LATEST_CHECKPOINT = "latest-rank0.pt"  # a save folder's newest (Composer: a sym
 
 def set_aside_partial_checkpoints(folder: str | os.PathLike) -> str | None:
     """Before autoresume looks into a local save folder: rename each checkpoint there that is not
-    complete (and each temporary file a killed write left) to ``<name>.partial-<time>``, never deleting
-    one, with a warning each; point Composer's ``latest-rank0.pt`` at the newest complete checkpoint.
-    Returns that checkpoint's path, or None (autoresume then starts from scratch).
+    complete or whose bytes changed (:func:`checkpoint_problem`), and each temporary file a killed write
+    left, to ``<name>.partial-<time>``, never deleting one, with a warning each; point Composer's
+    ``latest-rank0.pt`` at the newest good checkpoint. Returns that checkpoint's path, or None
+    (autoresume then starts from scratch, and says so).
 
-    Why: Composer follows ``latest`` to resume, then refuses to start (``FileExistsError`` from
-    ``CheckpointSaver.fit_start``, ``ensure_folder_has_no_conflicting_files``) while a file named like
-    a later checkpoint exists, such as the one a full disk cut short.
+    Why: Composer follows ``latest`` to resume and would load a corrupt checkpoint, then refuses to
+    start (``FileExistsError`` from ``CheckpointSaver.fit_start``) while a file named like a later
+    checkpoint exists, such as the one a full disk cut short.
     """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    complete: dict[str, int] = {}
+    good: dict[str, int] = {}
     for entry in sorted(os.listdir(folder)):
         path = os.path.join(folder, entry)
         temp = _TEMP_NAME.match(entry)
-        checkpoint = _CHECKPOINT_NAME.match(temp.group("name") if temp else entry)
-        if checkpoint is None or os.path.islink(path) or not os.path.isfile(path):
+        name = temp.group("name") if temp else entry
+        checkpoint = _CHECKPOINT_NAME.match(name)
+        if (checkpoint is None and name != LATEST_CHECKPOINT) or os.path.islink(path) or not os.path.isfile(path):
+            continue  # a link is Composer's latest: re-pointed below
+        problem = "a temporary file of a write cut short" if temp else checkpoint_problem(path)
+        if problem is None:
+            if checkpoint is not None:
+                good[path] = int(checkpoint.group("batch"))
             continue
-        if temp is None and is_complete(path):
-            complete[path] = int(checkpoint.group("batch"))
-            continue
-        aside = _free_name(os.path.join(folder, f"{checkpoint.group(0)}.partial-{stamp}"))
+        aside = _free_name(os.path.join(folder, f"{name}.partial-{stamp}"))
         os.rename(path, aside)
-        log.warning("autoresume: %s is not a complete checkpoint (a write cut short): set aside as %s", path, aside)
+        log.warning("autoresume: %s: %s; set aside as %s", path, problem, aside)
+    return _point_latest(folder, max(good, key=good.__getitem__, default=None))
+
+
+def _point_latest(folder: str, newest: str | None) -> str | None:
+    """Point ``latest-rank0.pt`` at ``newest`` (a plain-file copy of a good checkpoint is left as it is)."""
     latest = os.path.join(folder, LATEST_CHECKPOINT)
-    newest = max(complete, key=complete.__getitem__, default=None)
+    if os.path.isfile(latest) and not os.path.islink(latest):
+        return latest  # verified above: a copy Composer resumes from
     if newest is None:
         if os.path.islink(latest):
-            os.remove(latest)  # a link to nothing complete (the files it named are kept above)
+            os.remove(latest)  # a link to nothing good (the files it named are kept above)
         if os.listdir(folder):
             log.warning("autoresume: no complete checkpoint in %s: starting from scratch", folder)
         return None

@@ -78,14 +78,15 @@ def resolve_checkpoint(cfg: Config, checkpoint: str | None) -> str:
         raise CheckpointError(
             f"{checkpoint}: a folder with neither {WEIGHTS_FILE} (an export) nor {LATEST_CHECKPOINT} (a save folder)"
         )
-    t = cfg.trainer
-    if not t.save_folder:
+    trainer = cfg.trainer
+    if not trainer.save_folder:
         raise ConfigError("trainer.save_folder", "is unset: pass --checkpoint, or the run's save_folder")
-    if "{run_name}" in t.save_folder and not t.run_name:
+    if "{run_name}" in trainer.save_folder and not trainer.run_name:
         raise ConfigError(
-            "trainer.run_name", f"is unset, and trainer.save_folder ({t.save_folder}) names the run: set the run's"
+            "trainer.run_name",
+            f"is unset, and trainer.save_folder ({trainer.save_folder}) names the run: set the run's",
         )
-    return f"{format_name_with_dist(t.save_folder, t.run_name or '').rstrip('/')}/{LATEST_CHECKPOINT}"
+    return f"{format_name_with_dist(trainer.save_folder, trainer.run_name or '').rstrip('/')}/{LATEST_CHECKPOINT}"
 
 
 @dataclass

@@ -70,21 +70,13 @@ def measure_throughput(
     """Images per second of timm's ``name`` built for ``image_size`` (random weights: speed does not
     depend on them) in eval mode, BN folded, after ``warmup`` batches; the median over the blocks that
     ``torch.utils.benchmark`` times in ``min_run_time`` seconds (it synchronizes CUDA)."""
-    import timm
     from torch.utils import benchmark
 
-    from usi_composer.models import check_input_size, create_backbone
     from usi_composer.teacher import fold_batchnorm
 
     if amp not in AMP_DTYPES:
         raise UsiError(f"--amp: must be one of {', '.join(AMP_DTYPES)}, got '{amp}'")
-    if not timm.is_model(name):
-        raise UsiError(f"{name}: not a timm model (timm.list_models('*part-of-name*') lists them)")
-    try:  # built for image_size where the model takes it (ViT, Swin, LeViT, ...), as the recipe trains it
-        check_input_size(name, image_size, num_classes)  # a size it cannot run: one line, not a traceback
-        model = create_backbone(name, num_classes, img_size=image_size)
-    except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise UsiError(f"{name}: {first_line(e)}") from None
+    model = _backbone(name, image_size, num_classes)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     before = _count_bn(model)
     model = fold_batchnorm(model) if fold_bn else model.eval()
@@ -119,6 +111,22 @@ def measure_throughput(
         bn_folded=folded,
         params_m=params_m,
     )
+
+
+def _backbone(name: str, image_size: int, num_classes: int) -> torch.nn.Module:
+    """timm's ``name`` built for ``image_size`` where the model takes it (ViT, Swin, LeViT, ...), as the
+    recipe trains it; a name or a size it cannot run is one line, not a traceback."""
+    import timm
+
+    from usi_composer.models import check_input_size, create_backbone
+
+    if not timm.is_model(name):
+        raise UsiError(f"{name}: not a timm model (timm.list_models('*part-of-name*') lists them)")
+    try:
+        check_input_size(name, image_size, num_classes)
+        return create_backbone(name, num_classes, img_size=image_size)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise UsiError(f"{name}: {first_line(e)}") from None
 
 
 # --------------------------------------------------------------------------- top-1 of finished runs
@@ -196,9 +204,13 @@ def load_top1(
                 raise UsiError(f"{path}: needs columns 'model' and 'top1', has {reader.fieldnames}")
             for i, row in enumerate(reader):
                 offer(("csv", str(path), str(i)), row["model"], float(row["top1"]), str(path))
+    return _per_model(runs.values())
 
+
+def _per_model(runs: Iterable[tuple[str, float, str]]) -> dict[str, Top1]:
+    """``(model, top-1, where from)`` of each run -> each model's :class:`Top1`."""
     by_model: dict[str, list[tuple[float, str]]] = {}
-    for model, value, source in runs.values():
+    for model, value, source in runs:
         by_model.setdefault(model, []).append((value, source))
     return {
         model: Top1(

@@ -17,10 +17,11 @@ import contextlib
 import logging
 import os
 import warnings
+import zipfile
 from collections.abc import Iterator
 
 from usi_composer import storage
-from usi_composer.checkpoints import refuse_plain_http
+from usi_composer.checkpoints import checkpoint_problem, refuse_plain_http
 from usi_composer.config import Config, ConfigError
 from usi_composer.errors import CheckpointError, InputSizeError, UnsafeCheckpointError
 from usi_composer.plan import RunPlan, kwargs_key
@@ -168,8 +169,11 @@ def check_checkpoints(cfg: Config, plan: RunPlan) -> None:
     if trainer.load_path:
         with checkpoint_key("trainer.load_path", "trainer.trust_checkpoints"):
             refuse_plain_http(trainer.load_path)
-            if not storage.is_remote(trainer.load_path) and not os.path.isfile(trainer.load_path):
-                raise CheckpointError(f"checkpoint not found: {trainer.load_path}")
+            if not storage.is_remote(trainer.load_path):
+                if not os.path.isfile(trainer.load_path):
+                    raise CheckpointError(f"checkpoint not found: {trainer.load_path}")
+                if zipfile.is_zipfile(trainer.load_path) and (problem := checkpoint_problem(trainer.load_path)):
+                    raise CheckpointError(f"{trainer.load_path}: {problem}")
             if is_tar(trainer.load_path) and not trainer.trust_checkpoints:  # Composer 0.32.1: download_checkpoint
                 what = "extract a tar archive (Composer extracts it unfiltered: a member can write any file)"
                 raise UnsafeCheckpointError(trainer.load_path, what)

@@ -54,8 +54,7 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    redaction.install()
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="usi-ablate", description="Run a W&B sweep file's grid locally, one training run per point, no W&B server."
     )
@@ -94,7 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-teacher-cache", action="store_true", help="run every point's teacher (no cached teacher outputs)"
     )
-    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    redaction.install()
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after the flags
     try:
         sweep = replace_values(load_sweep(args.sweep), args.values)
         base = _resolve_base(args.base, sweep.base)

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import datetime
 import os
+import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +20,8 @@ import composer.utils.checkpoint as composer_checkpoint
 import torch
 from composer.utils import dist, ensure_tuple, parse_uri
 
-from usi_composer.checkpoints import ConfigRecord, check_algorithm_reprs, read_checkpoint
+from usi_composer.checkpoints import ConfigRecord, check_algorithm_reprs, checkpoint_problem, read_checkpoint
+from usi_composer.errors import CheckpointError
 from usi_composer.patches import check_upstream
 from usi_composer.storage import atomic_file
 
@@ -146,11 +148,14 @@ def _torch_load_with_validation(checkpoint_filepath: Any, map_location: str) -> 
     next resume. Here it is read as data (``checkpoints.read_checkpoint``: weights-only with the
     allow-list of what Composer checkpoints hold), and its algorithm reprs, which Composer evaluates,
     must be plain calls; ``trainer.trust_checkpoints`` restores Composer's full unpickling.
-    Composer's CHECKPOINT_VALIDATION_FUNCTION hook (``_ensure_valid_checkpoint``) still runs first.
+    Composer's CHECKPOINT_VALIDATION_FUNCTION hook (``_ensure_valid_checkpoint``) still runs first, then
+    the zip's CRCs are verified (``checkpoints.checkpoint_problem``).
     """
     path = composer_checkpoint._ensure_valid_checkpoint(checkpoint_filepath)
     # Composer links a local checkpoint into a temporary folder: name the user's file, not the link.
     name = os.path.realpath(path) if os.path.islink(path) else str(path)
+    if zipfile.is_zipfile(path) and (problem := checkpoint_problem(path)) is not None:
+        raise CheckpointError(f"{name}: {problem}")  # its CRCs: never resume from other bytes than written
     trust = _TRUST.get()
     checkpoint = read_checkpoint(str(path), trust=trust, name=name, map_location=map_location)
     if not trust:
