@@ -155,7 +155,6 @@ def main() -> None:
             f"optimizer.reference_batch_size={args.batch_size}",
             f"algorithms.ema.reference_batch_size={args.batch_size}",
             "trainer.progress_bar=false",
-            "trainer.log_to_console=false",
             "trainer.device=gpu" if torch.cuda.is_available() else "trainer.device=cpu",
             "trainer.precision=amp_bf16" if torch.cuda.is_available() else "trainer.precision=fp32",
         ]

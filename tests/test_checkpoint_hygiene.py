@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +95,67 @@ def test_a_failed_write_leaves_the_previous_file_and_no_partial_one(tmp_path: Pa
 # --------------------------------------------------------------------------- partial checkpoints set aside
 
 
+def flip_inside_a_tensor(path: Path) -> str:
+    """Flip 16 bytes in the middle of the checkpoint's largest tensor (the file stays a whole zip of the same
+    size: only the CRCs tell); return that member's name."""
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    local = member.header_offset
+    start = local + 30 + int.from_bytes(data[local + 26 : local + 28], "little")
+    start += int.from_bytes(data[local + 28 : local + 30], "little") + member.file_size // 2
+    data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
+    path.write_bytes(bytes(data))
+    return member.filename
+
+
+def test_a_checkpoint_whose_bytes_changed_is_set_aside_and_the_run_resumes_from_the_one_before(
+    digits: Path, run_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    newest = run_folder / "ep0-ba3-rank0.pt"
+    member = flip_inside_a_tensor(newest)
+    assert zipfile.ZipFile(newest).namelist(), "still a readable zip: only its CRCs can tell"
+    run = resumable(digits, run_folder, "trainer.max_duration=4ba", "trainer.autoresume_accept=[trainer.max_duration]")
+    with caplog.at_level(logging.WARNING, logger="usi_composer.checkpoints"):
+        trainer = build_trainer(load_config(DEMO, run))
+    assert int(trainer.state.timestamp.batch) == 2, "resumed from the checkpoint before the changed one"
+    (aside,) = run_folder.glob("ep0-ba3-rank0.pt.partial-*")
+    assert caplog.messages[0] == (
+        f"autoresume: {newest}: its bytes changed after it was written ({member} fails its CRC-32); "
+        f"set aside as {aside}"
+    )
+    trainer.close()
+
+
+def test_a_load_path_whose_bytes_changed_is_refused_in_one_line(
+    digits: Path, three_batches: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    changed = tmp_path / "ep0-ba3-rank0.pt"
+    shutil.copy(three_batches / "ep0-ba3-rank0.pt", changed)
+    flip_inside_a_tensor(changed)
+    assert main([DEMO, *tiny_run(digits, f"trainer.load_path={changed}", **CHECKPOINTED), "--dry-run"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: trainer.load_path: {changed}: its bytes changed after it was written ("), line
+
+
+def test_a_cut_plain_file_latest_is_set_aside_without_a_contradiction(
+    digits: Path, run_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``latest-rank0.pt`` that is a file (a copy from a bucket), cut short: set aside like the others; the
+    run resumes from the newest complete checkpoint, and says nothing about starting from scratch."""
+    latest = run_folder / "latest-rank0.pt"
+    target = run_folder / os.readlink(latest)
+    latest.unlink()
+    latest.write_bytes(target.read_bytes()[:1000])
+    run = resumable(digits, run_folder, "trainer.max_duration=4ba", "trainer.autoresume_accept=[trainer.max_duration]")
+    with caplog.at_level(logging.WARNING, logger="usi_composer.checkpoints"):
+        trainer = build_trainer(load_config(DEMO, run))
+    assert int(trainer.state.timestamp.batch) == 3
+    assert not any("from scratch" in message for message in caplog.messages), caplog.messages
+    assert caplog.messages[0].startswith(f"autoresume: {latest}: not a complete checkpoint (a write cut short)")
+    trainer.close()
+
+
 def test_a_truncated_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
     digits: Path, run_folder: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -105,7 +167,7 @@ def test_a_truncated_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_be
     (aside,) = run_folder.glob("ep0-ba3-rank0.pt.partial-*")
     assert aside.read_bytes() == half, "set aside, not deleted"
     assert caplog.messages == [
-        f"autoresume: {run_folder / 'ep0-ba3-rank0.pt'} is not a complete checkpoint (a write cut short): "
+        f"autoresume: {run_folder / 'ep0-ba3-rank0.pt'}: not a complete checkpoint (a write cut short); "
         f"set aside as {aside}",
         f"autoresume: {run_folder / 'latest-rank0.pt'} now points at ep0-ba2-rank0.pt, the newest complete checkpoint",
     ]

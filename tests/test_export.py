@@ -195,6 +195,25 @@ def test_usi_eval_reproduces_trainings_numbers(run: Run, exported: tuple[Path, s
     assert run.reported["metrics/eval_raw/top1"][0] != reported[0], "EMA and raw weights told apart"
 
 
+def test_a_run_in_batches_checkpoints_the_weights_its_last_evaluation_kept(digits: Path, tmp_path: Path) -> None:
+    """``max_duration`` in batches ends mid-epoch: the last evaluation comes before the last checkpoint, once,
+    so the checkpoint holds BestOfEMAAndRaw's choice and usi-eval scores what ``eval_best`` reported."""
+    args = overrides(digits, f"trainer.save_folder={tmp_path / 'checkpoints'}", "trainer.run_name=batches")
+    args = [*args, "trainer.max_duration=12ba"]  # one epoch of 8 batches and half of the next
+    logger = InMemoryLogger()
+    trainer = train(load_config(DEMO, args), loggers=[logger])
+    trainer.close()
+    reported = {key: [float(v) for _, v in values] for key, values in logger.data.items() if key.startswith("metrics/")}
+    assert len(reported["metrics/eval_best/top1"]) == 2, "after epoch 1 and after batch 12, each once"
+    state = torch.load(tmp_path / "checkpoints" / "ep1-ba12-rank0.pt", weights_only=False)["state"]["callbacks"]
+    final = {"ema": reported["metrics/eval/top1"][-1], "raw": reported["metrics/eval_raw/top1"][-1]}
+    assert state["BestOfEMAAndRaw"]["scores"]["eval"] == final, "the final evaluation's choice is in the checkpoint"
+    metrics = tmp_path / "metrics.json"
+    code, _, err = call(eval_cli.main, DEMO, *args, "--metrics-out", str(metrics))
+    assert code == 0, err
+    assert json.loads(metrics.read_text())["metrics/eval/top1"] == reported["metrics/eval_best/top1"][-1]
+
+
 @pytest.mark.slow
 def test_usi_eval_reads_the_mds_split_as_training_would(
     run: Run, exported: tuple[Path, str], digits: Path, tmp_path: Path

@@ -262,14 +262,13 @@ def test_train_py_runs_20_compiled_bf16_batches(
         "trainer.precision=amp_bf16",
         "trainer.compile=true",
         "trainer.progress_bar=false",
-        "trainer.log_to_console=true",
-        "trainer.console_log_interval=1ba",
+        "trainer.log_interval=1ba",
         "algorithms.distillation.log_interval=5",  # the non-finite check every 5 batches and at the end
         env={"WANDB_MODE": "disabled"},
         timeout=300,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    losses = [float(v) for v in re.findall(r"Train loss/train/total: (\S+)", output)]  # Composer's console log
+    losses = [float(v) for v in re.findall(r"batch \d+/20  loss (\S+)", output)]  # the recipe's console, each batch
     assert len(losses) == 20 and all(math.isfinite(v) for v in losses), losses
-    assert "time/compile" in output, "compiled (the first batch's compile time is logged)"
+    assert "in the first batch: " in output, "compiled (the first batch's compile time is said)"

@@ -134,3 +134,14 @@ def test_no_module_is_over_500_lines_and_no_function_over_60() -> None:
             if is_function and node.end_lineno - node.lineno >= 60 and not argument_table:
                 long_functions.append(f"{path.relative_to(REPO)}:{node.name}")
     assert long_files == [] and long_functions == []
+
+
+def test_a_warmup_flattened_by_a_small_batch_is_said_once(run: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """``scheduler.warmup_lr`` is absolute: at global batch 8 the scaled peak (2e-3 * 8 / 1024) is below it."""
+    plan = resolve(load_config("yamls/usi.yaml", ["trainer.global_batch_size=8", "trainer.device=cpu"]))
+    (note,) = [n for n in plan.notes if n.startswith("scheduler.warmup_lr")]
+    assert note.startswith("scheduler.warmup_lr=0.0001 is not below the scaled learning rate 1.5625e-05 ")
+    assert "set scheduler.warmup_lr below 1.5625e-05" in note and plan.warmup_from == 1.0
+    assert not any(n.startswith("scheduler.") for n in resolve(load_config("yamls/usi.yaml")).notes)
+    assert main([DEMO, *run, "scheduler.warmup_lr=1", "--dry-run"]) == 0
+    assert sum("scheduler.warmup_lr=1" in line for line in capsys.readouterr().err.splitlines()) == 1

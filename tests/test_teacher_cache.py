@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -303,6 +304,41 @@ def test_a_run_longer_than_the_cache_stops_at_start_up(tiny: dict, capsys: pytes
 def test_no_cache_at_the_location(tiny: dict, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     rc, err = _train_rc(capsys, *tiny["args"], f"algorithms.distillation.cache={tmp_path / 'none'}")
     assert rc == 2 and err.splitlines() == [err] and "no teacher cache at" in err and "usi-cache-teacher" in err
+
+
+def _flip_inside_a_tensor(path: Path) -> None:
+    """Flip 16 bytes in the middle of the file's tensor data (same size: only a checksum can tell)."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    middle = (header + len(data)) // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "flipped": ("rank0/ep0/ba1.safetensors", _flip_inside_a_tensor, "does not match its checksum"),
+    "truncated": ("rank0/ep0/ba1.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-100]), "not a complete"),
+    "empty": ("rank0/ep0/ba1.safetensors", lambda p: p.write_bytes(b""), "is empty"),
+    "header": ("rank0/ep0/ba0.safetensors", lambda p: p.write_bytes(b"\x10" + p.read_bytes()[1:]), "not a complete"),
+    "written.json": ("rank0/written.json", lambda p: p.write_text('{"batches": [[0, '), "not readable JSON"),
+    "cache.json": ("cache.json", lambda p: p.write_text("{not json"), "not readable JSON"),
+}
+
+
+@pytest.mark.parametrize("fault", CORRUPTIONS)
+def test_a_corrupt_cache_stops_the_run_in_one_line_before_a_step_uses_it(
+    tiny: dict, fault: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    name, corrupt, says = CORRUPTIONS[fault]
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny["cache"], cache)
+    corrupt(cache / name)
+    rc, err = _train_rc(capsys, *tiny["args"], f"algorithms.distillation.cache={cache}", "teacher.checkpoint=null")
+    line = one_error_line(err)
+    assert rc == 2, err
+    assert str(cache / name) in line and says in line, line
+    assert "usi-cache-teacher" in line, "it says how to repair it"
+    assert "Traceback" not in err
 
 
 def test_a_writer_never_writes_into_another_runs_cache_or_someone_elses_folder(

@@ -9,21 +9,24 @@ written once in the schema and once in its signature, never in between.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from typing import Any
 
 from composer.algorithms import ChannelsLast, ProgressiveResizing
 from composer.callbacks import LRMonitor, SpeedMonitor
-from composer.core import Algorithm, Callback
+from composer.core import Algorithm, Callback, Event, State
 from composer.loggers import LoggerDestination
 from composer.models import ComposerModel
+from composer.utils import create_interval_scheduler
 
 from usi_composer.algorithms import BestOfEMAAndRaw, FusedEMA, KnowledgeDistillation, MixUpCutMix
 from usi_composer.checkpoints import ConfigRecord
 from usi_composer.compilation import CompileTime
 from usi_composer.config import Config, ConfigError
+from usi_composer.console import TrainingConsole
 from usi_composer.data.loaders import build_dataloaders
 from usi_composer.errors import CheckpointError, UnsafeCheckpointError
 from usi_composer.models import USIClassifier, create_backbone
@@ -36,7 +39,16 @@ from usi_composer.teacher import build_teacher
 from usi_composer.teacher_cache import TeacherCacheReader, TeacherCacheWriter, open_teacher_cache
 from usi_composer.tracking import build_wandb_logger, loggable_config
 
-__all__ = ["algorithm_kwargs", "build_algorithms", "build_distillation", "build_model", "build_trainer"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "algorithm_kwargs",
+    "build_algorithms",
+    "build_distillation",
+    "build_model",
+    "build_trainer",
+    "final_evaluation_first",
+]
 
 
 def build_model(cfg: Config) -> USIClassifier:
@@ -53,6 +65,9 @@ def build_model(cfg: Config) -> USIClassifier:
             drop_path_rate=model.drop_path_rate,
             **model.kwargs,
         )
+    if not model.checkpoint:  # a checkpoint's loading says what it loaded (models.load_weights)
+        weights = "timm's pretrained weights" if model.pretrained else "timm's initial weights (random)"
+        log.info("student %s: %s", model.name, weights)
     return USIClassifier(backbone, num_classes=data.num_classes)
 
 
@@ -138,10 +153,12 @@ def build_trainer(
     (``loggers.wandb``), plus ``loggers``/``callbacks`` given here -> a ready Trainer. ``plan``: None
     resolves, checks and sets up the process (``process.prepare``). ``student``: train it instead of
     ``cfg.model`` (``usi-cache-teacher``'s null student); the data is still normalized for ``cfg.model``,
-    as the run it stands in for."""
+    as the run it stands in for. The run's console (``TrainingConsole``) is added unless ``loggers`` has one."""
     plan = prepare(cfg, plan) if plan is None else plan
     wandb_logger = build_wandb_logger(cfg, plan)
     loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
+    if not any(isinstance(destination, TrainingConsole) for destination in loggers):
+        loggers.append(TrainingConsole(log_interval=cfg.trainer.log_interval, bar=cfg.trainer.progress_bar))
     model = build_model(cfg) if student is None else student
     train_spec, eval_spec = build_dataloaders(cfg, plan)
     teacher_cache = open_teacher_cache(cfg, plan, train_spec.dataloader)
@@ -158,13 +175,40 @@ def build_trainer(
             model=model,
             train_dataloader=train_spec,
             eval_dataloader=eval_spec,
-            eval_interval=trainer.eval_interval if eval_spec is not None else 1,
+            eval_interval=final_evaluation_first(trainer.eval_interval) if eval_spec is not None else 1,
             algorithms=build_algorithms(cfg, plan, teacher_cache),
             loggers=loggers or None,
             callbacks=all_callbacks,
             **_optimization(cfg, plan, model),
             **_trainer_settings(cfg, plan),
         )
+
+
+def final_evaluation_first(interval: str) -> Callable[[State, Event], bool]:
+    """Composer's schedule for ``trainer.eval_interval``, with the run's last evaluation at its last batch's
+    end, before that batch's checkpoint is written.
+
+    Composer 0.32.1 evaluates a run that ends between two intervals (``max_duration`` in batches, say) at
+    ``FIT_END``, after the final checkpoint: ``BestOfEMAAndRaw``'s choice, and the weights ``eval_best``
+    scored, would be missing from it. Evaluated at that batch's ``BATCH_END`` instead (after the EMA
+    update, as at an epoch's end), the checkpoint holds them for every duration unit; a batch is never
+    evaluated twice (an epoch's end right after it).
+    """
+    periodic = create_interval_scheduler(interval, checkpoint_events=False, include_end_of_training=False)
+    evaluated_at = -1
+
+    def should_evaluate(state: State, event: Event) -> bool:
+        nonlocal evaluated_at
+        batch = int(state.timestamp.batch)
+        if batch == evaluated_at:
+            return False
+        last = event == Event.BATCH_END and (state.get_elapsed_duration() or 0) >= 1.0
+        if last or periodic(state, event):
+            evaluated_at = batch
+            return True
+        return False
+
+    return should_evaluate
 
 
 def _optimization(cfg: Config, plan: RunPlan, model: ComposerModel) -> dict[str, Any]:
@@ -195,9 +239,8 @@ def _trainer_settings(cfg: Config, plan: RunPlan) -> dict[str, Any]:
         save_overwrite=trainer.save_overwrite,
         autoresume=trainer.autoresume,
         load_path=trainer.load_path,
-        progress_bar=trainer.progress_bar,
-        log_to_console=trainer.log_to_console,
-        console_log_interval=trainer.console_log_interval,
+        progress_bar=False,  # the recipe's console speaks instead (usi_composer/console.py)
+        log_to_console=False,
         train_subset_num_batches=trainer.train_subset_num_batches,
         eval_subset_num_batches=trainer.eval_subset_num_batches,
         parallelism_config={"fsdp": dict(trainer.fsdp)} if trainer.fsdp is not None else None,

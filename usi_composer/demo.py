@@ -9,23 +9,17 @@ progress line; the result is a table of top-1 on the held-out split.
 
 from __future__ import annotations
 
-import sys
+import io
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-from composer.core import Callback, State, TimeUnit
-from composer.loggers import Logger
-
-from usi_composer.algorithms import BestOfEMAAndRaw
 from usi_composer.config import Config, load_config, packaged_yamls
+from usi_composer.console import TrainingConsole
 
 __all__ = [
     "DemoResult",
-    "RunProgress",
     "data_overrides",
     "demo_overrides",
     "prepare_teacher",
@@ -59,89 +53,14 @@ class DemoResult:
         return "\n".join(lines)
 
 
-class RunProgress(Callback):
-    """One progress line for a whole training run, for a person (the demo): the batches done out of
-    all of them, the loss, then the held-out top-1 of each evaluation.
-
-    On a terminal it is one bar redrawn in place; elsewhere (a log file, CI) one line when the run
-    ends. Composer's own progress bars (``trainer.progress_bar``) print a bar per epoch and a config
-    banner, which suit a long run's log better than a demo. Reads the loss from the device every
-    ``loss_every`` batches only (each read waits for the device).
-    """
-
-    def __init__(self, label: str, stream: Any = None, loss_every: int = 10) -> None:
-        self.label, self.loss_every = label, loss_every
-        self.stream = stream if stream is not None else sys.stdout
-        self._bar: Any = None
-        self._start = 0.0
-        self._done = 0
-        self._facts: dict[str, str] = {}
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        from tqdm import tqdm
-
-        self._start, self._done = time.perf_counter(), int(state.timestamp.batch)
-        if _isatty(self.stream):
-            self._bar = tqdm(
-                total=_total_batches(state), initial=self._done, desc=self.label, unit="ba", file=self.stream
-            )
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        self._done += 1
-        if (self._done % self.loss_every == 0 or self._done == 1) and isinstance(state.loss, torch.Tensor):
-            self._facts["loss"] = f"{float(state.loss.detach().mean()):.3f}"
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(self._facts, refresh=False)
-
-    def eval_after_all(self, state: State, logger: Logger) -> None:
-        # the number the run reports: the better of EMA and raw weights where both were validated
-        # (BestOfEMAAndRaw, a callback registered before this one, has compared them by now)
-        best = next((c for c in state.callbacks if isinstance(c, BestOfEMAAndRaw)), None)
-        label, metrics = next(iter(state.eval_metrics.items()), ("", {}))
-        if best is not None and label in best.scores:
-            self._facts["top-1"] = f"{max(best.scores[label].values()):.1%}"
-        elif "top1" in metrics:
-            self._facts["top-1"] = f"{float(metrics['top1'].compute()):.1%}"
-        if self._bar is not None:
-            self._bar.set_postfix(self._facts)
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            return
-        facts = ", ".join(f"{k} {v}" for k, v in self._facts.items())
-        seconds = time.perf_counter() - self._start
-        batches = f"{self._done} batch{'es' if self._done != 1 else ''}"
-        print(f"{self.label}: {batches} in {seconds:.0f} s ({facts})", file=self.stream, flush=True)
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _total_batches(state: State) -> int | None:
-    duration, per_epoch = state.max_duration, state.dataloader_len
-    if duration is None:
-        return None
-    if duration.unit == TimeUnit.BATCH:
-        return int(duration.value)
-    if duration.unit == TimeUnit.EPOCH and per_epoch is not None:
-        return int(duration.value) * int(per_epoch)
-    return None
-
-
 def train_and_score(cfg: Config, save_to: Path | None = None, label: str | None = None) -> float:
     """Train ``cfg`` through the recipe's ``train()``; return the final held-out top-1.
-    ``label``: show the run's progress on one line (:class:`RunProgress`)."""
+    ``label``: show the run's progress on one line (a bar on a terminal); None: say nothing."""
     from usi_composer.models import save_weights
     from usi_composer.training import final_top1, train
 
-    callbacks = [RunProgress(label)] if label else []
-    trainer = train(cfg, callbacks=callbacks)
+    console = TrainingConsole(label or "", log_interval=None, stream=None if label else io.StringIO())
+    trainer = train(cfg, loggers=[console])
     top1 = final_top1(trainer)
     if save_to is not None:
         save_weights(trainer, save_to)
@@ -233,7 +152,7 @@ def run_demo(
     start = time.perf_counter()
     data_args = data_overrides(export_digits(workdir / "digits"))
     checkpoint = teacher_checkpoint(workdir, seed, batches)
-    quiet = ["trainer.progress_bar=false", "trainer.log_to_console=false"]  # RunProgress speaks instead
+    quiet = ["trainer.progress_bar=false"]  # each stage's console speaks, in one line
     student_args = [*data_args, f"trainer.seed={seed}", f"teacher.checkpoint={checkpoint}", *quiet]
     student_args += quick_overrides(batches)
     # Validate every config before the minutes of training start.

@@ -207,7 +207,9 @@ def _sizes_that_run(name: str, size: int, num_classes: int, kwargs: dict[str, An
     return f"no multiple of {_SEARCH_STEP} px from {down[-1] if down else size} to {up[-1]} px runs either"
 
 
-def load_weights(module: nn.Module, checkpoint: str, name: str | None = None, trust: bool = False) -> str:
+def load_weights(
+    module: nn.Module, checkpoint: str, name: str | None = None, trust: bool = False, say: bool = True
+) -> str:
     """Load a safetensors file, a state dict, a timm checkpoint or a Composer checkpoint into ``module``
     (strict); return which weights of it were loaded (:func:`trained_weights`).
 
@@ -227,7 +229,8 @@ def load_weights(module: nn.Module, checkpoint: str, name: str | None = None, tr
         elif not os.path.isfile(checkpoint):
             raise CheckpointError(f"checkpoint not found: {checkpoint}")
         state, which = trained_weights(read_checkpoint(local, trust=trust, name=checkpoint, mmap=True), checkpoint)
-        log.info("%s: loading %s", checkpoint, which)
+        if say:  # one line a user reads: which weights of the file were taken (EMA or raw, ...)
+            log.info("%s: %s, from %s", name or type(module).__name__, which, checkpoint)
         # torch's own message is one line per mis-shaped key (tens of lines for another architecture):
         # load what fits (torch decides what is missing or unexpected), then report all three in one line.
         expected = module.state_dict()

@@ -193,7 +193,7 @@ def _check_fits(name: str, checkpoint: str, num_classes: int, img_size: int, par
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch: copying into a meta tensor is a no-op (that is the point)
         module, _ = create_model_for_size(name, img_size, num_classes=num_classes, **kwargs)
-        load_weights(module, checkpoint, name, trust=bool(getattr(part, "trust_checkpoint", False)))
+        load_weights(module, checkpoint, name, trust=bool(getattr(part, "trust_checkpoint", False)), say=False)
 
 
 def check_save_folder(cfg: Config) -> None:

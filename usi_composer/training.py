@@ -20,7 +20,7 @@ from usi_composer.errors import LostPeerError, first_line
 if TYPE_CHECKING:
     from composer import Trainer
 
-__all__ = ["final_metrics", "final_top1", "lost_peer", "train"]
+__all__ = ["final_metrics", "final_top1", "lost_peer", "run_summary", "train"]
 
 
 def train(cfg: Config, **build_kwargs: Any) -> Trainer:
@@ -88,3 +88,24 @@ def final_metrics(trainer: Trainer) -> dict[str, Any]:
     if wandb is not None and wandb.run_dir:
         result["wandb_run_dir"] = str(Path(wandb.run_dir).parent)  # run_dir is the run's files/ folder
     return result
+
+
+def run_summary(trainer: Trainer, cfg: Config, command: str) -> list[str]:
+    """What a finished run tells its user, one fact a line: the best top-1 and which weights were kept,
+    the last checkpoint, how to export it, and the W&B run. ``command``: how the run was started (its
+    yaml and overrides), for the export command's line."""
+    from composer.callbacks import CheckpointSaver
+
+    metrics, lines = final_metrics(trainer), []
+    best = next((c for c in trainer.state.callbacks if isinstance(c, BestOfEMAAndRaw)), None)
+    if "metrics/eval_best/top1" in metrics:
+        which = {"ema": "the EMA weights", "raw": "the raw weights"}.get(best.best if best else "", "the weights")
+        kept = f"{which}, kept in the final checkpoint" if cfg.trainer.save_folder else which
+        lines.append(f"best top-1 {metrics['metrics/eval_best/top1']:.2%} ({kept})")
+    saver = next((c for c in trainer.state.callbacks if isinstance(c, CheckpointSaver)), None)
+    if saver is not None and saver.saved_checkpoints:
+        lines.append(f"checkpoint: {saver.saved_checkpoints[-1]}")
+        lines.append(f"export it: usi-export {command} --out runs/export/{trainer.state.run_name}")
+    if "wandb_run_dir" in metrics:
+        lines.append(f"W&B run: {metrics['wandb_run_dir']}")
+    return lines

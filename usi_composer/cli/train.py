@@ -6,6 +6,7 @@ Also ``python train.py ...`` (one process) and the ``usi-train`` console script.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,18 +56,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(e)
     if args.dry_run or args.print_config:
         return _dry_run(cfg, check=args.dry_run)
-    from usi_composer.training import final_metrics, train  # heavy imports only when training
+    from usi_composer.console import show_library_logs  # heavy imports only when training
+    from usi_composer.training import final_metrics, run_summary, train
 
+    show_library_logs()  # what was loaded, one line each (stdout)
     try:
         trainer = train(cfg)
     except UsiError as e:  # a ConfigError found while building (a model that cannot run at its size, ...): 2
         return fail(e)
     metrics = final_metrics(trainer)
+    summary = run_summary(trainer, cfg, redaction.redact_text(shlex.join([args.config, *args.overrides])))
     trainer.close()  # finishes the W&B run (its summary and files) before we report success
     if args.metrics_out is not None:
         from usi_composer import storage
 
         storage.write_json(args.metrics_out, metrics)
+        summary.append(f"metrics: {args.metrics_out}")
+    print("\n".join(summary), flush=True)
     return 0
 
 

@@ -373,9 +373,9 @@ class TrainerConfig:
     autoresume_accept: list[str] = free(check=_key_paths, factory=list)
     load_path: str | None = free(None)
     trust_checkpoints: bool = free(False)  # resume (load_path, autoresume) unpickling in full; false: read as data
-    progress_bar: bool = free(True)
-    log_to_console: bool = free(False)
-    console_log_interval: str = free("1ep", check=_time_string("ep", "ba", "sp", "dur"))
+    progress_bar: bool = free(True)  # on a terminal, one bar for the run; false (or in a log file): plain lines
+    # a plain line (epoch/batch, loss, LR, img/s, ETA) this often, and at each epoch's end (usi_composer/console.py)
+    log_interval: str = free("100ba", check=_time_string("ep", "ba", "sp", "dur"))
     speed_window: int = free(50, AT_LEAST_ONE)  # batches Composer's SpeedMonitor averages throughput over
     train_subset_num_batches: int = teacher_input(-1)
     eval_subset_num_batches: int = free(-1)
