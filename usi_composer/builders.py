@@ -16,7 +16,7 @@ from dataclasses import fields
 from typing import Any
 
 from composer.algorithms import ChannelsLast, ProgressiveResizing
-from composer.callbacks import LRMonitor, SpeedMonitor
+from composer.callbacks import ImageVisualizer, LRMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback, Event, State
 from composer.loggers import LoggerDestination
 from composer.models import ComposerModel
@@ -35,7 +35,7 @@ from usi_composer.patches.trainer import Trainer, trusting_checkpoints
 from usi_composer.plan import RunPlan
 from usi_composer.preflight import checkpoint_key
 from usi_composer.process import prepare
-from usi_composer.teacher import build_teacher
+from usi_composer.teacher import TeacherEvaluation, build_teacher
 from usi_composer.teacher_cache import TeacherCacheReader, TeacherCacheWriter, open_teacher_cache
 from usi_composer.tracking import build_wandb_logger, loggable_config
 
@@ -138,6 +138,11 @@ def build_callbacks(cfg: Config, plan: RunPlan) -> list[Callback]:
         callbacks.append(CompileTime(f"student {cfg.model.name}{teacher}"))
     if cfg.algorithms.ema.enabled and cfg.algorithms.ema.best_of_raw and plan.evaluates:
         callbacks.append(BestOfEMAAndRaw("top1"))
+    if cfg.teacher.evaluate_first and plan.builds_teacher and plan.evaluates:
+        callbacks.append(TeacherEvaluation(str(cfg.teacher.name)))
+    wandb = cfg.loggers.wandb
+    if wandb is not None and wandb.log_images:
+        callbacks.append(ImageVisualizer(interval=wandb.log_images, mode="input"))
     return callbacks
 
 

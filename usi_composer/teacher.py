@@ -10,12 +10,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from composer.core import Callback, State
+from composer.loggers import Logger
 from torch import nn
 
 from usi_composer.errors import first_line
 from usi_composer.models import create_backbone
 
-__all__ = ["Renormalize", "build_teacher", "fold_batchnorm"]
+__all__ = ["Renormalize", "TeacherEvaluation", "build_teacher", "fold_batchnorm"]
 
 log = logging.getLogger(__name__)
 
@@ -171,3 +173,42 @@ def build_teacher(
     if compile:
         prepared.compile()
     return prepared
+
+
+class TeacherEvaluation(Callback):
+    """``teacher.evaluate_first``: the teacher's top-1 on the validation split, once, before step 1.
+
+    A sanity check worth its one pass over the split: a teacher with the wrong weights, classes or
+    normalization distils noise without a word; its own score says so before the first step. The
+    evaluation runs as the student's does (the eval loader, its device transform, the run's precision),
+    through the prepared teacher ``KnowledgeDistillation`` holds; logged as ``metrics/teacher/top1`` and
+    said in one line.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        from composer.core.precision import get_precision_context
+        from composer.utils import dist
+
+        from usi_composer.algorithms import KnowledgeDistillation
+
+        kd = next((a for a in state.algorithms if isinstance(a, KnowledgeDistillation)), None)
+        if kd is None or kd.teacher is None or not state.evaluators:
+            return
+        spec = state.evaluators[0].dataloader
+        counts = state.device.tensor_to_device(torch.zeros(2, dtype=torch.float64))  # correct, seen
+        with torch.no_grad():
+            for batch in spec.dataloader:
+                inputs, targets = spec.microbatch_transforms(state.device.batch_to_device(spec.batch_transforms(batch)))
+                with get_precision_context(state.precision, state.precision_config):
+                    predicted = kd.teacher(inputs).argmax(dim=-1)
+                counts += torch.stack([(predicted == targets).sum().double(), counts.new_tensor(targets.numel())])
+        dist.all_reduce(counts)
+        correct, seen = counts.tolist()  # one read, once per run
+        top1 = correct / max(seen, 1)
+        logger.log_metrics({"metrics/teacher/top1": top1})
+        log.info(
+            "teacher %s: top-1 %.2f%% on the validation split (%d images), before step 1", self.name, 100 * top1, seen
+        )

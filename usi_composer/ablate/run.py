@@ -125,6 +125,8 @@ class _Runner:
         metrics_file.unlink(missing_ok=True)
         command = [self.python, "-m", "usi_composer.cli.train", str(self.base), *self.fixed, *point_args(params)]
         command += [*plan.overrides(), "--metrics-out", str(metrics_file)]
+        if cfg.loggers.wandb is not None and cfg.loggers.wandb.name is None:
+            command.insert(-2, f"loggers.wandb.name={_slug(point)[:128]}")  # the W&B run named after its point
         cached = {"online": "", "write": ", filling the teacher cache", "read": ", reading the teacher cache"}
         self.echo(f"{step}: running{cached[plan.role]} (log: {log})")
         start = time.perf_counter()

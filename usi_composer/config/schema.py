@@ -225,6 +225,7 @@ class TeacherConfig:
     mean: list[float] | None = math(None, check=_rgb(positive=False))
     std: list[float] | None = math(None, check=_rgb(positive=True))
     fold_bn: bool = teacher_input(True)  # fold BatchNorm into the preceding conv where that is exact
+    evaluate_first: bool = free(False)  # score the teacher on the validation split once, before step 1 (a sanity check)
     channels_last: bool = teacher_input(True)
 
 
@@ -395,6 +396,8 @@ class WandBConfig:
     mode: Literal["online", "offline", "disabled"] | None = free(None)  # None: WANDB_MODE, else online
     dir: str | None = free(None)  # parent of the wandb/ run directories; None: WANDB_DIR, else the working directory
     log_artifacts: bool = free(False)  # upload checkpoints as W&B artifacts
+    # a few images of a training batch as the student sees it (mixed, normalized) this often; null: none
+    log_images: str | None = free(None, check=_time_string("ep", "ba"))
 
 
 @dataclass
