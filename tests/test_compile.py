@@ -115,7 +115,7 @@ def test_cli_compile_failure_is_one_line(digits: Path, saved_teacher, tmp_path: 
     result = run_cli(
         "train.py", "yamls/usi.yaml", *compile_overrides(digits, saved_teacher(COMPILE_MODEL, 10), *extra), env=env
     )
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: compiling the student '{COMPILE_MODEL}' failed (InvalidCxxCompiler: ")
     assert lines[-1].endswith("; set trainer.compile=false to train without compilation")

@@ -1,8 +1,22 @@
-"""User-facing errors: the command-line tools print them as one line, without a traceback."""
+"""User-facing errors: the command-line tools print them as one line, without a traceback.
+
+Whether a retry can help is an attribute of the error, ``retryable``; every command's exit code
+follows from it alone (``usi_composer.cli._common.fail``): 2 for a refusal that fails the same way
+every time (the config, data paths, classes, weights that do not fit, an unsafe or corrupt file),
+1 for anything else (the network, a lost node). Launch templates requeue on 1, never on 2.
+"""
 
 
 class UsiError(Exception):
     """Base of the errors a user can fix (bad config, missing data, weights that need network)."""
+
+    retryable = False  # a class attribute: a loader worker's error is re-raised as type(e)(text)
+
+
+class TransientError(UsiError, RuntimeError):
+    """Something a retry may fix: an object store or a server that did not answer, a download cut off."""
+
+    retryable = True
 
 
 class SetupError(UsiError, RuntimeError):
@@ -32,7 +46,7 @@ class CorruptSampleError(LoaderWorkerError):
     """A sample whose bytes do not decode (truncated, not an image): names the file or the sample."""
 
 
-class LostPeerError(UsiError, RuntimeError):
+class LostPeerError(TransientError):
     """Another process of a distributed job died or became unreachable (a lost node)."""
 
 
