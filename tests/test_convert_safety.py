@@ -21,8 +21,9 @@ from PIL import Image
 from streaming import MDSWriter, StreamingDataset
 
 from helpers import REPO, MotoServer, make_imagenet, sample_files
-from usi_composer.data.convert import _split_complete, main
+from usi_composer.data.convert import main
 from usi_composer.data.folder import ImageFolderBytes, folder_dataloader
+from usi_composer.data.generations import split_complete
 from usi_composer.data.layout import find_classes, list_images
 from usi_composer.data.mds import MDS_COLUMNS, refresh_cached_index
 from usi_composer.errors import SetupError
@@ -134,7 +135,7 @@ def test_an_output_overlapping_a_source_split_is_refused_before_anything_is_writ
 
 def test_a_sibling_of_the_splits_is_a_valid_output(src: Path, capsys) -> None:
     assert convert(capsys, src, src / "mds")[0] == 0
-    assert _split_complete(str(src / "mds" / "train")) and _split_complete(str(src / "mds" / "val"))
+    assert split_complete(str(src / "mds" / "train")) and split_complete(str(src / "mds" / "val"))
 
 
 # --- failed, repeated and killed conversions -----------------------------------------------------------------
@@ -146,7 +147,7 @@ def test_a_failed_overwrite_leaves_the_previous_split_byte_identical(src: Path, 
     before_out, before_src = tree_hash(done), tree_hash(src)
     code, _, err = convert(capsys, src, done, "--overwrite", "--shard-size", "128kb")
     line = one_line_error(err)
-    assert code == 1 and line.startswith("error: 1 file(s) in train cannot be converted") and str(bad) in line
+    assert code == 2 and line.startswith("error: 1 file(s) in train cannot be converted") and str(bad) in line
     assert "nothing was published" in line
     assert tree_hash(done) == before_out and tree_hash(src) == before_src
 
@@ -180,7 +181,7 @@ def test_a_split_of_the_earlier_converter_is_complete_and_overwritten_file_by_fi
             writer.write({"image": f.read_bytes(), "label": i, "key": f"old/{f.name}"})
     (old / "notes.txt").write_text("not named by the index")
     listed = [s["raw_data"]["basename"] for s in json.loads((old / "index.json").read_text())["shards"]]
-    assert len(listed) > 1 and _split_complete(str(old))
+    assert len(listed) > 1 and split_complete(str(old))
     before = tree_hash(out)
     code, stdout, _ = convert(capsys, src, out)
     assert code == 0 and "train: already complete" in stdout and tree_hash(out) == before
@@ -256,7 +257,7 @@ def _kill_when(
 
 
 @pytest.mark.slow
-def test_a_killed_local_overwrite_leaves_the_previous_split_complete(tmp_path: Path, capsys) -> None:
+def test_a_killed_local_overwrite_leaves_the_previoussplit_complete(tmp_path: Path, capsys) -> None:
     src = _kill_source(tmp_path / "src", copies=4)
     out = tmp_path / "mds"
     assert convert(capsys, src, out, "--shard-size", "128kb")[0] == 0
@@ -288,7 +289,7 @@ def _objects(s3: MotoServer, bucket: str) -> dict[str, bytes]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_a_killed_s3_overwrite_leaves_the_previous_split_complete(tmp_path: Path, capsys) -> None:
+def test_a_killed_s3_overwrite_leaves_the_previoussplit_complete(tmp_path: Path, capsys) -> None:
     src = _kill_source(tmp_path / "src", copies=4)
     with MotoServer().serving() as s3:
         s3.client().create_bucket(Bucket="kill-test")
@@ -361,7 +362,7 @@ def test_new_classes_publish_no_split_unless_all_are_converted(src: Path, done: 
     (src / "val" / "n01440764" / "broken.JPEG").write_bytes(b"not an image")
     before = tree_hash(done)
     code, _, err = convert(capsys, src, done, "--overwrite")
-    assert code == 1 and "broken.JPEG" in one_line_error(err)
+    assert code == 2 and "broken.JPEG" in one_line_error(err)
     assert tree_hash(done) == before  # train was converted, but not published: it would disagree with val
 
 
@@ -477,7 +478,7 @@ def test_a_bad_file_fails_naming_it_and_skip_corrupt_leaves_it_out(
     before_out, before_src = tree_hash(done), tree_hash(src)
     code, _, err = convert(capsys, src, done, "--overwrite", *limit)
     line = one_line_error(err)
-    assert code == 1 and f"{bad} (" in line and reason in line and "1 file(s) in train cannot be converted" in line
+    assert code == 2 and f"{bad} (" in line and reason in line and "1 file(s) in train cannot be converted" in line
     assert tree_hash(done) == before_out and tree_hash(src) == before_src
 
     code, _, err = convert(capsys, src, done, "--overwrite", "--skip-corrupt", *limit)
@@ -495,7 +496,7 @@ def test_the_default_pixel_limit_is_pils(src: Path, tmp_path: Path, capsys, monk
     w, h = Image.open(largest).size
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", w * h - 1)  # PIL only warns below twice its threshold
     code, _, err = convert(capsys, src, tmp_path / "mds", "--splits", "train")
-    assert code == 1 and f"{largest} ({w}x{h} = {w * h} pixels, over --max-pixels {w * h - 1})" in one_line_error(err)
+    assert code == 2 and f"{largest} ({w}x{h} = {w * h} pixels, over --max-pixels {w * h - 1})" in one_line_error(err)
 
 
 @pytest.mark.parametrize(

@@ -29,17 +29,22 @@ from usi_composer.errors import SetupError
 __all__ = [
     "TEMP_PREFIX",
     "StorageError",
+    "StorageUnreachableError",
     "atomic_file",
     "atomic_write",
     "exists",
+    "failure",
+    "fsync",
     "is_remote",
     "join",
     "listdir",
+    "missing",
     "put",
     "read",
     "read_json",
     "write_json",
 ]
+
 
 def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: set back at once, at import (no threads yet)
@@ -53,7 +58,13 @@ TEMP_PREFIX = ".tmp-"
 
 
 class StorageError(SetupError):
-    """A location that cannot be read or written (not a store Composer knows, unreachable, not JSON)."""
+    """A location that cannot be read or written (not a store Composer knows, not JSON): a retry fails too."""
+
+
+class StorageUnreachableError(StorageError):
+    """An object store that did not answer or refused a request: a retry may succeed (exit 1, not 2)."""
+
+    retryable = True
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -99,13 +110,27 @@ def read(location: str | os.PathLike) -> bytes:
         except FileNotFoundError:
             raise
         except Exception as e:  # each store's client raises its own types
-            if _missing(e):
+            if missing(e):
                 raise FileNotFoundError(location) from None
-            raise StorageError(f"cannot read {location}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+            raise failure("read", location, e) from e
         return Path(local).read_bytes()
 
 
-def _missing(error: Exception) -> bool:
+def failure(verb: str, location: str, error: BaseException) -> StorageError:
+    """A store's or server's failure as one line: final (:class:`StorageError`) where the object is missing,
+    access was denied or the request refused (an HTTP 4xx), else retryable (:class:`StorageUnreachableError`)."""
+    text = str(error).strip()
+    status = getattr(getattr(error, "response", None), "status_code", None)  # requests' HTTPError
+    denied = any(word in text.lower() for word in ("403", "accessdenied", "access denied", "forbidden"))
+    final = missing(error) or denied or (isinstance(status, int) and 400 <= status < 500)
+    kind = StorageError if final else StorageUnreachableError
+    return kind(f"cannot {verb} {location}: {type(error).__name__}: {text[:200]}")
+
+
+def missing(error: BaseException) -> bool:
+    """Whether a store client's error says there is no such object (a retry finds none either)."""
+    if isinstance(error, FileNotFoundError):
+        return True
     text = str(error).lower()
     return "not found" in text or "404" in text or "nosuchkey" in text
 
@@ -134,9 +159,9 @@ def exists(location: str | os.PathLike) -> bool:
     except FileNotFoundError:
         return False
     except Exception as e:
-        if _missing(e):
+        if missing(e):
             return False
-        raise StorageError(f"cannot reach {location}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+        raise failure("reach", location, e) from e
     return True
 
 
@@ -151,7 +176,7 @@ def listdir(location: str | os.PathLike) -> list[str]:
     try:
         names = store.list_objects(prefix)
     except Exception as e:
-        raise StorageError(f"cannot list {location}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+        raise failure("list", location, e) from e
     return sorted({name[len(prefix) :].split("/", 1)[0] for name in names if name.startswith(prefix)})
 
 
@@ -173,12 +198,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    _fsync_folder(folder or ".")
+    fsync(folder or ".")
 
 
-def _fsync_folder(folder: str) -> None:
-    with contextlib.suppress(OSError):  # some file systems cannot fsync a folder: best effort
-        fd = os.open(folder, os.O_RDONLY)
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a local file or folder to the disk (a folder: the renames and new names in it); for files
+    another writer made, such as streaming's shards. Best effort: some file systems cannot fsync a folder."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -218,4 +245,4 @@ def put(local_file: str | os.PathLike, location: str | os.PathLike) -> None:
     try:
         store.upload_object(name, os.fspath(local_file))
     except Exception as e:
-        raise StorageError(f"cannot write {location}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+        raise failure("write", location, e) from e
