@@ -113,6 +113,48 @@ def make_imagenet(root: Path, n_classes: int, per_class: int = 1, start: int = 0
     return root
 
 
+def tree_hash(root: Path) -> dict[bytes, bytes]:
+    """Every entry under ``root``: relative path (bytes: any name) -> sha256 of its bytes, or its link target."""
+    import hashlib
+
+    entries: dict[bytes, bytes] = {}
+    base = os.fsencode(root)
+    for folder, dirs, files in os.walk(base):  # links are recorded, not followed (a loop stays a link)
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, base)
+            if os.path.islink(path):
+                entries[rel] = b"link:" + os.readlink(path)
+            elif os.path.isdir(path):
+                entries[rel] = b"folder"
+            else:
+                with open(path, "rb") as f:
+                    entries[rel] = hashlib.sha256(f.read()).digest()
+    return entries
+
+
+def read_split(root: Path | str, split: str = "train", cache: Path | None = None) -> list[dict]:
+    """Every sample of a converted split, as streaming reads it (``cache`` set: ``root`` is a remote)."""
+    from streaming import StreamingDataset
+
+    where = dict(remote=str(root), local=str(cache)) if cache else dict(local=str(root))
+    ds = StreamingDataset(**where, split=split, shuffle=False)
+    return [ds[i] for i in range(ds.num_samples)]
+
+
+def keys_and_labels(root: Path | str, split: str = "train", cache: Path | None = None) -> set[tuple[str, int]]:
+    return {(s["key"], int(s["label"])) for s in read_split(root, split, cache)}
+
+
+def convert(capsys: Any, *args: Any) -> tuple[int, str, str]:
+    """``usi-convert-imagenet ARGS --no-progress`` in this process: exit code, stdout, stderr."""
+    from usi_composer.data.convert import main
+
+    code = main([*map(str, args), "--no-progress", "--workers", "1"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 class MotoServer:
     """moto's standalone S3 server in a subprocess on 127.0.0.1 (a real HTTP S3 endpoint)."""
 

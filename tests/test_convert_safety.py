@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from streaming import MDSWriter, StreamingDataset
+from streaming import MDSWriter
 
-from helpers import REPO, MotoServer, make_imagenet, sample_files
-from usi_composer.data.convert import main
+from helpers import REPO, MotoServer, convert, keys_and_labels, make_imagenet, sample_files, tree_hash
 from usi_composer.data.folder import ImageFolderBytes, folder_dataloader
 from usi_composer.data.generations import split_complete
 from usi_composer.data.layout import find_classes, list_images
@@ -30,49 +29,11 @@ from usi_composer.errors import SetupError
 
 pytestmark = pytest.mark.timeout(120)
 
-Tree = dict[bytes, bytes]
-
-
-def tree_hash(root: Path) -> Tree:
-    """Every entry under ``root``: relative path (bytes: any name) -> sha256 of its bytes, or its link target."""
-    entries: Tree = {}
-    base = os.fsencode(root)
-    for folder, dirs, files in os.walk(base):  # links are recorded, not followed (a loop stays a link)
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, base)
-            if os.path.islink(path):
-                entries[rel] = b"link:" + os.readlink(path)
-            elif os.path.isdir(path):
-                entries[rel] = b"folder"
-            else:
-                with open(path, "rb") as f:
-                    entries[rel] = hashlib.sha256(f.read()).digest()
-    return entries
-
-
-def convert(capsys, *args: str) -> tuple[int, str, str]:
-    """``usi-convert-imagenet ARGS --no-progress`` in this process: exit code, stdout, stderr."""
-    code = main([*map(str, args), "--no-progress", "--workers", "1"])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def one_line_error(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
-
-
-def read_split(root: Path | str, split: str = "train", cache: Path | None = None) -> list[dict]:
-    """Every sample of a split, as streaming reads it (``cache`` set: ``root`` is a remote)."""
-    where = dict(remote=str(root), local=str(cache)) if cache else dict(local=str(root))
-    ds = StreamingDataset(**where, split=split, shuffle=False)
-    return [ds[i] for i in range(ds.num_samples)]
-
-
-def keys_and_labels(root: Path | str, split: str = "train", cache: Path | None = None) -> set[tuple[str, int]]:
-    return {(s["key"], int(s["label"])) for s in read_split(root, split, cache)}
 
 
 def source_samples(split_dir: Path, classes: list[str]) -> set[tuple[str, int]]:

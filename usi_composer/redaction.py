@@ -38,8 +38,9 @@ _SECRET_NAME = re.compile(
     re.IGNORECASE,
 )
 _MIN_SECRET_LEN = 6  # shorter environment values are too likely to occur by chance in paths and names
-# A URI inside any text: scheme://, then up to whitespace, a quote or a bracket that ends it in prose.
-_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
+# A URI inside any text: scheme://, then up to whitespace, a quote or a bracket that ends it in prose
+# (a colon, comma or full stop after it is prose too).
+_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]*[^\s'\"<>()\[\]{}:,.;]")
 # A query parameter wherever it stands, also in a URL printed without its scheme (urllib3 prints
 # ``host/path?X-Amz-Signature=...``): ``?`` or ``&``, a name, ``=``, the value up to the next one.
 _PARAMETER = re.compile(r"(?<=[?&])(?P<name>[A-Za-z0-9_.~-]+)=(?P<value>[^&#\s'\"<>()\[\]{}]*)")
