@@ -13,14 +13,15 @@ class UsiError(Exception):
     retryable = False  # a class attribute: a loader worker's error is re-raised as type(e)(text)
 
 
-class TransientError(UsiError, RuntimeError):
-    """Something a retry may fix: an object store or a server that did not answer, a download cut off."""
-
-    retryable = True
-
-
 class SetupError(UsiError, RuntimeError):
     """Something the config points to cannot be built: missing data, unreachable weights."""
+
+
+class UnreachableError(SetupError):
+    """Something the config points to did not answer (an object store, a server, the hub; a download cut
+    off): a retry may succeed."""
+
+    retryable = True
 
 
 class BadFilesError(SetupError):
@@ -46,8 +47,10 @@ class CorruptSampleError(LoaderWorkerError):
     """A sample whose bytes do not decode (truncated, not an image): names the file or the sample."""
 
 
-class LostPeerError(TransientError):
-    """Another process of a distributed job died or became unreachable (a lost node)."""
+class LostPeerError(UsiError, RuntimeError):
+    """Another process of a distributed job died or became unreachable (a lost node): a retry resumes."""
+
+    retryable = True
 
 
 class CheckpointError(SetupError):

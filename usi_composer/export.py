@@ -27,7 +27,7 @@ from usi_composer.builders import student_normalization
 from usi_composer.checkpoints import LATEST_CHECKPOINT
 from usi_composer.config import Config, ConfigError
 from usi_composer.data import TransformSpec
-from usi_composer.errors import CheckpointError, SetupError, TransientError, first_line
+from usi_composer.errors import CheckpointError, SetupError, UnreachableError, first_line
 from usi_composer.models import create_model_for_size, load_weights
 
 __all__ = [
@@ -223,7 +223,7 @@ def push_to_hub(export: Export, repo_id: str, private: bool = False) -> str:
             reason = f"no connection to the hub, offline? {type(e).__name__}"
         else:
             reason = f"{type(e).__name__}: {first_line(e, 200)}"
-        kind = TransientError if offline or getattr(response, "status_code", 0) >= 500 else SetupError  # retry?
+        kind = UnreachableError if offline or getattr(response, "status_code", 0) >= 500 else SetupError  # retry?
         raise kind(
             f"could not push {export.folder} to the Hugging Face hub as {repo_id} ({reason}); the export is "
             "complete there (to push it, run the same usi-export with --overwrite where huggingface.co is reachable)"

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from usi_composer import storage
 from usi_composer.checkpoints import atomic_file, read_checkpoint, refuse_plain_http
-from usi_composer.errors import CheckpointError, InputSizeError, SetupError, TransientError, reason
+from usi_composer.errors import CheckpointError, InputSizeError, SetupError, UnreachableError, reason
 
 __all__ = [
     "USIClassifier",
@@ -108,7 +108,7 @@ def create_backbone(
         try:
             return create_model_for_size(name, img_size, pretrained=True, num_classes=num_classes, **kwargs)[0]
         except (OSError, RuntimeError, ValueError) as e:  # huggingface_hub raises OSError subclasses offline
-            kind = TransientError if isinstance(e, OSError) else SetupError  # the network, or timm refused
+            kind = UnreachableError if isinstance(e, OSError) else SetupError  # the network, or timm refused
             raise kind(
                 f"could not get timm's pretrained weights for '{name}' ({reason(e)}). "
                 "Offline? Download them once where there is network "

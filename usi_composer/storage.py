@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from usi_composer.errors import SetupError
+from usi_composer.errors import SetupError, UnreachableError
 
 __all__ = [
     "TEMP_PREFIX",
@@ -35,6 +35,7 @@ __all__ = [
     "exists",
     "failure",
     "fsync",
+    "is_final",
     "is_remote",
     "join",
     "listdir",
@@ -61,10 +62,8 @@ class StorageError(SetupError):
     """A location that cannot be read or written (not a store Composer knows, not JSON): a retry fails too."""
 
 
-class StorageUnreachableError(StorageError):
-    """An object store that did not answer or refused a request: a retry may succeed (exit 1, not 2)."""
-
-    retryable = True
+class StorageUnreachableError(StorageError, UnreachableError):
+    """An object store that did not answer: a retry may succeed (exit 1, not 2)."""
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -117,14 +116,22 @@ def read(location: str | os.PathLike) -> bytes:
 
 
 def failure(verb: str, location: str, error: BaseException) -> StorageError:
-    """A store's or server's failure as one line: final (:class:`StorageError`) where the object is missing,
-    access was denied or the request refused (an HTTP 4xx), else retryable (:class:`StorageUnreachableError`)."""
-    text = str(error).strip()
+    """A store's or server's failure as one line: final (:class:`StorageError`) where :func:`is_final`,
+    else retryable (:class:`StorageUnreachableError`)."""
+    kind = StorageError if is_final(error) else StorageUnreachableError
+    return kind(f"cannot {verb} {location}: {type(error).__name__}: {str(error).strip()[:200]}")
+
+
+def is_final(error: BaseException) -> bool:
+    """Whether a store's or server's error repeats on a retry: no such object or bucket, access denied,
+    a request refused (HTTP 4xx). Anything else (no answer, a timeout, a 5xx) may not."""
+    text = str(error).lower().replace(" ", "")
     status = getattr(getattr(error, "response", None), "status_code", None)  # requests' HTTPError
-    denied = any(word in text.lower() for word in ("403", "accessdenied", "access denied", "forbidden"))
-    final = missing(error) or denied or (isinstance(status, int) and 400 <= status < 500)
-    kind = StorageError if final else StorageUnreachableError
-    return kind(f"cannot {verb} {location}: {type(error).__name__}: {text[:200]}")
+    denied = isinstance(error, PermissionError) or any(
+        word in text for word in ("403", "accessdenied", "forbidden", "permission")
+    )
+    no_bucket = "nosuchbucket" in text or "bucketdoesnotexist" in text
+    return missing(error) or denied or no_bucket or (isinstance(status, int) and 400 <= status < 500)
 
 
 def missing(error: BaseException) -> bool:

@@ -84,7 +84,7 @@ from usi_composer.cli._common import fail
 from usi_composer.data.generations import Generation, clear_stale, new_generation, output_lock, read_index
 from usi_composer.data.layout import IMG_EXTENSIONS, describe_problems, list_images
 from usi_composer.data.mds import MDS_COLUMNS
-from usi_composer.errors import BadFilesError, SetupError, TransientError, UsiError, reason
+from usi_composer.errors import BadFilesError, SetupError, UnreachableError, UsiError, reason
 
 __all__ = ["ConvertStats", "convert_imagenet", "main"]
 
@@ -288,7 +288,7 @@ def _stage_split(
         if writer.remote:
             shutil.rmtree(writer.local, ignore_errors=True)  # MDSWriter's staging folder of the uploads
             if isinstance(e, Exception) and not isinstance(e, UsiError):  # its upload threads' errors: the network
-                raise TransientError(f"cannot upload the shards of {split} to {generation.out}: {reason(e)}") from e
+                raise UnreachableError(f"cannot upload the shards of {split} to {generation.out}: {reason(e)}") from e
         raise
     finally:
         if pool:

@@ -30,7 +30,7 @@ from streaming import StreamingDataLoader
 from usi_composer import storage
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.transforms import transform_sample
-from usi_composer.errors import LoaderWorkerError, SetupError, TransientError, reason
+from usi_composer.errors import LoaderWorkerError, SetupError, UnreachableError, reason
 from usi_composer.patches import StreamingDatasetFixes
 
 __all__ = [
@@ -284,8 +284,8 @@ def streaming_dataloader(
         raise
     except Exception as e:  # streaming raises whatever its storage client raised
         # no index, or arguments or an index streaming refuses: final; else the store did not answer
-        final = storage.missing(e) or isinstance(e, ValueError | TypeError | KeyError)
-        kind = SetupError if final else TransientError
+        final = storage.is_final(e) or isinstance(e, ValueError | TypeError | KeyError)
+        kind = SetupError if final else UnreachableError
         raise kind(f"cannot open the MDS dataset at {where}: {_reason(e)}") from e
     return StreamingDataLoader(
         dataset,
