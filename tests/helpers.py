@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import hashlib
 import io
 import os
 import re
@@ -115,35 +116,22 @@ def make_imagenet(root: Path, n_classes: int, per_class: int = 1, start: int = 0
 
 def tree_hash(root: Path) -> dict[bytes, bytes]:
     """Every entry under ``root``: relative path (bytes: any name) -> sha256 of its bytes, or its link target."""
-    import hashlib
-
     entries: dict[bytes, bytes] = {}
-    base = os.fsencode(root)
-    for folder, dirs, files in os.walk(base):  # links are recorded, not followed (a loop stays a link)
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, base)
-            if os.path.islink(path):
-                entries[rel] = b"link:" + os.readlink(path)
-            elif os.path.isdir(path):
-                entries[rel] = b"folder"
-            else:
-                with open(path, "rb") as f:
-                    entries[rel] = hashlib.sha256(f.read()).digest()
+    for folder, dirs, files in os.walk(os.fsencode(root)):  # links are recorded, not followed (a loop stays one)
+        for path in (os.path.join(folder, name) for name in dirs + files):
+            rel = os.path.relpath(path, os.fsencode(root))
+            plain = not os.path.islink(path) and not os.path.isdir(path)
+            data = hashlib.sha256(Path(os.fsdecode(path)).read_bytes()).digest() if plain else b"folder"
+            entries[rel] = b"link:" + os.readlink(path) if os.path.islink(path) else data
     return entries
 
 
-def read_split(root: Path | str, split: str = "train", cache: Path | None = None) -> list[dict]:
-    """Every sample of a converted split, as streaming reads it (``cache`` set: ``root`` is a remote)."""
+def keys_and_labels(root: Path | str, split: str = "train", cache: Path | None = None) -> set[tuple[str, int]]:
+    """``(key, label)`` of every sample of a converted split, as streaming reads it (``cache``: ``root`` is remote)."""
     from streaming import StreamingDataset
 
-    where = dict(remote=str(root), local=str(cache)) if cache else dict(local=str(root))
-    ds = StreamingDataset(**where, split=split, shuffle=False)
-    return [ds[i] for i in range(ds.num_samples)]
-
-
-def keys_and_labels(root: Path | str, split: str = "train", cache: Path | None = None) -> set[tuple[str, int]]:
-    return {(s["key"], int(s["label"])) for s in read_split(root, split, cache)}
+    ds = StreamingDataset(remote=str(root) if cache else None, local=str(cache or root), split=split, shuffle=False)
+    return {(ds[i]["key"], int(ds[i]["label"])) for i in range(ds.num_samples)}
 
 
 def convert(capsys: Any, *args: Any) -> tuple[int, str, str]:
@@ -151,8 +139,7 @@ def convert(capsys: Any, *args: Any) -> tuple[int, str, str]:
     from usi_composer.data.convert import main
 
     code = main([*map(str, args), "--no-progress", "--workers", "1"])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return code, *capsys.readouterr()
 
 
 class MotoServer:

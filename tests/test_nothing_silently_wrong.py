@@ -238,3 +238,23 @@ def test_every_console_script_exits_2_for_a_missing_data_folder(
         assert f"FAILED (exit code 2: error: no folder at {missing / 'train'}" in out, out[-2000:]
     else:
         assert one_error_line(err).startswith("error: ") and str(missing) in err
+
+
+def test_the_exit_code_says_whether_a_retry_can_help(capsys) -> None:
+    import requests
+
+    from usi_composer import storage
+    from usi_composer.cli._common import fail
+    from usi_composer.config import ConfigError
+    from usi_composer.data.mds import CorruptShardError, LabelError, StreamingDataError
+    from usi_composer.errors import CheckpointError, LostPeerError
+
+    no_answer = storage.failure("read", "s3://b/k", requests.ConnectionError("Max retries exceeded"))
+    refused = storage.failure("read", "s3://b/k", PermissionError("An error occurred (403): Forbidden"))
+    retry = [LostPeerError("rank 1 is gone"), no_answer, StreamingDataError("cannot read shard 3")]
+    final = [ConfigError("", "model.name", "unknown"), SetupError("no folder at x"), CheckpointError("x does not fit")]
+    final += [refused, CorruptShardError("hash validation failed"), LabelError("label 7")]
+    assert [fail(e) for e in retry] == [1] * len(retry) and [fail(e) for e in final] == [2] * len(final)
+    # a loader worker's error comes back as type(e)(text): the class alone carries the answer
+    assert fail(type(LabelError("x"))("Traceback ...\nLabelError: label 7")) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == len(retry) + len(final) + 1

@@ -121,11 +121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / f"{args.sweep.stem}.md").write_text(text)
     png = plot(sweep, rows, out / f"{args.sweep.stem}.png", reference)
     print(f"\n{text}\ntable: {out / (args.sweep.stem + '.md')}\nplot:  {png}")
+    return _exit_code(rows)
+
+
+def _exit_code(rows: list[dict]) -> int:
+    """0 when every point finished; 2 when every failed point was refused (a rerun fails the same way
+    until something is fixed), else 1. Each point is a training run exiting through ``fail()``; its
+    row's error starts ``exit code N:``."""
     failed = [r for r in rows if r.get("status") != "ok"]
     if not failed:
         return 0
-    # Each point is a training run exiting through fail(); its row's error starts "exit code N:". Where
-    # every failed point was refused (2), a rerun fails the same way until something is fixed: 2 too.
     refused = all(str(r.get("error", "")).startswith("exit code 2:") for r in failed)
     fix = "fix what the logs name, then rerun" if refused else "see the logs; rerun to retry them"
     print(f"{len(failed)} of {len(rows)} points failed ({fix})", file=sys.stderr)

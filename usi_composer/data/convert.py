@@ -250,9 +250,8 @@ def _stage_split(
     """Write ``samples`` into ``generation`` (nothing reads it yet); ``problems``: files the listing refused."""
     stats = ConvertStats(split)
     start = time.perf_counter()
-    # A fresh folder, so exist_ok (which makes MDSWriter delete an existing one) is never needed.
-    # MDSWriter uploads each shard itself (streaming's CloudUploader, as it fills them): storage.put
-    # would need every shard staged and uploaded by us; only the small index and classes.json go through storage.
+    # A fresh folder: exist_ok (MDSWriter then deletes an existing one) is never needed. MDSWriter uploads
+    # each shard as it fills it (storage.put would need all staged by us); the index goes through storage.
     writer = MDSWriter(out=generation.out, columns=MDS_COLUMNS, hashes=[HASH], size_limit=shard_size)
     bad = list(problems)
     pool = _worker_pool(workers) if workers > 1 else None
@@ -260,13 +259,8 @@ def _stage_split(
         paths = [p for p, _ in samples]
         check = functools.partial(_read_and_check, max_pixels=max_pixels)
         results = pool.imap(check, paths, chunksize=16) if pool else map(check, paths)
-        bar = tqdm(
-            total=len(samples),
-            desc=f"{split} -> {generation.split_out}",
-            unit="img",
-            disable=not progress,
-            file=sys.stderr,
-        )
+        desc = f"{split} -> {generation.split_out}"
+        bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, file=sys.stderr)
         for (path, label), (data, error) in zip(samples, results, strict=True):
             bar.update()
             if error is not None:

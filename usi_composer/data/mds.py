@@ -180,6 +180,13 @@ def check_resumable(state: dict[str, Any], num_nodes: int, ranks_per_node: int, 
     )
 
 
+def _open_error(where: str, e: Exception) -> SetupError:
+    """Why a dataset could not be opened: final where there is no index, or streaming refuses the arguments
+    or the index (exit 2); else the store did not answer (exit 1)."""
+    final = storage.is_final(e) or isinstance(e, ValueError | TypeError | KeyError)
+    return (SetupError if final else UnreachableError)(f"cannot open the MDS dataset at {where}: {_reason(e)}")
+
+
 def _corrupt(e: BaseException) -> bool:
     return "Checksum failure" in str(e)
 
@@ -283,10 +290,7 @@ def streaming_dataloader(
     except StreamingDataError:
         raise
     except Exception as e:  # streaming raises whatever its storage client raised
-        # no index, or arguments or an index streaming refuses: final; else the store did not answer
-        final = storage.is_final(e) or isinstance(e, ValueError | TypeError | KeyError)
-        kind = SetupError if final else UnreachableError
-        raise kind(f"cannot open the MDS dataset at {where}: {_reason(e)}") from e
+        raise _open_error(where, e) from e
     return StreamingDataLoader(
         dataset,
         batch_size=batch_size,
