@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import hashlib
 import io
 import os
 import re
@@ -111,6 +112,34 @@ def make_imagenet(root: Path, n_classes: int, per_class: int = 1, start: int = 0
         for k in range(per_class):
             shutil.copyfile(f, folder / (f.name if k == 0 else f"{f.stem}_{k}.JPEG"))
     return root
+
+
+def tree_hash(root: Path) -> dict[bytes, bytes]:
+    """Every entry under ``root``: relative path (bytes: any name) -> sha256 of its bytes, or its link target."""
+    entries: dict[bytes, bytes] = {}
+    for folder, dirs, files in os.walk(os.fsencode(root)):  # links are recorded, not followed (a loop stays one)
+        for path in (os.path.join(folder, name) for name in dirs + files):
+            rel = os.path.relpath(path, os.fsencode(root))
+            plain = not os.path.islink(path) and not os.path.isdir(path)
+            data = hashlib.sha256(Path(os.fsdecode(path)).read_bytes()).digest() if plain else b"folder"
+            entries[rel] = b"link:" + os.readlink(path) if os.path.islink(path) else data
+    return entries
+
+
+def keys_and_labels(root: Path | str, split: str = "train", cache: Path | None = None) -> set[tuple[str, int]]:
+    """``(key, label)`` of every sample of a converted split, as streaming reads it (``cache``: ``root`` is remote)."""
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(remote=str(root) if cache else None, local=str(cache or root), split=split, shuffle=False)
+    return {(ds[i]["key"], int(ds[i]["label"])) for i in range(ds.num_samples)}
+
+
+def convert(capsys: Any, *args: Any) -> tuple[int, str, str]:
+    """``usi-convert-imagenet ARGS --no-progress`` in this process: exit code, stdout, stderr."""
+    from usi_composer.data.convert import main
+
+    code = main([*map(str, args), "--no-progress", "--workers", "1"])
+    return code, *capsys.readouterr()
 
 
 class MotoServer:

@@ -197,14 +197,14 @@ def test_runner_survives_a_failing_point_and_retries_it(
     args += [*tiny_args, f"data.num_classes={4}", "data.image_size=16", "data.num_workers=0"]
     args += ["data.local=null", f"data.train_dir={tiny['data'] / 'train'}"]  # the folder, where val_dir counts
 
-    assert ablate_cli.main(args) == 1
+    assert ablate_cli.main(args) == 2  # its one failed point was refused (a missing folder): not retryable
     assert calls == [(Path("wd"), DEMO_YAML.parent)]
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rows] == ["failed", "ok"]
-    assert str(later) in rows[0]["error"] and rows[0]["error"].startswith("exit code 1")
+    assert str(later) in rows[0]["error"] and rows[0]["error"].startswith("exit code 2")
     assert any(f"teacher.checkpoint={tiny['teacher']}" == o for o in rows[1]["overrides"])
     out = capsys.readouterr()
-    assert "FAILED" in out.out and "1 of 2 points failed" in out.err
+    assert "FAILED" in out.out and "1 of 2 points failed (fix what the logs name" in out.err
     assert (tmp_path / "out" / "s.md").is_file() and (tmp_path / "out" / "s.png").is_file()
 
     # Rerun once the folder exists: the failed point runs again, the finished one is skipped.

@@ -77,7 +77,7 @@ def test_cli_compile_failure_is_one_line(digits: Path, saved_teacher, tmp_path: 
     extra = ("trainer.global_batch_size=4", "trainer.max_duration=2ba", "data.val_dir=null")
     run = tiny_run(digits, *extra, teacher_weights=saved_teacher(COMPILE_MODEL, 10), **COMPILED)
     result = run_cli("train.py", "yamls/usi.yaml", *run, env=env)
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: compiling the student '{COMPILE_MODEL}' failed (InvalidCxxCompiler: ")
     assert lines[-1].endswith("; set trainer.compile=false to train without compilation")

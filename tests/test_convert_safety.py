@@ -18,60 +18,22 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from streaming import MDSWriter, StreamingDataset
+from streaming import MDSWriter
 
-from helpers import REPO, MotoServer, make_imagenet, sample_files
-from usi_composer.data.convert import _split_complete, main
+from helpers import REPO, MotoServer, convert, keys_and_labels, make_imagenet, sample_files, tree_hash
 from usi_composer.data.folder import ImageFolderBytes, folder_dataloader
+from usi_composer.data.generations import split_complete
 from usi_composer.data.layout import find_classes, list_images
 from usi_composer.data.mds import MDS_COLUMNS, refresh_cached_index
 from usi_composer.errors import SetupError
 
 pytestmark = pytest.mark.timeout(120)
 
-Tree = dict[bytes, bytes]
-
-
-def tree_hash(root: Path) -> Tree:
-    """Every entry under ``root``: relative path (bytes: any name) -> sha256 of its bytes, or its link target."""
-    entries: Tree = {}
-    base = os.fsencode(root)
-    for folder, dirs, files in os.walk(base):  # links are recorded, not followed (a loop stays a link)
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, base)
-            if os.path.islink(path):
-                entries[rel] = b"link:" + os.readlink(path)
-            elif os.path.isdir(path):
-                entries[rel] = b"folder"
-            else:
-                with open(path, "rb") as f:
-                    entries[rel] = hashlib.sha256(f.read()).digest()
-    return entries
-
-
-def convert(capsys, *args: str) -> tuple[int, str, str]:
-    """``usi-convert-imagenet ARGS --no-progress`` in this process: exit code, stdout, stderr."""
-    code = main([*map(str, args), "--no-progress", "--workers", "1"])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def one_line_error(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
-
-
-def read_split(root: Path | str, split: str = "train", cache: Path | None = None) -> list[dict]:
-    """Every sample of a split, as streaming reads it (``cache`` set: ``root`` is a remote)."""
-    where = dict(remote=str(root), local=str(cache)) if cache else dict(local=str(root))
-    ds = StreamingDataset(**where, split=split, shuffle=False)
-    return [ds[i] for i in range(ds.num_samples)]
-
-
-def keys_and_labels(root: Path | str, split: str = "train", cache: Path | None = None) -> set[tuple[str, int]]:
-    return {(s["key"], int(s["label"])) for s in read_split(root, split, cache)}
 
 
 def source_samples(split_dir: Path, classes: list[str]) -> set[tuple[str, int]]:
@@ -134,7 +96,7 @@ def test_an_output_overlapping_a_source_split_is_refused_before_anything_is_writ
 
 def test_a_sibling_of_the_splits_is_a_valid_output(src: Path, capsys) -> None:
     assert convert(capsys, src, src / "mds")[0] == 0
-    assert _split_complete(str(src / "mds" / "train")) and _split_complete(str(src / "mds" / "val"))
+    assert split_complete(str(src / "mds" / "train")) and split_complete(str(src / "mds" / "val"))
 
 
 # --- failed, repeated and killed conversions -----------------------------------------------------------------
@@ -146,7 +108,7 @@ def test_a_failed_overwrite_leaves_the_previous_split_byte_identical(src: Path, 
     before_out, before_src = tree_hash(done), tree_hash(src)
     code, _, err = convert(capsys, src, done, "--overwrite", "--shard-size", "128kb")
     line = one_line_error(err)
-    assert code == 1 and line.startswith("error: 1 file(s) in train cannot be converted") and str(bad) in line
+    assert code == 2 and line.startswith("error: 1 file(s) in train cannot be converted") and str(bad) in line
     assert "nothing was published" in line
     assert tree_hash(done) == before_out and tree_hash(src) == before_src
 
@@ -180,7 +142,7 @@ def test_a_split_of_the_earlier_converter_is_complete_and_overwritten_file_by_fi
             writer.write({"image": f.read_bytes(), "label": i, "key": f"old/{f.name}"})
     (old / "notes.txt").write_text("not named by the index")
     listed = [s["raw_data"]["basename"] for s in json.loads((old / "index.json").read_text())["shards"]]
-    assert len(listed) > 1 and _split_complete(str(old))
+    assert len(listed) > 1 and split_complete(str(old))
     before = tree_hash(out)
     code, stdout, _ = convert(capsys, src, out)
     assert code == 0 and "train: already complete" in stdout and tree_hash(out) == before
@@ -256,7 +218,7 @@ def _kill_when(
 
 
 @pytest.mark.slow
-def test_a_killed_local_overwrite_leaves_the_previous_split_complete(tmp_path: Path, capsys) -> None:
+def test_a_killed_local_overwrite_leaves_the_previoussplit_complete(tmp_path: Path, capsys) -> None:
     src = _kill_source(tmp_path / "src", copies=4)
     out = tmp_path / "mds"
     assert convert(capsys, src, out, "--shard-size", "128kb")[0] == 0
@@ -288,7 +250,7 @@ def _objects(s3: MotoServer, bucket: str) -> dict[str, bytes]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_a_killed_s3_overwrite_leaves_the_previous_split_complete(tmp_path: Path, capsys) -> None:
+def test_a_killed_s3_overwrite_leaves_the_previoussplit_complete(tmp_path: Path, capsys) -> None:
     src = _kill_source(tmp_path / "src", copies=4)
     with MotoServer().serving() as s3:
         s3.client().create_bucket(Bucket="kill-test")
@@ -361,7 +323,7 @@ def test_new_classes_publish_no_split_unless_all_are_converted(src: Path, done: 
     (src / "val" / "n01440764" / "broken.JPEG").write_bytes(b"not an image")
     before = tree_hash(done)
     code, _, err = convert(capsys, src, done, "--overwrite")
-    assert code == 1 and "broken.JPEG" in one_line_error(err)
+    assert code == 2 and "broken.JPEG" in one_line_error(err)
     assert tree_hash(done) == before  # train was converted, but not published: it would disagree with val
 
 
@@ -478,7 +440,7 @@ def test_a_bad_file_fails_naming_it_and_skip_corrupt_leaves_it_out(
     before_out, before_src = tree_hash(done), tree_hash(src)
     code, _, err = convert(capsys, src, done, "--overwrite", *limit)
     line = one_line_error(err)
-    assert code == 1 and f"{bad} (" in line and reason in line and "1 file(s) in train cannot be converted" in line
+    assert code == 2 and f"{bad} (" in line and reason in line and "1 file(s) in train cannot be converted" in line
     assert tree_hash(done) == before_out and tree_hash(src) == before_src
 
     code, _, err = convert(capsys, src, done, "--overwrite", "--skip-corrupt", *limit)
@@ -496,7 +458,7 @@ def test_the_default_pixel_limit_is_pils(src: Path, tmp_path: Path, capsys, monk
     w, h = Image.open(largest).size
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", w * h - 1)  # PIL only warns below twice its threshold
     code, _, err = convert(capsys, src, tmp_path / "mds", "--splits", "train")
-    assert code == 1 and f"{largest} ({w}x{h} = {w * h} pixels, over --max-pixels {w * h - 1})" in one_line_error(err)
+    assert code == 2 and f"{largest} ({w}x{h} = {w * h} pixels, over --max-pixels {w * h - 1})" in one_line_error(err)
 
 
 @pytest.mark.parametrize(

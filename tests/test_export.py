@@ -295,7 +295,7 @@ def test_export_refuses_code_unless_trusted(saved_teacher, tmp_path: Path) -> No
     unsafe = with_code({"state_dict": weights}, tmp_path / "unsafe.pt", marker)
     out = tmp_path / "export"
     code, _, err = call(export_cli.main, DEMO, "--checkpoint", str(unsafe), "--out", str(out))
-    assert code == 1 and not marker.exists() and not out.exists()
+    assert code == 2 and not marker.exists() and not out.exists()
     assert one_error_line(err).endswith("if you trust this file, pass --trust-checkpoint"), err
     code, _, err = call(export_cli.main, DEMO, "--checkpoint", str(unsafe), "--out", str(out), "--trust-checkpoint")
     assert code == 0 and marker.exists(), err
@@ -309,7 +309,7 @@ def test_export_replaces_an_export_only_when_asked(saved_teacher, tmp_path: Path
     (out / "README.md").write_text("mine")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, _, err = call(export_cli.main, DEMO, "data.image_size=48", "--checkpoint", checkpoint, "--out", str(out))
-    assert code == 1 and "pass --overwrite to replace them" in one_error_line(err)
+    assert code == 2 and "pass --overwrite to replace them" in one_error_line(err)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "left as it was"
     args = ["data.image_size=48", "--checkpoint", checkpoint, "--out", str(out), "--overwrite"]
     assert call(export_cli.main, DEMO, *args)[0] == 0

@@ -179,7 +179,7 @@ def test_slurm_requeues_a_failed_run_but_not_a_config_error(
     if requeued:
         assert (tmp_path / "requeued").read_text().split() == ["4242"]
     if exit_code == "2":
-        assert "configuration error (exit 2): not requeued" in done.stdout
+        assert "a refusal no retry fixes (exit 2" in done.stdout and "not requeued" in done.stdout
 
 
 # Extra overrides as a user writes them: one with spaces, one with a glob character. Each must reach

@@ -112,7 +112,7 @@ def test_corrupt_files_fail_listing_every_one_or_are_skipped(odd_imagenet: Path,
     garbage = bad_dir / "garbage.JPEG"
     garbage.write_bytes(b"not an image at all" * 10)
     out = tmp_path / "mds"
-    assert main([str(odd_imagenet), str(out), "--no-progress"]) == 1
+    assert main([str(odd_imagenet), str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: 2 file(s) in train cannot be converted") and len(err.strip().splitlines()) == 1
     assert str(truncated) in err and str(garbage) in err
@@ -236,7 +236,7 @@ def test_streaming_config_valid_and_missing_data() -> None:
 
 def test_train_cli_missing_local_mds_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = [f"data.local={tmp_path / 'nothing'}", "trainer.max_duration=1ba", "trainer.global_batch_size=2"]
-    assert train_cli.main(["yamls/usi.yaml", *args, *tiny_run(**USI_CPU)]) == 1
+    assert train_cli.main(["yamls/usi.yaml", *args, *tiny_run(**USI_CPU)]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()], err
     assert err.startswith(f"error: no MDS dataset at {tmp_path / 'nothing'}/train")

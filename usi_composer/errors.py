@@ -1,8 +1,16 @@
-"""User-facing errors: the command-line tools print them as one line, without a traceback."""
+"""User-facing errors: the command-line tools print them as one line, without a traceback.
+
+Whether a retry can help is an attribute of the error, ``retryable``; every command's exit code
+follows from it alone (``usi_composer.cli._common.fail``): 2 for a refusal that fails the same way
+every time (the config, data paths, classes, weights that do not fit, an unsafe or corrupt file),
+1 for anything else (the network, a lost node). Launch templates requeue on 1, never on 2.
+"""
 
 
 class UsiError(Exception):
     """Base of the errors a user can fix (bad config, missing data, weights that need network)."""
+
+    retryable = False  # a class attribute: a loader worker's error is re-raised as type(e)(text)
 
 
 class ConfigError(UsiError, ValueError):
@@ -18,6 +26,13 @@ class ConfigError(UsiError, ValueError):
 
 class SetupError(UsiError, RuntimeError):
     """Something the config points to cannot be built: missing data, unreachable weights."""
+
+
+class UnreachableError(SetupError):
+    """Something the config points to did not answer (an object store, a server, the hub; a download cut
+    off): a retry may succeed."""
+
+    retryable = True
 
 
 class BadFilesError(SetupError):
@@ -44,7 +59,9 @@ class CorruptSampleError(LoaderWorkerError):
 
 
 class LostPeerError(UsiError, RuntimeError):
-    """Another process of a distributed job died or became unreachable (a lost node)."""
+    """Another process of a distributed job died or became unreachable (a lost node): a retry resumes."""
+
+    retryable = True
 
 
 class CorruptFileError(SetupError):

@@ -26,7 +26,7 @@ from torch import nn
 from usi_composer.checkpoints import LATEST_CHECKPOINT
 from usi_composer.config import Config, ConfigError
 from usi_composer.data import TransformSpec
-from usi_composer.errors import CheckpointError, SetupError, first_line
+from usi_composer.errors import CheckpointError, SetupError, UnreachableError, first_line
 from usi_composer.models import create_model_for_size, load_weights
 from usi_composer.plan import resolve
 
@@ -219,11 +219,13 @@ def push_to_hub(export: Export, repo_id: str, private: bool = False) -> str:
         )
     except Exception as e:  # huggingface_hub raises its own HTTP, offline and token errors, and requests'
         response = getattr(e, "response", None)  # the hub answered: 401, 403, ... (HfHubHTTPError)
-        if response is None and isinstance(e, OSError):  # no answer: offline (HF_HUB_OFFLINE too), DNS, timeout
+        offline = response is None and isinstance(e, OSError)  # no answer: offline (HF_HUB_OFFLINE too), DNS, timeout
+        if offline:
             reason = f"no connection to the hub, offline? {type(e).__name__}"
         else:
             reason = f"{type(e).__name__}: {first_line(e, 200)}"
-        raise SetupError(
+        kind = UnreachableError if offline or getattr(response, "status_code", 0) >= 500 else SetupError  # retry?
+        raise kind(
             f"could not push {export.folder} to the Hugging Face hub as {repo_id} ({reason}); the export is "
             "complete there (to push it, run the same usi-export with --overwrite where huggingface.co is reachable)"
         ) from None

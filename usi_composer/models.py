@@ -17,8 +17,9 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from usi_composer import storage
 from usi_composer.checkpoints import read_checkpoint, refuse_plain_http
-from usi_composer.errors import CheckpointError, InputSizeError, SetupError, reason
+from usi_composer.errors import CheckpointError, InputSizeError, SetupError, UnreachableError, reason
 from usi_composer.storage import atomic_file
 
 __all__ = [
@@ -108,7 +109,8 @@ def create_backbone(
         try:
             return create_model_for_size(name, img_size, pretrained=True, num_classes=num_classes, **kwargs)[0]
         except (OSError, RuntimeError, ValueError) as e:  # huggingface_hub raises OSError subclasses offline
-            raise SetupError(
+            kind = UnreachableError if isinstance(e, OSError) else SetupError  # the network, or timm refused
+            raise kind(
                 f"could not get timm's pretrained weights for '{name}' ({reason(e)}). "
                 "Offline? Download them once where there is network "
                 f"(timm.create_model('{name}', pretrained=True) then torch.save(model.state_dict(), PATH)) "
@@ -225,7 +227,10 @@ def load_weights(
         local = checkpoint
         if "://" in checkpoint:
             local = os.path.join(tmp, os.path.basename(checkpoint.split("?", 1)[0]) or "weights")
-            get_file(checkpoint, local, progress_bar=False)
+            try:
+                get_file(checkpoint, local, progress_bar=False)
+            except Exception as e:  # requests', urllib3's and each store's own types: one line, never a traceback
+                raise storage.failure("download", checkpoint, e) from None
         elif not os.path.isfile(checkpoint):
             raise CheckpointError(f"checkpoint not found: {checkpoint}")
         state, which = trained_weights(read_checkpoint(local, trust=trust, name=checkpoint, mmap=True), checkpoint)

@@ -7,6 +7,9 @@ One helper for every output: :func:`redact` for a config (nested dicts and lists
 - the value under a secret-looking key (``*api_key``, ``*secret*``, ``*token*``, ``*password*``, ...);
 - in any URI inside a text, its user information (``user:pass@``) and its whole query string
   (pre-signed URLs carry ``X-Amz-Signature``, ``X-Amz-Credential``, SAS tokens there);
+- anywhere in a text, the value of a ``?``/``&`` query parameter named like a signature, credential,
+  token or key (``X-Amz-Signature``, ``X-Amz-Credential``, ``X-Amz-Security-Token``, SAS's ``sig``):
+  libraries print URLs without their scheme too (urllib3: ``host/path?X-Amz-Signature=...``);
 - every occurrence of the value of a secret-looking environment variable (``WANDB_API_KEY``,
   ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``HF_TOKEN``, ...).
 
@@ -35,8 +38,14 @@ _SECRET_NAME = re.compile(
     re.IGNORECASE,
 )
 _MIN_SECRET_LEN = 6  # shorter environment values are too likely to occur by chance in paths and names
-# A URI inside any text: scheme://, then up to whitespace, a quote or a bracket that ends it in prose.
-_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
+# A URI inside any text: scheme://, then up to whitespace, a quote or a bracket that ends it in prose
+# (a colon, comma or full stop after it is prose too).
+_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]*[^\s'\"<>()\[\]{}:,.;]")
+# A query parameter wherever it stands, also in a URL printed without its scheme (urllib3 prints
+# ``host/path?X-Amz-Signature=...``): ``?`` or ``&``, a name, ``=``, the value up to the next one.
+_PARAMETER = re.compile(r"(?<=[?&])(?P<name>[A-Za-z0-9_.~-]+)=(?P<value>[^&#\s'\"<>()\[\]{}]*)")
+# Parameter names that carry a secret beyond _SECRET_NAME's: Azure SAS's ``sig``, OAuth's ``code``.
+_SECRET_PARAMETER = re.compile(r"^(sig|code|auth)$", re.IGNORECASE)
 
 
 def _secret_env_values(environ: Mapping[str, str] | None) -> list[str]:
@@ -60,14 +69,23 @@ def _redact_uri(match: re.Match[str]) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _redact_parameter(match: re.Match[str]) -> str:
+    name, value = match.group("name"), match.group("value")
+    secret = value and value != REDACTED and (_SECRET_NAME.search(name) or _SECRET_PARAMETER.match(name))
+    return f"{name}={REDACTED}" if secret else match.group(0)
+
+
 def _redact_str(text: str, env_secrets: Sequence[str]) -> str:
     for secret in env_secrets:
         text = text.replace(secret, REDACTED)
-    return _URI.sub(_redact_uri, text) if "://" in text else text
+    if "://" in text:
+        text = _URI.sub(_redact_uri, text)
+    return _PARAMETER.sub(_redact_parameter, text) if "=" in text else text
 
 
 def redact_text(text: str, environ: Mapping[str, str] | None = None) -> str:
-    """``text`` with URI credentials and query strings and secret environment values replaced by ``<redacted>``."""
+    """``text`` with URI credentials and query strings, secret query parameters and secret environment
+    values replaced by ``<redacted>``."""
     return _redact_str(text, _secret_env_values(environ))
 
 

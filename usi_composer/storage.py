@@ -24,18 +24,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from usi_composer.errors import SetupError
+from usi_composer.errors import SetupError, UnreachableError
 
 __all__ = [
     "TEMP_PREFIX",
     "StorageError",
+    "StorageUnreachableError",
     "atomic_file",
     "atomic_write",
     "check",
     "exists",
+    "failure",
+    "fsync",
+    "is_final",
     "is_remote",
     "join",
     "listdir",
+    "missing",
     "put",
     "read",
     "read_json",
@@ -55,7 +60,11 @@ TEMP_PREFIX = ".tmp-"
 
 
 class StorageError(SetupError):
-    """A location that cannot be read or written (not a store Composer knows, unreachable, not JSON)."""
+    """A location that cannot be read or written (not a store Composer knows, not JSON): a retry fails too."""
+
+
+class StorageUnreachableError(StorageError, UnreachableError):
+    """An object store that did not answer: a retry may succeed (exit 1, not 2)."""
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -107,13 +116,35 @@ def read(location: str | os.PathLike) -> bytes:
         except FileNotFoundError:
             raise
         except Exception as e:  # each store's client raises its own types
-            if _missing(e):
+            if missing(e):
                 raise FileNotFoundError(location) from None
-            raise StorageError(f"cannot read {location}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+            raise failure("read", location, e) from e
         return Path(local).read_bytes()
 
 
-def _missing(error: Exception) -> bool:
+def failure(verb: str, location: str, error: BaseException) -> StorageError:
+    """A store's or server's failure as one line: final (:class:`StorageError`) where :func:`is_final`,
+    else retryable (:class:`StorageUnreachableError`)."""
+    kind = StorageError if is_final(error) else StorageUnreachableError
+    return kind(f"cannot {verb} {location}: {type(error).__name__}: {str(error).strip()[:200]}")
+
+
+def is_final(error: BaseException) -> bool:
+    """Whether a store's or server's error repeats on a retry: no such object or bucket, access denied,
+    a request refused (HTTP 4xx). Anything else (no answer, a timeout, a 5xx) may not."""
+    text = str(error).lower().replace(" ", "")
+    status = getattr(getattr(error, "response", None), "status_code", None)  # requests' HTTPError
+    denied = isinstance(error, PermissionError) or any(
+        word in text for word in ("403", "accessdenied", "forbidden", "permission")
+    )
+    no_bucket = "nosuchbucket" in text or "bucketdoesnotexist" in text
+    return missing(error) or denied or no_bucket or (isinstance(status, int) and 400 <= status < 500)
+
+
+def missing(error: BaseException) -> bool:
+    """Whether a store client's error says there is no such object (a retry finds none either)."""
+    if isinstance(error, FileNotFoundError):
+        return True
     text = str(error).lower()
     return "not found" in text or "404" in text or "nosuchkey" in text
 
@@ -142,9 +173,9 @@ def exists(location: str | os.PathLike) -> bool:
     except FileNotFoundError:
         return False
     except Exception as e:
-        if _missing(e):
+        if missing(e):
             return False
-        raise StorageError(f"cannot reach {location}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+        raise failure("reach", location, e) from e
     return True
 
 
@@ -159,7 +190,7 @@ def listdir(location: str | os.PathLike) -> list[str]:
     try:
         names = store.list_objects(prefix)
     except Exception as e:
-        raise StorageError(f"cannot list {location}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+        raise failure("list", location, e) from e
     return sorted({name[len(prefix) :].split("/", 1)[0] for name in names if name.startswith(prefix)})
 
 
@@ -181,12 +212,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    _fsync_folder(folder or ".")
+    fsync(folder or ".")
 
 
-def _fsync_folder(folder: str) -> None:
-    with contextlib.suppress(OSError):  # some file systems cannot fsync a folder: best effort
-        fd = os.open(folder, os.O_RDONLY)
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a local file or folder to the disk (a folder: the renames and new names in it); for files
+    another writer made, such as streaming's shards. Best effort: some file systems cannot fsync a folder."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -226,4 +259,4 @@ def put(local_file: str | os.PathLike, location: str | os.PathLike) -> None:
     try:
         store.upload_object(name, os.fspath(local_file))
     except Exception as e:
-        raise StorageError(f"cannot write {location}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+        raise failure("write", location, e) from e

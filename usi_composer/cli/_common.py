@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from usi_composer.config import ConfigError
 from usi_composer.errors import UnsafeCheckpointError, UsiError, error_line
 
 __all__ = ["add_checkpoint_options", "config_parser", "fail"]
@@ -38,8 +37,10 @@ def add_checkpoint_options(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def fail(error: UsiError) -> int:
-    """Print ``error`` as one line (secrets redacted) and return the exit code: 2 for a bad config
-    (nothing ran), 1 for anything else a user can fix (the data, the weights, the run)."""
+    """Print ``error`` as one line (secrets redacted) and return the exit code, for every console script:
+    2 for a refusal a retry cannot fix (the config, data paths, classes, weights that do not fit, an
+    unsafe or corrupt file), 1 where a retry may succeed (``error.retryable``: the network, a lost node).
+    Launch templates requeue on 1, never on 2."""
     hint = "; if you trust this file, pass --trust-checkpoint" if isinstance(error, UnsafeCheckpointError) else ""
     print(error_line(error) + hint, file=sys.stderr)
-    return 2 if isinstance(error, ConfigError) else 1
+    return 1 if error.retryable else 2

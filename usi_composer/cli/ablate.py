@@ -30,9 +30,10 @@ from usi_composer.ablate.report import plot, reference_point, report
 from usi_composer.ablate.results import finished_rows
 from usi_composer.ablate.run import run_sweep
 from usi_composer.ablate.sweep import load_sweep, replace_values
+from usi_composer.cli._common import fail
 from usi_composer.config import find_yaml, load_config
 from usi_composer.demo import demo_overrides
-from usi_composer.errors import UsiError, error_line
+from usi_composer.errors import UsiError
 
 __all__ = ["main"]
 
@@ -111,8 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache = None if args.no_teacher_cache else args.teacher_cache or str(out / "teacher-cache")
             rows = run_sweep(sweep, base, overrides, out, seeds=args.seeds, teacher_cache=cache)
     except UsiError as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
+        return fail(e)
     except KeyboardInterrupt:
         print("\ninterrupted: finished points are in results.jsonl; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -120,10 +120,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / f"{args.sweep.stem}.md").write_text(text)
     png = plot(sweep, rows, out / f"{args.sweep.stem}.png", reference)
     print(f"\n{text}\ntable: {out / (args.sweep.stem + '.md')}\nplot:  {png}")
-    failed = sum(r.get("status") != "ok" for r in rows)
-    if failed:
-        print(f"{failed} of {len(rows)} points failed (see the logs; rerun to retry them)", file=sys.stderr)
-    return 1 if failed else 0
+    return _exit_code(rows)
+
+
+def _exit_code(rows: list[dict]) -> int:
+    """0 when every point finished; 2 when every failed point was refused (a rerun fails the same way
+    until something is fixed), else 1. Each point is a training run exiting through ``fail()``; its
+    row's error starts ``exit code N:``."""
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if not failed:
+        return 0
+    refused = all(str(r.get("error", "")).startswith("exit code 2:") for r in failed)
+    fix = "fix what the logs name, then rerun" if refused else "see the logs; rerun to retry them"
+    print(f"{len(failed)} of {len(rows)} points failed ({fix})", file=sys.stderr)
+    return 2 if refused else 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from usi_composer import redaction
-from usi_composer.errors import UsiError, error_line
+from usi_composer.cli._common import fail
+from usi_composer.errors import UsiError
 from usi_composer.pareto import (
     AMP_DTYPES,
     DEFAULT_METRICS,
@@ -90,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / "pareto.md").write_text(f"# Speed-accuracy Pareto\n\n{report}\n")
         png = plot_pareto(speeds, top1, args.out / "pareto.png", "top-1 (" + " or ".join(metrics) + ")")
     except UsiError as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
+        return fail(e)
     print(f"\n{report}\n\ntable: {args.out / 'pareto.md'}\nplot:  {png}")
     return 0
 

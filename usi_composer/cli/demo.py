@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction
+from usi_composer.cli._common import fail
 from usi_composer.demo import run_demo
-from usi_composer.errors import UsiError, error_line
+from usi_composer.errors import UsiError
 
 __all__ = ["main"]
 
@@ -45,8 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run_demo(args.workdir, args.yamls, args.seed, args.overrides, batches=args.batches)
     except UsiError as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
+        return fail(e)
     print(result.table())
     return 0
 

@@ -10,18 +10,21 @@ bytes (no re-encode), the integer label and the source path of every image. The 
 as :mod:`usi_composer.data.layout` says (hidden folders and ``lost+found`` are no classes; val
 takes train's classes). Every image is read once on the way (over ``--workers`` processes): a file
 that does not decode, whose header has more than ``--max-pixels`` pixels, whose name is not
-UTF-8, or a symlink loop fails the conversion, which lists all of them in one line;
+UTF-8, a symlink loop, or a folder link leading out of its class folder (never walked: its files
+would be labelled by the wrong class) fails the conversion, which lists all of them in one line;
 ``--skip-corrupt`` leaves them out and reports them. Training samples are written in a seeded
 random order, so each shard mixes classes (streaming shuffles within windows of shards).
 
 Nothing is lost, whatever happens to a run:
 
-- Refused before anything is written (exit 2): an OUT that is, contains or lies inside a source
-  split (real paths compared; an object-store OUT cannot overlap a local source).
-- A split is ``OUT/<split>/index.json`` plus the shards it names. A conversion writes its shards
-  (and MDSWriter's own index) into a new generation folder ``OUT/<split>/gen-<UTC time>-<random>/``
-  that no index names, then replaces the split's ``index.json``, whose shard names carry the
-  ``gen-.../`` prefix (as streaming's own ``merge_index`` writes them), in one atomic step:
+- Refused before anything is written (exit 2): an output that is, contains or lies inside a source
+  split: ``OUT``, each ``OUT/<split>`` converted and ``OUT/classes.json`` are compared by their real
+  paths, links followed (an object-store OUT cannot overlap a local source).
+- A split (:mod:`usi_composer.data.generations`) is ``OUT/<split>/index.json`` plus the shards it
+  names. A conversion writes its shards (and MDSWriter's own index) into a new generation folder
+  ``OUT/<split>/gen-<UTC time>-<random>/`` that no index names, then replaces the split's
+  ``index.json``, whose shard names carry the ``gen-.../`` prefix (as streaming's own
+  ``merge_index`` writes them), in one atomic step (:func:`usi_composer.storage.atomic_write`):
   locally a file written beside it, fsynced with the shards, and renamed over it (``os.replace``);
   in object storage one upload of the object (atomic on S3 and GCS). Until that step every reader
   sees the previous split, after it the new one. A failed, interrupted or killed run (SIGKILL
@@ -47,53 +50,45 @@ otherwise (new labels for existing splits) every split is converted before any i
 the indexes are replaced one after the other within milliseconds, ``classes.json`` last, so that
 a kill between them is caught by the next run's check.
 
-Exit status: 0 done; 1 the conversion failed on source files (all listed; ``--skip-corrupt``);
-2 refused before anything was written (arguments, paths, the source's layout, the output).
+Exit status (``usi_composer.cli._common.fail``, as every command): 0 done; 2 a refusal a rerun
+cannot fix (arguments, paths, the source's layout, the output, source files that cannot be
+converted: all listed, ``--skip-corrupt``); 1 anything else (an object store that did not answer).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import fcntl
 import functools
 import io
-import json
 import os
 import random
-import re
-import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-import urllib.parse
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from streaming import MDSWriter
-from streaming.base.storage import CloudDownloader, CloudUploader
 from tqdm import tqdm
 
-from usi_composer import redaction
+from usi_composer import redaction, storage
+from usi_composer.cli._common import fail
+from usi_composer.data.generations import Generation, clear_stale, new_generation, output_lock, read_index
 from usi_composer.data.layout import IMG_EXTENSIONS, describe_problems, list_images
 from usi_composer.data.mds import MDS_COLUMNS
-from usi_composer.errors import BadFilesError, SetupError, UsiError, error_line
+from usi_composer.errors import BadFilesError, SetupError, UnreachableError, UsiError, reason
 
 __all__ = ["ConvertStats", "convert_imagenet", "main"]
 
 HASH = "sha1"  # per-shard hash stored in index.json: enables StreamingDataset(validate_hash='sha1')
-GENERATION = re.compile(r"gen-\d{8}T\d{6}Z-[0-9a-f]{8}")  # the only folders in a split we ever delete
-SHARD_FILES = ("raw_data", "zip_data", "raw_meta", "zip_meta")  # an index's file entries per shard
 
 
 @dataclass
@@ -108,14 +103,6 @@ class ConvertStats:
     @property
     def images_per_second(self) -> float:
         return (self.written + len(self.skipped)) / self.seconds if self.seconds > 0 else 0.0
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if _is_remote(root) else os.path.join(root, *parts)
 
 
 def _csv_samples(split_dir: Path, classes: list[str], labels_csv: Path) -> list[tuple[str, int]]:
@@ -166,213 +153,6 @@ def _read_and_check(path: str, max_pixels: int | None) -> tuple[bytes, str | Non
         return b"", f"{type(e).__name__}: {e}"
 
 
-# --- the output: indexes, generations, atomic replacement -------------------------------------------------------
-
-
-def _fetch(url: str) -> bytes | None:
-    """The bytes of the object at ``url`` (remote), None if there is none."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "object")
-        try:
-            CloudDownloader.direct_download(url, local, timeout=60)
-        except FileNotFoundError:
-            return None
-        except Exception as e:
-            if "not found" in str(e).lower():  # streaming's S3 client reports a missing key as ClientError
-                return None
-            raise SetupError(f"cannot reach {url}: {type(e).__name__}: {str(e).strip()[:200]}") from e
-        return Path(local).read_bytes()
-
-
-def _read_json(folder: str, name: str) -> Any | None:
-    """``folder/name`` parsed, None if it does not exist; a file that is not JSON is a one-line error."""
-    where = _join(folder, name)
-    local = not _is_remote(folder)
-    data = (Path(where).read_bytes() if Path(where).is_file() else None) if local else _fetch(where)
-    if data is None:
-        return None
-    try:
-        return json.loads(data)
-    except ValueError as e:
-        raise SetupError(f"{where} is not readable JSON ({e}); move it away, then convert again") from e
-
-
-def _read_index(split_out: str) -> dict | None:
-    """The split's ``index.json``: its presence is what makes a split complete."""
-    index = _read_json(split_out, "index.json")
-    if index is not None and not (isinstance(index, dict) and isinstance(index.get("shards"), list)):
-        raise SetupError(f"{_join(split_out, 'index.json')} is not an MDS index; move it away, then convert again")
-    return index
-
-
-def _split_complete(out: str) -> bool:
-    """Whether ``out`` (a split's folder) holds a complete split, of this converter or the earlier one."""
-    return _read_index(out) is not None
-
-
-def _index_files(index: dict | None) -> list[str]:
-    """Every file an index names, relative to its split's folder."""
-    entries = [
-        shard.get(key) for shard in (index or {}).get("shards", []) if isinstance(shard, dict) for key in SHARD_FILES
-    ]
-    return [e["basename"] for e in entries if isinstance(e, dict) and isinstance(e.get("basename"), str)]
-
-
-def _generations(index: dict | None) -> set[str]:
-    return {name.split("/")[0] for name in _index_files(index) if GENERATION.fullmatch(name.split("/")[0])}
-
-
-def _fsync(path: str | Path) -> None:
-    with contextlib.suppress(OSError):  # a folder cannot be fsynced on some file systems: best effort
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _put_text(folder: str, name: str, text: str) -> None:
-    """Replace ``folder/name`` in one atomic step: a reader sees the old file or the new one, never a mix."""
-    if _is_remote(folder):
-        with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, name).write_text(text)
-            CloudUploader.get((tmp, folder), exist_ok=True).upload_file(name)  # one PUT of the object
-        return
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    tmp_path = Path(folder, f".{name}.tmp")  # the run holds the output's lock: no one else writes it
-    with open(tmp_path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, Path(folder, name))
-    _fsync(folder)  # the rename itself survives a power loss
-
-
-@contextlib.contextmanager
-def _output_lock(out: str) -> Iterator[None]:
-    """Hold ``flock`` on a local output folder: a second run into it is refused instead of removing
-    the first one's generation as stale. Released by the kernel when the process dies."""
-    if _is_remote(out):
-        yield
-        return
-    Path(out).mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SetupError(f"another usi-convert-imagenet is writing to {out}; let it finish first") from None
-        except OSError:
-            pass  # a file system without flock (some network mounts): unlocked, as an object store
-        yield
-    finally:
-        os.close(fd)
-
-
-def _remote_generations(split_out: str) -> set[str]:
-    """Names of the generation folders under a remote split (empty where streaming cannot list)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            keys = CloudUploader.get((tmp, split_out), exist_ok=True).list_objects() or []
-        except NotImplementedError:  # streaming lists S3, GCS, OCI, Alipan only
-            return set()
-    prefix = urllib.parse.urlparse(split_out).path.strip("/") + "/"
-    rests = (key[len(prefix) :] if key.startswith(prefix) else key for key in keys)
-    return {rest.split("/")[0] for rest in rests if "/" in rest and GENERATION.fullmatch(rest.split("/")[0])}
-
-
-def _clear_stale(split_out: str, index: dict | None) -> list[str]:
-    """Remove (local) or report (remote) generations that ``index`` does not name: a killed run's."""
-    named = _generations(index)
-    if _is_remote(split_out):
-        stale = sorted(_remote_generations(split_out) - named)
-        if not stale:
-            return []
-        where = ", ".join(_join(split_out, g) + "/" for g in stale)
-        return [
-            f"{where} hold(s) shards of an unfinished conversion that no index names: "
-            "delete them once no conversion writes there"
-        ]
-    if not os.path.isdir(split_out):
-        return []
-    Path(split_out, ".index.json.tmp").unlink(missing_ok=True)
-    with os.scandir(split_out) as entries:
-        stale = sorted(
-            e.name
-            for e in entries
-            if e.is_dir(follow_symlinks=False) and GENERATION.fullmatch(e.name) and e.name not in named
-        )
-    for name in stale:
-        shutil.rmtree(os.path.join(split_out, name))
-    return (
-        [f"removed {len(stale)} unfinished generation(s) of an interrupted conversion: {', '.join(stale)}"]
-        if stale
-        else []
-    )
-
-
-def _retire(split_out: str, old: dict | None, new: dict) -> list[str]:
-    """After ``new`` replaced ``old`` as the split's index: delete (local) or report (remote) ``old``'s files."""
-    keep = set(_index_files(new))
-    files = [name for name in _index_files(old) if name not in keep]
-    if not files:
-        return []
-    if _is_remote(split_out):
-        folders = sorted({_join(split_out, os.path.dirname(f)) + "/" if "/" in f else split_out + "/" for f in files})
-        return [
-            f"the previous split's {len(files)} file(s) are left in {', '.join(folders)} (no index names them now): "
-            "delete them once no run reads them"
-        ]
-    split_dir = Path(split_out)
-    removed = 0
-    for name in files:
-        if os.path.isabs(name) or ".." in Path(name).parts:
-            continue  # names a file outside the split: not one of ours
-        with contextlib.suppress(FileNotFoundError):
-            (split_dir / name).unlink()
-            removed += 1
-    for generation in _generations(old):
-        (split_dir / generation / "index.json").unlink(missing_ok=True)  # MDSWriter's own, of that generation
-        with contextlib.suppress(OSError):  # not empty: something else is in it, kept
-            (split_dir / generation).rmdir()
-    return [f"removed the previous split's {removed} file(s)"]
-
-
-@dataclass
-class _Generation:
-    """A split's new shards, written where no index points until :meth:`publish` makes them the split."""
-
-    split_out: str
-    name: str
-    previous: dict | None  # the index it replaces
-    index: dict = field(default_factory=dict)  # the split's index to publish, once complete
-
-    @property
-    def out(self) -> str:
-        return _join(self.split_out, self.name)
-
-    def publish(self) -> list[str]:
-        if not _is_remote(self.out):
-            for f in os.scandir(self.out):  # shards durable before an index names them
-                _fsync(f.path)
-            _fsync(self.out)
-        _put_text(self.split_out, "index.json", json.dumps(self.index, sort_keys=True))
-        return _retire(self.split_out, self.previous, self.index)
-
-    def discard(self) -> None:
-        """Remove an unpublished local generation (ours: a fresh name); remote ones are reported by the next run."""
-        if not _is_remote(self.out):
-            shutil.rmtree(self.out, ignore_errors=True)
-
-
-def _new_generation(split_out: str, previous: dict | None) -> _Generation:
-    while True:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        generation = _Generation(split_out, f"gen-{stamp}-{secrets.token_hex(4)}", previous)
-        if _is_remote(split_out) or not os.path.lexists(generation.out):
-            return generation
-
-
 def _write_classes(out: str, classes: list[str]) -> None:
     from timm.data import ImageNetInfo
 
@@ -384,35 +164,40 @@ def _write_classes(out: str, classes: list[str]) -> None:
         except KeyError:
             return wnid
 
-    _put_text(out, "classes.json", json.dumps({"wnids": classes, "names": [describe(c) for c in classes]}, indent=1))
+    storage.write_json(storage.join(out, "classes.json"), {"wnids": classes, "names": [describe(c) for c in classes]})
 
 
 def _check_output_apart(src: Path, splits: Sequence[str], out: str) -> None:
-    """Refuse an ``out`` that is, contains or lies inside a source split: writing it could destroy the source."""
-    if _is_remote(out):
-        return
-    target = Path(os.path.realpath(out))
-    for split in sorted({*splits, "train", "val"}):
-        folder = src / split
-        if not folder.exists():
-            continue
-        real = Path(os.path.realpath(folder))
-        relation = (
-            "is"
-            if target == real
-            else "lies inside"
-            if target.is_relative_to(real)
-            else "contains"
-            if real.is_relative_to(target)
-            else None
-        )
-        if relation:
-            raise SetupError(
-                f"the output {out} {relation} the source split {folder}: choose an output outside the source's splits"
+    """Refuse, before anything is written, an output whose written paths (``out``, each ``out/<split>``
+    converted, ``out/classes.json``), links followed, is, contains or lie inside a source split."""
+    if storage.is_remote(out):
+        return  # an object store cannot overlap a local source
+    folders = [src / split for split in sorted({*splits, "train", "val"})]
+    sources = [(folder, Path(os.path.realpath(folder))) for folder in folders if folder.exists()]
+    for written in [out, *(storage.join(out, s) for s in splits), storage.join(out, "classes.json")]:
+        target = Path(os.path.realpath(written))  # follows every link, also one at the last component
+        for folder, real in sources:
+            relation = (
+                "is"
+                if target == real
+                else "lies inside"
+                if target.is_relative_to(real)
+                else "contains"
+                if real.is_relative_to(target)
+                else None
             )
+            if relation:
+                via = f" (a link to {target})" if os.path.abspath(written) != str(target) else ""
+                raise SetupError(
+                    f"the output {written}{via} {relation} the source split {folder}: "
+                    "choose an output outside the source's splits"
+                )
 
 
-def _check_classes(out: str, classes: list[str], published: list[str] | None, kept: list[str]) -> None:
+def _check_classes(
+    out: str, classes: list[str], published: list[str] | None, kept: list[str], splits: Sequence[str], overwrite: bool
+) -> None:
+    """Refuse keeping complete splits (``kept``) labelled by other classes than the source's."""
     if not kept or published is None or published == classes:
         return
     first = next((i for i, (a, b) in enumerate(zip(published, classes, strict=False)) if a != b), None)
@@ -422,9 +207,12 @@ def _check_classes(out: str, classes: list[str], published: list[str] | None, ke
         f"first difference at label {first}: '{published[first] if first < len(published) else '(none)'}' "
         f"vs '{classes[first] if first < len(classes) else '(none)'}'"
     )
+    # --overwrite rewrites only the splits converted: with --splits, the kept ones must be named too
+    every = " ".join(dict.fromkeys([*splits, *kept]))
+    hint = f"add them to --splits (--overwrite --splits {every})" if overwrite else "pass --overwrite to rewrite them"
     raise SetupError(
-        f"{_join(out, 'classes.json')} lists {len(published)} classes, the source has {len(classes)} ({differs}), "
-        f"and the complete split(s) {', '.join(kept)} would keep the old labels: pass --overwrite to rewrite them"
+        f"{storage.join(out, 'classes.json')} lists {len(published)} classes, the source has {len(classes)} "
+        f"({differs}), and the complete split(s) {', '.join(kept)} would keep the old labels: {hint}"
     )
 
 
@@ -449,7 +237,7 @@ def _worker_pool(workers: int):
 def _stage_split(
     samples: list[tuple[str, int]],
     problems: list[tuple[str, str]],
-    generation: _Generation,
+    generation: Generation,
     split: str,
     *,
     workers: int,
@@ -462,7 +250,8 @@ def _stage_split(
     """Write ``samples`` into ``generation`` (nothing reads it yet); ``problems``: files the listing refused."""
     stats = ConvertStats(split)
     start = time.perf_counter()
-    # a fresh folder, so exist_ok (which makes MDSWriter delete an existing one) is never needed
+    # A fresh folder: exist_ok (MDSWriter then deletes an existing one) is never needed. MDSWriter uploads
+    # each shard as it fills it (storage.put would need all staged by us); the index goes through storage.
     writer = MDSWriter(out=generation.out, columns=MDS_COLUMNS, hashes=[HASH], size_limit=shard_size)
     bad = list(problems)
     pool = _worker_pool(workers) if workers > 1 else None
@@ -470,13 +259,8 @@ def _stage_split(
         paths = [p for p, _ in samples]
         check = functools.partial(_read_and_check, max_pixels=max_pixels)
         results = pool.imap(check, paths, chunksize=16) if pool else map(check, paths)
-        bar = tqdm(
-            total=len(samples),
-            desc=f"{split} -> {generation.split_out}",
-            unit="img",
-            disable=not progress,
-            file=sys.stderr,
-        )
+        desc = f"{split} -> {generation.split_out}"
+        bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, file=sys.stderr)
         for (path, label), (data, error) in zip(samples, results, strict=True):
             bar.update()
             if error is not None:
@@ -492,23 +276,18 @@ def _stage_split(
                 "(nothing was published; pass --skip-corrupt to leave them out)"
             )
         writer.finish()
-    except BaseException:
+    except BaseException as e:
         writer.cancel_future_jobs()
         generation.discard()
         if writer.remote:
             shutil.rmtree(writer.local, ignore_errors=True)  # MDSWriter's staging folder of the uploads
+            if isinstance(e, Exception) and not isinstance(e, UsiError):  # its upload threads' errors: the network
+                raise UnreachableError(f"cannot upload the shards of {split} to {generation.out}: {reason(e)}") from e
         raise
     finally:
         if pool:
             pool.terminate()
-    prefixed = []
-    for shard in writer.shards:  # what MDSWriter wrote to the generation's own index.json
-        shard = dict(shard)
-        for key in SHARD_FILES:
-            if shard.get(key):
-                shard[key] = {**shard[key], "basename": f"{generation.name}/{shard[key]['basename']}"}
-        prefixed.append(shard)
-    generation.index = {"version": 2, "shards": prefixed}
+    generation.take(writer.shards)
     stats.written = len(samples) - (len(bad) - len(problems))
     stats.skipped = bad
     stats.seconds = time.perf_counter() - start
@@ -539,50 +318,63 @@ def convert_imagenet(
     # Every split is listed before anything is written: a layout error must not come after hours of train.
     train = list_images(src / "train")
     listed = {split: _list_split(src, split, train, val_labels, seed) for split in splits}
-
-    with _output_lock(out):
-        if not _is_remote(out):
-            Path(out, ".classes.json.tmp").unlink(missing_ok=True)  # of a run killed while writing it
-        indexes = {s: _read_index(_join(out, s)) for s in sorted({*splits, "train", "val"})}
+    stage = functools.partial(
+        _stage_split,
+        workers=workers,
+        shard_size=shard_size,
+        skip_corrupt=skip_corrupt,
+        max_pixels=max_pixels,
+        progress=progress,
+    )
+    with output_lock(out):
+        indexes = {s: read_index(storage.join(out, s)) for s in sorted({*splits, "train", "val"})}
         rewrite = [s for s in splits if overwrite or indexes[s] is None]
         kept = [s for s, index in indexes.items() if index is not None and s not in rewrite]
-        published = _read_json(out, "classes.json")
+        published = storage.read_json(storage.join(out, "classes.json"))
         published = published.get("wnids") if isinstance(published, dict) else None
-        _check_classes(out, train.classes, published, kept)
-        # classes.json goes first only while no complete split exists that it could disagree with
-        classes_first = published != train.classes and all(index is None for index in indexes.values())
-        together = published != train.classes and not classes_first  # new labels: publish all splits at once
-        notes = {split: _clear_stale(_join(out, split), indexes[split]) for split in splits}
-        stage_args: dict[str, Any] = dict(
-            workers=workers, shard_size=shard_size, skip_corrupt=skip_corrupt, max_pixels=max_pixels
-        )
-        all_stats, pending = [], []
-        try:
-            for split in splits:
-                if split not in rewrite:
-                    all_stats.append(ConvertStats(split, already_complete=True, notes=notes[split]))
-                    continue
-                generation = _new_generation(_join(out, split), indexes[split])
-                stats = _stage_split(
-                    *listed[split], generation, split, progress=progress, root=src / split, **stage_args
-                )
-                stats.notes = notes[split]
-                all_stats.append(stats)
-                if together:
-                    pending.append((generation, stats))
-                    continue
-                if classes_first:
-                    _write_classes(out, train.classes)
-                    classes_first = False
-                stats.notes += generation.publish()
-        except BaseException:
-            for generation, _ in pending:
-                generation.discard()
-            raise
-        for generation, stats in pending:
+        _check_classes(out, train.classes, published, kept, splits, overwrite)
+        notes = {split: clear_stale(storage.join(out, split), indexes[split]) for split in splits}
+        all_stats = [ConvertStats(s, already_complete=True, notes=notes[s]) for s in splits if s not in rewrite]
+        staged = {s: (listed[s], src / s, indexes[s], notes[s]) for s in splits if s in rewrite}
+        return all_stats + _convert_and_publish(out, staged, train.classes, published, indexes, stage)
+
+
+def _convert_and_publish(
+    out: str,
+    staged: dict[str, tuple[Any, Path, dict | None, list[str]]],
+    classes: list[str],
+    published: list[str] | None,
+    indexes: dict[str, dict | None],
+    stage: Any,
+) -> list[ConvertStats]:
+    """Convert each split of ``staged`` (samples and problems, source folder, index, notes) and publish it.
+
+    ``classes.json`` goes first only while no complete split exists that it could disagree with; new
+    labels for existing splits publish every split at once, ``classes.json`` last."""
+    classes_first = published != classes and all(index is None for index in indexes.values())
+    together = published != classes and not classes_first
+    all_stats, pending = [], []
+    try:
+        for split, ((samples, problems), root, index, notes) in staged.items():
+            generation = new_generation(storage.join(out, split), index)
+            stats = stage(samples, problems, generation, split, root=root)
+            stats.notes = notes
+            all_stats.append(stats)
+            if together:
+                pending.append((generation, stats))
+                continue
+            if classes_first:
+                _write_classes(out, classes)
+                classes_first = False
             stats.notes += generation.publish()
-        if together:
-            _write_classes(out, train.classes)
+    except BaseException:
+        for generation, _ in pending:
+            generation.discard()
+        raise
+    for generation, stats in pending:
+        stats.notes += generation.publish()
+    if together:
+        _write_classes(out, classes)
     return all_stats
 
 
@@ -622,9 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "at OUT: a local path or a remote (s3://, gs://, oci://, azure://, ...). "
         "For a local S3-compatible server set S3_ENDPOINT_URL. A split becomes visible only once complete: "
         "a failed or killed run leaves the previous split as it was.",
-        epilog="exit status: 0 done; 1 the conversion failed on source files (listed; --skip-corrupt leaves "
-        "them out); 2 refused before anything was written (arguments, paths, the source's layout, an output "
-        "that overlaps a source split, complete splits kept with other classes).",
+        epilog="exit status: 0 done; 2 refused, a rerun would fail the same way (arguments, paths, the source's "
+        "layout, an output that overlaps a source split, complete splits kept with other classes, source files "
+        "that cannot be converted: listed, --skip-corrupt leaves them out); 1 anything else (the network).",
     )
     parser.add_argument("src", help="ImageNet root holding train/ (and optionally val/)")
     parser.add_argument("out", help="output root: local path or s3://bucket/prefix etc.; not inside a source split")
@@ -663,12 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             max_pixels=args.max_pixels,
         )
-    except BadFilesError as e:
-        print(error_line(e), file=sys.stderr)
-        return 1
     except UsiError as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
+        return fail(e)
     for stats in all_stats:
         _report(stats, args.out)
     return 0
@@ -676,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(s: ConvertStats, out: str) -> None:
     """What one split's conversion did, for the person who ran it."""
-    where = _join(out, s.split)
+    where = storage.join(out, s.split)
     if s.already_complete:
         print(f"{s.split}: already complete at {where} (pass --overwrite to rewrite)")
     else:

@@ -9,13 +9,18 @@ symlinks followed; the same sample order), except where that silently goes wrong
 - a split other than the training split is listed with the training split's classes, so a
   validation folder that lacks a class keeps train's labels; a class folder that is not one of
   them is an error;
+- a sample's label is the class folder it physically lies in: a folder link inside a class is
+  followed only where it resolves inside that class's folder; one that leads out of it (``loop ->
+  ..`` would list every other class's images a second time under this label) is reported and not
+  walked, as are a file link into another class's folder and a class folder that is a link into
+  another one;
 - files that cannot be used are reported, each naming its path, instead of failing deep inside:
   a name that is not UTF-8 (it can be neither stored as an MDS key nor printed), and a symlink
   back to a folder being listed (``os.walk(followlinks=True)`` recurses through such a loop until
   the path is too long). Loops are found by the ``(st_dev, st_ino)`` of the folders above.
 
 The walk is hand-written because torchvision's ``make_dataset`` offers neither the skipping nor
-the loop and name checks.
+the link, loop and name checks.
 """
 
 from __future__ import annotations
@@ -102,16 +107,42 @@ def find_classes(root: str | Path) -> list[str]:
     return classes
 
 
-def _walk(top: str, label: int, listing: Listing, skipped: list[str]) -> None:
-    """Add the images under ``top`` to ``listing``, in ``sorted(os.walk(top, followlinks=True))`` order."""
+def _owner(real: str, owners: dict[str, str]) -> str | None:
+    """The class whose real folder holds the real path ``real`` (None: no class folder of the split)."""
+    for folder in (real, *map(str, Path(real).parents)):
+        if folder in owners:
+            return owners[folder]
+    return None
+
+
+def _link_problem(entry: os.DirEntry, boundary: str, owners: dict[str, str]) -> str | None:
+    """Why a link inside a class folder (real path ``boundary``) is not listed; None where it may be.
+
+    A folder link is followed only while it stays inside its class folder; a file link may lead
+    anywhere but into another class's folder. So a file keeps the label of the class folder it
+    physically lies in."""
+    real = os.path.realpath(entry.path)
+    if real == boundary or real.startswith(boundary.rstrip(os.sep) + os.sep):
+        return None
+    if entry.is_dir():
+        return f"a folder link leading out of its class folder, to {printable(real)}: not followed"
+    owner = _owner(real, owners)
+    return None if owner is None else f"a link to {printable(real)}, an image of class {owner}: not listed"
+
+
+def _walk(top: str, label: int, listing: Listing, skipped: list[str], owners: dict[str, str]) -> None:
+    """Add the images under ``top`` to ``listing``, in ``sorted(os.walk(top, followlinks=True))`` order;
+    ``owners``: the split's real class folders -> their names."""
+    boundary = os.path.realpath(top)
     found: list[tuple[str, list[str]]] = []
     pending: list[tuple[str, tuple[tuple[int, int], ...]]] = [(top, ())]
     while pending:
         folder, above = pending.pop()
         try:
             st = os.stat(folder)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
-            listing.problems.append((printable(folder), f"cannot read: {e.strerror}"))
+            listing.problems.append((printable(folder), f"cannot list: {e.strerror}"))
             continue
         here = (st.st_dev, st.st_ino)
         if here in above:
@@ -119,27 +150,42 @@ def _walk(top: str, label: int, listing: Listing, skipped: list[str]) -> None:
             listing.problems.append((printable(folder), f"symlink loop: leads back to {target}, a folder above it"))
             continue
         files: list[str] = []
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as e:
-            listing.problems.append((printable(folder), f"cannot list: {e.strerror}"))
-            continue
         for entry in entries:
             if _skipped(entry.name):
                 skipped.append(printable(os.path.relpath(entry.path, os.path.dirname(top))))
-            elif entry.is_dir():
-                if _is_utf8(entry.name):
-                    pending.append((entry.path, (*above, here)))
-                else:
-                    listing.problems.append((printable(entry.path), "folder name is not UTF-8"))
-            elif entry.name.lower().endswith(IMG_EXTENSIONS) and entry.is_file():
-                if _is_utf8(entry.name):
-                    files.append(entry.path)
-                else:
-                    listing.problems.append((printable(entry.path), "file name is not UTF-8"))
+                continue
+            is_dir = entry.is_dir()
+            if not is_dir and not entry.name.lower().endswith(IMG_EXTENSIONS):
+                continue  # not an image
+            if not _is_utf8(entry.name):
+                listing.problems.append((printable(entry.path), f"{'folder' if is_dir else 'file'} name is not UTF-8"))
+            elif entry.is_symlink() and (why := _link_problem(entry, boundary, owners)):
+                listing.problems.append((printable(entry.path), why))
+            elif is_dir:
+                pending.append((entry.path, (*above, here)))
+            elif entry.is_file():
+                files.append(entry.path)
         found.append((folder, files))
     for _, files in sorted(found):
         listing.samples.extend((path, label) for path in files)
+
+
+def _real_classes(root: Path, folders: list[str], listing: Listing) -> tuple[list[str], dict[str, str]]:
+    """The class folders that are no link into another one (their images would get two labels; those
+    go to ``listing.problems``), and every real class folder -> its name."""
+    reals = {name: os.path.realpath(root / name) for name in folders}
+    owners: dict[str, str] = {}
+    for name in sorted(folders, key=lambda n: (root / n).is_symlink()):  # a real folder owns its path, not a link
+        owners.setdefault(reals[name], name)
+    kept = []
+    for name in folders:
+        real = reals[name]
+        owner = next((owners[f] for f in (real, *map(str, Path(real).parents)) if owners.get(f, name) != name), None)
+        if owner is None:
+            kept.append(name)
+        else:
+            listing.problems.append((printable(str(root / name)), f"a link into class folder {owner}: not listed"))
+    return kept, owners
 
 
 def list_images(root: str | Path, classes: Sequence[str] | None = None) -> Listing:
@@ -167,8 +213,9 @@ def list_images(root: str | Path, classes: Sequence[str] | None = None) -> Listi
             )
     index = {c: i for i, c in enumerate(classes)}
     listing = Listing(classes=list(classes))
+    folders, owners = _real_classes(root, folders, listing)
     for name in folders:
-        _walk(str(root / name), index[name], listing, skipped)
+        _walk(str(root / name), index[name], listing, skipped, owners)
     _log_skipped(root, skipped)
     return listing
 

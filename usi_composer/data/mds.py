@@ -17,7 +17,6 @@ fixes the epoch's global batches, so a run may resume on another number of nodes
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -27,15 +26,16 @@ from typing import Any
 
 import numpy as np
 from streaming import StreamingDataLoader
-from streaming.base.storage import CloudDownloader
 
+from usi_composer import storage
 from usi_composer.data.draws import sample_rng
 from usi_composer.data.transforms import transform_sample
-from usi_composer.errors import LoaderWorkerError, SetupError, reason
+from usi_composer.errors import LoaderWorkerError, SetupError, UnreachableError, reason
 from usi_composer.patches.streaming_dataset import StreamingDatasetFixes
 
 __all__ = [
     "MDS_COLUMNS",
+    "CorruptShardError",
     "ImageNetMDS",
     "LabelError",
     "StreamingDataError",
@@ -52,7 +52,16 @@ MDS_COLUMNS = {"image": "bytes", "label": "int", "key": "str"}
 
 
 class StreamingDataError(LoaderWorkerError):
-    """A shard could not be read: the one-line message names the remote, the split and the shard."""
+    """A shard could not be read: the one-line message names the remote, the split and the shard.
+    A download that failed may succeed on a retry (exit 1)."""
+
+    retryable = True
+
+
+class CorruptShardError(StreamingDataError):
+    """A shard whose bytes differ from its index's hash, or that is not there: a retry reads the same (exit 2)."""
+
+    retryable = False
 
 
 class LabelError(LoaderWorkerError):
@@ -124,7 +133,8 @@ class ImageNetMDS(StreamingDatasetFixes):
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
-            error = StreamingDataError(f"cannot read {self.describe_shard(shard_id)}: {_reason(e)}")
+            kind = CorruptShardError if _corrupt(e) or storage.missing(e) else StreamingDataError
+            error = kind(f"cannot read {self.describe_shard(shard_id)}: {_reason(e)}")
             self._shard_error = self._shard_error or error
             raise error from e
 
@@ -170,8 +180,19 @@ def check_resumable(state: dict[str, Any], num_nodes: int, ranks_per_node: int, 
     )
 
 
+def _open_error(where: str, e: Exception) -> SetupError:
+    """Why a dataset could not be opened: final where there is no index, or streaming refuses the arguments
+    or the index (exit 2); else the store did not answer (exit 1)."""
+    final = storage.is_final(e) or isinstance(e, ValueError | TypeError | KeyError)
+    return (SetupError if final else UnreachableError)(f"cannot open the MDS dataset at {where}: {_reason(e)}")
+
+
+def _corrupt(e: BaseException) -> bool:
+    return "Checksum failure" in str(e)
+
+
 def _reason(e: BaseException) -> str:
-    if "Checksum failure" in str(e):
+    if _corrupt(e):
         return "hash validation failed (the shard's bytes differ from the index)"
     return reason(e, None)
 
@@ -188,42 +209,26 @@ def refresh_cached_index(remote: str, local: str, split: str) -> None:
     cached = Path(local, split, "index.json")
     if not cached.is_file():
         return  # streaming downloads it
-    with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-        fresh = Path(tmp, "index.json")
-        url = f"{remote.rstrip('/')}/{split}/index.json"
-        try:
-            CloudDownloader.direct_download(url, str(fresh), timeout=60)
-        except Exception as e:  # streaming raises its storage client's errors
-            raise SetupError(f"cannot read {url}: {_reason(e)}") from e
-        if fresh.read_bytes() != cached.read_bytes():
-            log.warning("%s changed since it was cached in %s: using the new split", url, cached.parent)
-            os.replace(fresh, cached)
+    url = storage.join(remote, split, "index.json")
+    try:
+        fresh = storage.read(url)
+    except FileNotFoundError:
+        raise SetupError(f"no MDS dataset at {storage.join(remote, split)} (missing {url})") from None
+    if fresh != cached.read_bytes():
+        log.warning("%s changed since it was cached in %s: using the new split", url, cached.parent)
+        storage.atomic_write(cached, fresh)
 
 
 def read_classes_json(remote: str | None, local: str | None) -> list[str] | None:
     """The class names (wnids) in ``classes.json`` at the MDS root (written by usi-convert-imagenet),
-    downloaded from ``remote`` where set; None when there is none (shards written by another tool)."""
-    if remote is None:
-        path = Path(local or "", "classes.json")
-        return _wnids(path) if path.is_file() else None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "classes.json")
-        try:
-            CloudDownloader.direct_download(f"{remote.rstrip('/')}/classes.json", str(path), timeout=60)
-        except Exception as e:  # streaming raises its storage client's errors; a missing key among them
-            if isinstance(e, FileNotFoundError) or "not found" in str(e).lower() or "404" in str(e):
-                return None
-            raise SetupError(f"cannot read {remote.rstrip('/')}/classes.json: {_reason(e)}") from e
-        return _wnids(path)
-
-
-def _wnids(path: Path) -> list[str]:
-    try:
-        wnids = json.loads(path.read_text())["wnids"]
-        if not isinstance(wnids, list):
-            raise TypeError("'wnids' is not a list")
-    except (ValueError, KeyError, TypeError) as e:
-        raise SetupError(f"{path}: not a classes.json of usi-convert-imagenet ({type(e).__name__}: {e})") from None
+    read from ``remote`` where set; None when there is none (shards written by another tool)."""
+    where = storage.join(remote, "classes.json") if remote is not None else os.path.join(local or "", "classes.json")
+    document = storage.read_json(where)
+    if document is None:
+        return None
+    wnids = document.get("wnids") if isinstance(document, dict) else None
+    if not isinstance(wnids, list):
+        raise SetupError(f"{where}: not a classes.json of usi-convert-imagenet (no list 'wnids')")
     return [str(w) for w in wnids]
 
 
@@ -285,7 +290,7 @@ def streaming_dataloader(
     except StreamingDataError:
         raise
     except Exception as e:  # streaming raises whatever its storage client raised
-        raise SetupError(f"cannot open the MDS dataset at {where}: {_reason(e)}") from e
+        raise _open_error(where, e) from e
     return StreamingDataLoader(
         dataset,
         batch_size=batch_size,
