@@ -124,6 +124,7 @@ def offline() -> list[str]:
     """A command prefix that runs without network, as on the GPU machine: a new network namespace
     with only the loopback. Where one cannot be made, the run relies on gpu_check.sh's own settings."""
     if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0:
+        print("network: off (a network namespace of its own, loopback only)")
         return ["unshare", "--net", "sh", "-c", 'ip link set lo up 2>/dev/null; exec "$@"', "sh"]
     print(
         "warning: no network namespace (unshare --net failed): only pip --no-index and HF_HUB_OFFLINE=1 "
