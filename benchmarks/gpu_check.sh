@@ -11,8 +11,8 @@
 #   bash benchmarks/gpu_check.sh --pack-sample  # here: copy part of the ImageNet sample into
 #                                               # .gpu-data/ (the GPU machine gets the repository only)
 #
-# Wheels: `make gpu-wheels` downloads them into .whl/ (where there is network); without .whl/ the
-# installed packages are used. Data: $USI_IMAGENET_SAMPLE, else ../shared/data/imagenet-sample, else
+# Wheels: `make gpu-wheels` downloads them into .whl/ (where there is network); without wheels the
+# installed packages are used (WHEELS=DIR: another folder, e.g. an empty one beside a venv they do not fit). Data: $USI_IMAGENET_SAMPLE, else ../shared/data/imagenet-sample, else
 # .gpu-data/imagenet-sample. Logs and figures go to $OUT if set, else ./gpu-check/.
 # Environment: PYTHON (default .venv/bin/python where it exists, else python3); TIMEOUT_SCALE (default 1:
 # the timeouts are the GPU machine's; make gpu-rehearsal multiplies them for this project's 2 shared cores).
@@ -25,6 +25,7 @@ if [ -z "${PYTHON:-}" ]; then [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 OUT_DIR=${OUT:-$REPO/gpu-check}
 PACK_DIR=.gpu-data/imagenet-sample
 PACK_IMAGES=300  # about 33 MB of the 111 MB sample: with the wheels, inside a 64 MiB copy of the repo
+WHEELS=${WHEELS:-.whl}
 GPU_TESTS=(tests/test_*gpu*.py)  # as the Makefile's test-gpu (used where make is absent)
 CUDA_STEPS=" train_step_profile train_step dataloader_gpu "  # measure CUDA alone: skipped in a rehearsal without it
 TRAIN_BATCHES=9  # dataloader.py's training steps per epoch at batch 256: 1 + warm-up 2 + timed 6
@@ -84,7 +85,7 @@ COMMANDS=(
   "$PYTHON benchmarks/dataloader.py --pipeline gpu ${sample:+--src $sample }--repeat $repeat --workers 16 --batch-size 256 --runs 2 --steps 6 --warmup 2"
 )
 SIZES=(
-  "wheels in .whl/ -> $SITE (pip --no-index --no-deps), the project too; every import the checks need; sample images to MDS and back"
+  "wheels in $WHEELS/ -> $SITE (pip --no-index --no-deps), the project too; every import the checks need; sample images to MDS and back"
   "pytest -m gpu: FusedEMA kernels, inductor on CUDA, nvJPEG, the gpu pipeline, FSDP, 2 x 20 batches of train.py"
   "ops and host syncs per step, eager: resnet50 / tresnet_v2_l, 224 px, batch 32, 2 warm-up + 2 x 3 steps per loop, no progress bar"
   "ms per step, ours (compiled, bf16, no progress bar) vs timm vs plain: resnet50 / tresnet_v2_l, 224 px, batch 256, 8 warm-up + 20 timed steps, 1 run"
@@ -118,7 +119,7 @@ if [ "$mode" = dry ]; then
   collected=$("$PYTHON" -m pytest --collect-only -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}" 2>&1 | tail -1)
   echo "collect: $collected"
   check "pytest -m gpu collects the GPU tests" grep -Eq '^[0-9]+/[0-9]+ tests collected' <<<"$collected"
-  if [ -d .whl ]; then echo "wheels: $(ls .whl/*.whl 2>/dev/null | wc -l) in .whl/"; else echo "wheels: no .whl/ (the installed packages will be used)"; fi
+  if [ -d "$WHEELS" ]; then echo "wheels: $(ls "$WHEELS"/*.whl 2>/dev/null | wc -l) in $WHEELS/"; else echo "wheels: no $WHEELS/ (the installed packages will be used)"; fi
   rm -f /tmp/gpu_check_dry.$$
   [ "$ok" = 1 ] && { echo "dry run: ok"; exit 0; }
   echo "dry run: FAILED" >&2
@@ -132,12 +133,12 @@ export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 [ -n "$sample" ] && export USI_IMAGENET_SAMPLE=$sample
 
 install_and_import() {
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --upgrade --target "$SITE" .whl/*.whl || return
+  if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "$WHEELS"/*.whl || return
     "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --ignore-requires-python --upgrade \
       --target "$SITE" . || return
   else
-    echo "no .whl/: using the installed packages"
+    echo "no wheels in $WHEELS/: using the installed packages"
   fi
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/nvidia-smi: /'
@@ -145,7 +146,7 @@ install_and_import() {
   "$PYTHON" benchmarks/gpu_setup_check.py ${REHEARSE:+--allow-no-cuda}
 }
 
-if [ -d "$SITE" ] || compgen -G ".whl/*.whl" >/dev/null; then export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}; fi
+if [ -d "$SITE" ] || compgen -G "$WHEELS/*.whl" >/dev/null; then export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}; fi
 print_plan
 STATUS=()
 for i in "${!NAMES[@]}"; do
@@ -164,7 +165,7 @@ for i in "${!NAMES[@]}"; do
   start=$SECONDS
   if [ "$name" = setup ]; then
     export -f install_and_import
-    export SITE PYTHON REHEARSE
+    export SITE PYTHON REHEARSE WHEELS
   fi
   timeout --kill-after=10 "$limit" bash -c "${COMMANDS[$i]}" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}

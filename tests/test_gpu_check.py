@@ -74,7 +74,8 @@ def test_dry_run_fails_without_the_sample(tmp_path: Path) -> None:
 @slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs everything (minutes)")
 def test_a_run_without_cuda_stops_after_setup_with_a_summary(tmp_path: Path) -> None:
-    result = run(["bash", SCRIPT], env={"PYTHON": sys.executable, "OUT": str(tmp_path), **SCALED})
+    env = {"PYTHON": sys.executable, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "none"), **SCALED}
+    result = run(["bash", SCRIPT], env=env)
     assert result.returncode == 1
     summary = (tmp_path / "summary.txt").read_text()
     assert summary.startswith("==== gpu_check summary on no CUDA device")
@@ -108,7 +109,9 @@ def test_make_test_gpu_skips_every_gpu_test_with_its_reason_without_cuda() -> No
 @slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU --rehearse runs everything (minutes)")
 def test_a_rehearsal_without_cuda_runs_what_needs_none_and_skips_the_rest(tmp_path: Path) -> None:
-    result = run(["bash", SCRIPT, "--rehearse"], env={"PYTHON": sys.executable, "OUT": str(tmp_path), **SCALED})
+    # this venv's packages, not the GPU machine's wheels a developer may have in .whl/
+    env = {"PYTHON": sys.executable, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "none"), **SCALED}
+    result = run(["bash", SCRIPT, "--rehearse"], env=env)
     summary = (tmp_path / "summary.txt").read_text()
     assert result.returncode == 0, summary + (tmp_path / "setup.log").read_text()[-2000:]
     assert re.search(r"^setup: passed in \d+s$", summary, re.M) and re.search(r"^tests: passed in \d+s$", summary, re.M)
