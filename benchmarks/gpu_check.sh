@@ -12,8 +12,9 @@
 #                                               # .gpu-data/ (the GPU machine gets the repository only)
 #
 # Wheels: `make gpu-wheels` downloads them into .whl/ (where there is network); without wheels the
-# installed packages are used (WHEELS=DIR: another folder, e.g. an empty one beside a venv they do not fit). Data: $USI_IMAGENET_SAMPLE, else ../shared/data/imagenet-sample, else
-# .gpu-data/imagenet-sample. Logs and figures go to $OUT if set, else ./gpu-check/.
+# installed packages are used (WHEELS=DIR: another folder, e.g. an empty one for a venv they do not
+# fit). Data: $USI_IMAGENET_SAMPLE, else ../shared/data/imagenet-sample, else .gpu-data/imagenet-sample.
+# Logs and figures go to $OUT if set, else ./gpu-check/.
 # Environment: PYTHON (default .venv/bin/python where it exists, else python3); TIMEOUT_SCALE (default 1:
 # the timeouts are the GPU machine's; make gpu-rehearsal multiplies them for this project's 2 shared cores).
 set -uo pipefail
@@ -36,7 +37,7 @@ case "${1:-}" in
   --pack-sample) mode=pack ;;
   --rehearse) mode=rehearse ;;
   "") ;;
-  -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "error: unknown argument '$1' (use --rehearse, --dry-run, --pack-sample or nothing)" >&2; exit 2 ;;
 esac
 
