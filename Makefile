@@ -24,7 +24,7 @@ MINOR := import sys; print("%d.%d" % sys.version_info[:2])
 # backend's notices are not the user's to act on. Errors still show.
 PIP := $(PY) -m pip -qq
 
-.PHONY: demo test test-fast test-gpu lint setup clean python-matches-venv
+.PHONY: demo test test-fast test-gpu lint setup clean python-matches-venv gpu-wheels gpu-rehearsal
 
 setup: $(VENV)/.installed
 
@@ -76,6 +76,20 @@ GPU_TESTS := $(wildcard tests/test_*gpu*.py)
 
 test-gpu: $(if $(TEST_PYTHON),,setup)
 	$(or $(TEST_PYTHON),$(PY)) -m pytest -m gpu -rA $(GPU_TESTS)
+
+# The GPU machine (benchmarks/gpu-machine.txt: what it has, read on it, and the wheels we carry).
+# gpu-wheels: every wheel it lacks into .whl/ (git-ignored), for its Python or PY=3.x; the list is
+# checked against pyproject.toml's requirements. gpu-rehearsal: benchmarks/gpu_check.sh --rehearse in
+# a copy of the tree as it travels, in a venv like the machine's, network off (no CUDA: those steps skip).
+GPU_PY = $(if $(filter command line,$(origin PY)),--python $(PY))
+
+gpu-wheels:
+	$(if $(PYTHON),,$(error no Python 3.10-3.13 found on PATH (tried $(PYTHONS)); pass PYTHON=/path/to/python3.x))
+	$(PYTHON) benchmarks/gpu_wheels.py $(GPU_PY)
+
+gpu-rehearsal:
+	$(if $(PYTHON),,$(error no Python 3.10-3.13 found on PATH (tried $(PYTHONS)); pass PYTHON=/path/to/python3.x))
+	$(PYTHON) benchmarks/gpu_rehearsal.py $(GPU_PY)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -5,14 +5,18 @@
 #
 #   bash benchmarks/gpu_check.sh                # there: install the carried wheels, run the GPU tests and
 #                                               # the benchmarks, print one summary
+#   bash benchmarks/gpu_check.sh --rehearse     # the same run where there may be no CUDA: each step that
+#                                               # needs it reports "skipped: no CUDA" (make gpu-rehearsal)
 #   bash benchmarks/gpu_check.sh --dry-run      # anywhere: print the plan; check what needs no GPU
-#   bash benchmarks/gpu_check.sh --pack-sample  # here: copy part of ../shared's ImageNet sample into
+#   bash benchmarks/gpu_check.sh --pack-sample  # here: copy part of the ImageNet sample into
 #                                               # .gpu-data/ (the GPU machine gets the repository only)
 #
-# Wheels: ../shared/tools/gpu-wheels.sh downloads them into .whl/ (where there is network); without
-# .whl/ the installed packages are used. Data: $USI_IMAGENET_SAMPLE, else ../shared/data/imagenet-sample,
-# else .gpu-data/imagenet-sample. Logs and figures go to $OUT if set, else ./gpu-check/.
-# Environment: PYTHON (default .venv/bin/python where it exists, else python3).
+# Wheels: `make gpu-wheels` downloads them into .whl/ (where there is network); without wheels the
+# installed packages are used (WHEELS=DIR: another folder, e.g. an empty one for a venv they do not
+# fit). Data: $USI_IMAGENET_SAMPLE, else ../shared/data/imagenet-sample, else .gpu-data/imagenet-sample.
+# Logs and figures go to $OUT if set, else ./gpu-check/.
+# Environment: PYTHON (default .venv/bin/python where it exists, else python3); TIMEOUT_SCALE (default 1:
+# the timeouts are the GPU machine's; make gpu-rehearsal multiplies them for this project's 2 shared cores).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -22,20 +26,23 @@ if [ -z "${PYTHON:-}" ]; then [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 OUT_DIR=${OUT:-$REPO/gpu-check}
 PACK_DIR=.gpu-data/imagenet-sample
 PACK_IMAGES=300  # about 33 MB of the 111 MB sample: with the wheels, inside a 64 MiB copy of the repo
+WHEELS=${WHEELS:-.whl}
 GPU_TESTS=(tests/test_*gpu*.py)  # as the Makefile's test-gpu (used where make is absent)
+CUDA_STEPS=" train_step_profile train_step dataloader_gpu "  # measure CUDA alone: skipped in a rehearsal without it
 TRAIN_BATCHES=9  # dataloader.py's training steps per epoch at batch 256: 1 + warm-up 2 + timed 6
 
 mode=run
 case "${1:-}" in
   --dry-run) mode=dry ;;
   --pack-sample) mode=pack ;;
+  --rehearse) mode=rehearse ;;
   "") ;;
-  -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  *) echo "error: unknown argument '$1' (use --dry-run, --pack-sample or nothing)" >&2; exit 2 ;;
+  -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "error: unknown argument '$1' (use --rehearse, --dry-run, --pack-sample or nothing)" >&2; exit 2 ;;
 esac
 
 if [ "$mode" = pack ]; then
-  src=../shared/data/imagenet-sample/train
+  src=${USI_IMAGENET_SAMPLE:-../shared/data/imagenet-sample}/train
   [ -d "$src" ] || { echo "error: no sample at $src" >&2; exit 2; }
   mkdir -p "$PACK_DIR/train"
   # the first PACK_IMAGES class folders (one image each); what is there already is kept
@@ -79,7 +86,7 @@ COMMANDS=(
   "$PYTHON benchmarks/dataloader.py --pipeline gpu ${sample:+--src $sample }--repeat $repeat --workers 16 --batch-size 256 --runs 2 --steps 6 --warmup 2"
 )
 SIZES=(
-  "wheels in .whl/ -> $SITE (pip --no-index --no-deps), the project too; then every import the checks need"
+  "wheels in $WHEELS/ -> $SITE (pip --no-index --no-deps), the project too; every import the checks need; sample images to MDS and back"
   "pytest -m gpu: FusedEMA kernels, inductor on CUDA, nvJPEG, the gpu pipeline, FSDP, 2 x 20 batches of train.py"
   "ops and host syncs per step, eager: resnet50 / tresnet_v2_l, 224 px, batch 32, 2 warm-up + 2 x 3 steps per loop, no progress bar"
   "ms per step, ours (compiled, bf16, no progress bar) vs timm vs plain: resnet50 / tresnet_v2_l, 224 px, batch 256, 8 warm-up + 20 timed steps, 1 run"
@@ -87,7 +94,7 @@ SIZES=(
 )
 
 print_plan() {
-  echo "gpu_check: repository $REPO, python $PYTHON, logs to $OUT_DIR"
+  echo "gpu_check${REHEARSE:+ --rehearse}: repository $REPO, python $PYTHON, logs to $OUT_DIR"
   echo "sample: ${sample:-none found} ($images images)"
   local total=0 i
   for i in "${!NAMES[@]}"; do
@@ -95,7 +102,7 @@ print_plan() {
     printf '  %-19s                %s\n' "" "${SIZES[$i]}"
     total=$((total + TIMEOUTS[i]))
   done
-  echo "  total of the timeouts: ${total}s"
+  echo "  total of the timeouts: ${total}s${TIMEOUT_SCALE:+ (each x $TIMEOUT_SCALE here: TIMEOUT_SCALE)}"
 }
 
 if [ "$mode" = dry ]; then
@@ -113,7 +120,7 @@ if [ "$mode" = dry ]; then
   collected=$("$PYTHON" -m pytest --collect-only -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}" 2>&1 | tail -1)
   echo "collect: $collected"
   check "pytest -m gpu collects the GPU tests" grep -Eq '^[0-9]+/[0-9]+ tests collected' <<<"$collected"
-  if [ -d .whl ]; then echo "wheels: $(ls .whl/*.whl 2>/dev/null | wc -l) in .whl/"; else echo "wheels: no .whl/ (the installed packages will be used)"; fi
+  if [ -d "$WHEELS" ]; then echo "wheels: $(ls "$WHEELS"/*.whl 2>/dev/null | wc -l) in $WHEELS/"; else echo "wheels: no $WHEELS/ (the installed packages will be used)"; fi
   rm -f /tmp/gpu_check_dry.$$
   [ "$ok" = 1 ] && { echo "dry run: ok"; exit 0; }
   echo "dry run: FAILED" >&2
@@ -121,61 +128,45 @@ if [ "$mode" = dry ]; then
 fi
 
 # ---------------------------------------------------------------- the run
+REHEARSE=$([ "$mode" = rehearse ] && echo 1)
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 [ -n "$sample" ] && export USI_IMAGENET_SAMPLE=$sample
 
 install_and_import() {
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --upgrade --target "$SITE" .whl/*.whl || return
+  if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "$WHEELS"/*.whl || return
     "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --ignore-requires-python --upgrade \
       --target "$SITE" . || return
   else
-    echo "no .whl/: using the installed packages"
+    echo "no wheels in $WHEELS/: using the installed packages"
   fi
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/nvidia-smi: /'
   fi
-  "$PYTHON" - <<'EOF'
-import importlib, platform, sys
-missing = []
-for name in ("composer", "streaming", "omegaconf", "timm", "torchvision", "pytest", "sklearn", "usi_composer.training"):
-    try:
-        importlib.import_module(name)
-    except ImportError as e:
-        missing.append(f"{name} ({e})")
-import torch
-print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-for name in ("torchvision", "timm", "composer", "streaming"):
-    module = sys.modules.get(name)
-    print(f"{name} {getattr(module, '__version__', 'missing')}")
-print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
-try:
-    importlib.import_module("timm.task")
-except ImportError:  # a warning: only train_step.py's timm loop needs it
-    print("warning: this timm has no timm.task: train_step.py will fail (carry timm==1.0.31's wheel in .whl/)")
-if missing:
-    sys.exit("error: cannot import " + "; ".join(missing) + ": add its wheel to .whl/ (../shared/tools/gpu-wheels.sh)")
-if not torch.cuda.is_available():
-    sys.exit("error: no CUDA device here: the GPU tests would skip and the benchmarks measure the CPU (--dry-run checks the plan)")
-EOF
+  "$PYTHON" benchmarks/gpu_setup_check.py ${REHEARSE:+--allow-no-cuda}
 }
 
-if [ -d "$SITE" ] || compgen -G ".whl/*.whl" >/dev/null; then export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}; fi
+if [ -d "$SITE" ] || compgen -G "$WHEELS/*.whl" >/dev/null; then export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}; fi
 print_plan
 STATUS=()
 for i in "${!NAMES[@]}"; do
-  name=${NAMES[$i]} limit=${TIMEOUTS[$i]} log=$OUT_DIR/${NAMES[$i]}.log
+  name=${NAMES[$i]} limit=$((TIMEOUTS[i] * ${TIMEOUT_SCALE:-1})) log=$OUT_DIR/${NAMES[$i]}.log
   if [ "$i" -gt 0 ] && [[ ${STATUS[0]} != passed* ]]; then
     STATUS+=("skipped (setup failed)")
     echo "skipped: setup failed" >"$log"
+    continue
+  fi
+  if [ "$i" -gt 0 ] && [[ $CUDA_STEPS == *" $name "* ]] && grep -q '^device: no CUDA device' "$OUT_DIR/setup.log"; then
+    STATUS+=("skipped: no CUDA")  # only a rehearsal gets here: elsewhere setup fails without CUDA
+    echo "skipped: no CUDA" | tee "$log"
     continue
   fi
   echo "=== $name (timeout ${limit}s): ${COMMANDS[$i]}"
   start=$SECONDS
   if [ "$name" = setup ]; then
     export -f install_and_import
-    export SITE PYTHON
+    export SITE PYTHON REHEARSE WHEELS
   fi
   timeout --kill-after=10 "$limit" bash -c "${COMMANDS[$i]}" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
@@ -202,7 +193,7 @@ device = next((m.group(1) for m in [re.search(r"^device: (.+)$", text["setup"], 
 report = {"device": device, "steps": status, "tests": {}, "figures": {}}
 print(f"==== gpu_check summary on {device}")
 for line in text["setup"].splitlines():
-    if re.match(r"(python|torchvision|timm|composer|streaming|nvidia-smi:|warning:) ", line):
+    if re.match(r"(python|version:|mds:|nvidia-smi:|warning:|rehearsal:) ", line):
         print(f"  {line}")
 for name in names:
     print(f"{name}: {status[name]}")
@@ -217,6 +208,8 @@ SETTINGS = {"benchmark", "student", "teacher", "image_size", "batch_size", "num_
             "set", "profile", "device", "threads", "images", "workers", "pipeline", "gpu_decode"}
 for name in names[2:]:
     lines = [line for line in text[name].splitlines() if line.startswith("{")]
+    if status[name] == "skipped: no CUDA":
+        continue
     if not lines:
         print(f"{name}: no figures")
         continue
@@ -231,6 +224,6 @@ for name in names[2:]:
 print(f"logs and figures.json in {out}")
 EOF
 for s in "${STATUS[@]}"; do
-  case $s in passed*) ;; *) exit 1 ;; esac
+  case $s in passed* | "skipped: no CUDA") ;; *) exit 1 ;; esac
 done
 exit 0
