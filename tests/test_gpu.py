@@ -232,6 +232,29 @@ def test_gpu_pipeline_trains_and_evaluates_on_cuda(imagenet_sample: Path, saved_
     trainer.close()
 
 
+def test_automatic_microbatching_is_composers_on_cuda(imagenet_sample: Path) -> None:
+    """``trainer.microbatch_size=auto`` reaches Composer's automatic microbatching (it fits the microbatch to
+    the GPU's memory); on the CPU it is one line (tests/test_preflight.py)."""
+    num_classes = len(find_classes(imagenet_sample))
+    overrides = [
+        f"data.train_dir={imagenet_sample}",
+        "data.val_dir=null",
+        f"data.num_classes={num_classes}",
+        f"data.image_size={SIZE}",
+        "data.num_workers=2",
+        "model.name=resnet10t",
+        "algorithms.distillation.enabled=false",
+        "trainer.global_batch_size=16",
+        "trainer.microbatch_size=auto",
+        "trainer.max_duration=2ba",
+        "trainer.compile=false",
+        "trainer.progress_bar=false",
+    ]
+    trainer = train(load_config("yamls/usi.yaml", overrides))
+    assert trainer.state.auto_microbatching and int(trainer.state.timestamp.batch) == 2
+    trainer.close()
+
+
 # ---------------------------------------------------------------- train.py
 
 

@@ -145,3 +145,12 @@ def test_a_warmup_flattened_by_a_small_batch_is_said_once(run: list[str], capsys
     assert not any(n.startswith("scheduler.") for n in resolve(load_config("yamls/usi.yaml")).notes)
     assert main([DEMO, *run, "scheduler.warmup_lr=1", "--dry-run"]) == 0
     assert sum("scheduler.warmup_lr=1" in line for line in capsys.readouterr().err.splitlines()) == 1
+
+
+def test_automatic_microbatching_needs_cuda(run: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Composer's automatic microbatching works on CUDA only (tests/test_gpu.py runs it there)."""
+    assert main([DEMO, *run, "trainer.microbatch_size=auto", "trainer.device=cpu", "--dry-run"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: trainer.microbatch_size: auto (Composer's automatic microbatching) needs CUDA: ")
+    assert main([DEMO, *run, "trainer.microbatch_size=0", "--dry-run"]) == 2
+    assert "must be a number of samples > 0, auto or null, got 0" in one_error_line(capsys.readouterr().err)

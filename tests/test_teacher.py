@@ -6,7 +6,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from usi_composer.errors import SetupError
+from usi_composer.errors import SetupError, UnreachableError
 from usi_composer.teacher import Renormalize, build_teacher, fold_batchnorm
 
 PAIRS = [
@@ -80,8 +80,24 @@ def test_pretrained_offline_names_the_alternative(monkeypatch: pytest.MonkeyPatc
     # download is tried and times out on a machine without network.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SetupError, match=r"pass checkpoint=PATH"):
+    with pytest.raises(
+        SetupError, match=r"HF_HUB_OFFLINE is set.*pass teacher\.checkpoint=PATH teacher\.pretrained=false"
+    ):
         build_teacher("resnet10t", 10, HALF, IMAGENET, pretrained=True)
+
+
+def test_pretrained_weights_from_a_hub_that_does_not_answer_fail_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: one attempt to reach the hub (refused here at once; 3 s at most), not huggingface_hub's retries."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://127.0.0.1:1")  # nothing listens on port 1
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/nonexistent")  # nothing cached
+    with pytest.raises(UnreachableError) as error:
+        build_teacher("resnet10t", 10, HALF, IMAGENET, pretrained=True)
+    message = str(error.value)
+    assert message.startswith("timm's pretrained weights for 'resnet10t' are on 127.0.0.1, which does not answer")
+    assert "pass teacher.checkpoint=PATH teacher.pretrained=false" in message and error.value.retryable
 
 
 def test_missing_checkpoint_is_a_setup_error(tmp_path) -> None:

@@ -62,6 +62,7 @@ def build_model(cfg: Config) -> USIClassifier:
             pretrained=model.pretrained,
             img_size=model.img_size or data.image_size,
             trust_checkpoint=model.trust_checkpoint,
+            section="model",
             drop_path_rate=model.drop_path_rate,
             **model.kwargs,
         )

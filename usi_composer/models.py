@@ -91,9 +91,11 @@ def create_backbone(
     pretrained: bool = False,
     img_size: int | None = None,
     trust_checkpoint: bool = False,
+    section: str = "",
     **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model`` with weights from a checkpoint (path or object-store URI) or timm's hub.
+    ``section``: the config section it is built for (``model``, ``teacher``), for the keys a message names.
 
     ``trust_checkpoint``: unpickle the checkpoint in full (it may run code); else it is read as data.
 
@@ -106,20 +108,58 @@ def create_backbone(
     if pretrained and checkpoint:
         raise SetupError(f"{name}: give either a checkpoint or pretrained=true, not both")
     if pretrained:
+        instead = _offline_alternative(name, section)
+        _check_hub_reachable(name, kwargs, instead)
         try:
             return create_model_for_size(name, img_size, pretrained=True, num_classes=num_classes, **kwargs)[0]
         except (OSError, RuntimeError, ValueError) as e:  # huggingface_hub raises OSError subclasses offline
             kind = UnreachableError if isinstance(e, OSError) else SetupError  # the network, or timm refused
-            raise kind(
-                f"could not get timm's pretrained weights for '{name}' ({reason(e)}). "
-                "Offline? Download them once where there is network "
-                f"(timm.create_model('{name}', pretrained=True) then torch.save(model.state_dict(), PATH)) "
-                "and pass checkpoint=PATH (a local path or an s3:// / gs:// URI) instead of pretrained=true."
-            ) from None
+            raise kind(f"could not get timm's pretrained weights for '{name}' ({reason(e)}). {instead}") from None
     model, _ = create_model_for_size(name, img_size, pretrained=False, num_classes=num_classes, **kwargs)
     if checkpoint:
         load_weights(model, checkpoint, name, trust=trust_checkpoint)
     return model
+
+
+def _offline_alternative(name: str, section: str) -> str:
+    keys = f"{section}.checkpoint=PATH {section}.pretrained=false" if section else "checkpoint=PATH, not pretrained"
+    return (
+        "Download them once where there is network (timm.create_model("
+        f"'{name}', pretrained=True), then torch.save(model.state_dict(), PATH)) and pass {keys} "
+        "(PATH a local path or an s3:// / gs:// URI)"
+    )
+
+
+def _check_hub_reachable(name: str, kwargs: dict[str, Any], instead: str) -> None:
+    """Stop in seconds, not after huggingface_hub's retries (about a minute), where timm would download
+    ``name``'s pretrained weights from the Hugging Face hub that this machine cannot reach: offline
+    (``HF_HUB_OFFLINE``) without them in the local cache, or no answer from the hub within 3 s."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import resolve_pretrained_cfg, split_model_name_tag
+
+    architecture, tag = split_model_name_tag(name)
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    weights = resolve_pretrained_cfg(architecture, kwargs.get("pretrained_cfg") or tag or None, overlay)
+    if overlay.get("file") or not getattr(weights, "hf_hub_id", None):
+        return  # a local file, or a URL torch.hub fetches
+    repo = str(weights.hf_hub_id).split("@")[0]
+    names = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    if any(isinstance(try_to_load_from_cache(repo, file), str) for file in names):
+        return  # cached: huggingface_hub reads it from there
+    if constants.HF_HUB_OFFLINE:
+        raise UnreachableError(
+            f"timm's pretrained weights for '{name}' are on the hub (HF_HUB_OFFLINE is set). {instead}"
+        )
+    host = urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        raise UnreachableError(
+            f"timm's pretrained weights for '{name}' are on {host}, which does not answer ({reason(e)}). {instead}"
+        ) from None
 
 
 def create_model_for_size(name: str, img_size: int | None, **kwargs: Any) -> tuple[nn.Module, bool]:

@@ -71,8 +71,8 @@ class RunPlan:
     num_nodes: int = free()
     # the batch
     per_process_batch: int = math()
-    microbatch_size: int = teacher_input()
-    microbatches: int = math()  # per batch, per process
+    microbatch_size: int | str = teacher_input()  # auto: Composer's automatic microbatching (CUDA)
+    microbatches: int | None = math()  # per batch, per process; None: auto
     eval_batch_size: int = free()  # per process
     # the data
     streams: bool = free()  # MDS shards (data.remote / data.local), else image folders
@@ -122,7 +122,7 @@ def resolve(cfg: Config, env: Env | None = None) -> RunPlan:
     env = env or Env.current()
     notes: list[str] = []
     device, precision = _device_and_precision(cfg, env, notes)
-    per_process, micro = _batch_layout(cfg, env)
+    per_process, micro = _batch_layout(cfg, env, device)
     mean, std = student_normalization(cfg)
     teacher = _teacher_plan(cfg, mean, std)
     lr = cfg.optimizer.lr * cfg.trainer.global_batch_size / cfg.optimizer.reference_batch_size
@@ -139,7 +139,7 @@ def resolve(cfg: Config, env: Env | None = None) -> RunPlan:
         num_nodes=max(1, env.world_size // max(1, env.local_world_size)),
         per_process_batch=per_process,
         microbatch_size=micro,
-        microbatches=-(-per_process // micro),
+        microbatches=-(-per_process // micro) if isinstance(micro, int) else None,
         eval_batch_size=trainer.eval_batch_size or per_process,
         streams=_streams(cfg),
         shuffle_seed=trainer.seed if streaming.shuffle_seed is None else streaming.shuffle_seed,
@@ -169,7 +169,7 @@ def _device_and_precision(cfg: Config, env: Env, notes: list[str]) -> tuple[str,
     return device, precision
 
 
-def _batch_layout(cfg: Config, env: Env) -> tuple[int, int]:
+def _batch_layout(cfg: Config, env: Env, device: str) -> tuple[int, int | str]:
     """The per-process batch and microbatch: the global batch over the processes, each process's batch
     into microbatches, and MixUp/CutMix's even microbatches."""
     trainer = cfg.trainer
@@ -177,7 +177,9 @@ def _batch_layout(cfg: Config, env: Env) -> tuple[int, int]:
         message = f"{trainer.global_batch_size} does not divide by the world size {env.world_size}"
         raise ConfigError("trainer.global_batch_size", message)
     per_process = trainer.global_batch_size // env.world_size
-    micro = trainer.microbatch_size or per_process
+    if trainer.microbatch_size == "auto":
+        return per_process, _auto_microbatching(cfg, device)
+    micro = int(trainer.microbatch_size or per_process)
     if not 0 < micro <= per_process:
         message = f"must be in [1, {per_process}] (the per-process batch), got {trainer.microbatch_size}"
         raise ConfigError("trainer.microbatch_size", message)
@@ -186,6 +188,22 @@ def _batch_layout(cfg: Config, env: Env) -> tuple[int, int]:
         message = f"MixUp/CutMix mixes each microbatch with its reverse and needs an even size per process, got {micro}"
         raise ConfigError(key, message)
     return per_process, micro
+
+
+def _auto_microbatching(cfg: Config, device: str) -> str:
+    """``trainer.microbatch_size=auto``: Composer halves the microbatch after a CUDA out-of-memory error
+    until the step fits. Only on GPUs; and not with a teacher cache, whose batches are stored by microbatch."""
+    if device != "gpu":
+        message = (
+            "auto (Composer's automatic microbatching) needs CUDA: on this machine set a number of samples "
+            f"(e.g. {cfg.trainer.global_batch_size // 4}) or null for the whole batch"
+        )
+        raise ConfigError("trainer.microbatch_size", message)
+    kd = cfg.algorithms.distillation
+    if kd.enabled and (kd.cache or kd.cache_write):
+        message = "auto cannot serve a teacher cache (its batches are stored by microbatch): set a number"
+        raise ConfigError("trainer.microbatch_size", message)
+    return "auto"
 
 
 def student_normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -162,6 +162,7 @@ def build_teacher(
         pretrained=pretrained,
         img_size=img_size,
         trust_checkpoint=trust_checkpoint,
+        section="teacher",
         **kwargs,
     )
     model = model.eval().requires_grad_(False)

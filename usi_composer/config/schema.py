@@ -159,6 +159,12 @@ def _key_paths(keys: list[str]) -> str | None:
     return None if ok else f"must be key paths (e.g. [optimizer.lr]), got {list(keys)}"
 
 
+def _microbatch(value: int | str) -> str | None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return None
+    return f"must be a number of samples > 0, auto or null, got {value!r}"
+
+
 def _split_name(name: str) -> str | None:
     return None if name else "must name the training split (e.g. train)"
 
@@ -355,7 +361,8 @@ class SchedulerConfig:
 class TrainerConfig:
     global_batch_size: int = teacher_input(1024, POSITIVE)  # summed over all processes
     eval_batch_size: int | None = free(None, POSITIVE)  # per process; None: the training batch per process
-    microbatch_size: int | None = math(None, POSITIVE)  # per process; None: the whole batch (resolved: the plan's)
+    # per process; None: the whole batch; auto: Composer's automatic microbatching (CUDA: the largest that fits)
+    microbatch_size: int | str | None = math(None, check=_microbatch)
     max_duration: str = math("300ep", check=_time_string("ep", "ba", "sp"))
     eval_interval: str = free("1ep", check=_time_string("ep", "ba", "sp", "dur"))
     # None: fp32 CPU, bf16 GPU (resolved: the plan's precision)
