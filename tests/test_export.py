@@ -16,7 +16,7 @@ import torch
 from composer.loggers import InMemoryLogger
 from PIL import Image
 from safetensors.torch import load_file
-from timm.data import create_transform, resolve_data_config
+from timm.data import CustomDatasetInfo, ImageNetInfo, create_transform, resolve_data_config
 
 from helpers import REPO, one_error_line, run_cli, with_code
 from usi_composer.algorithms import KnowledgeDistillation
@@ -107,7 +107,7 @@ def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor])
 @pytest.mark.slow
 def test_export_holds_the_kept_weights_and_the_recipes_eval_transform(run: Run, exported: tuple[Path, str]) -> None:
     folder, out = exported
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")], "no staging folder left"
     assert "the raw training weights (epoch 2, batch 16): BestOfEMAAndRaw found them better" in out, out
     # The kept weights: BestOfEMAAndRaw wrote the raw ones into the EMA storage; save_weights agrees
@@ -129,6 +129,11 @@ def test_export_holds_the_kept_weights_and_the_recipes_eval_transform(run: Run, 
     assert {k: pretrained.get(k) for k in expected} == expected
     # timm's published resnet10t weights' entries are not ours
     assert not {"tag", "license", "test_input_size", "test_crop_pct", "hf_hub_id", "url"} & set(pretrained)
+    assert pretrained["label_names"] == [str(d) for d in range(10)], "the digits' class folders"
+    card = (folder / "README.md").read_text()
+    best = run.reported["metrics/eval_best/top1"][-1]  # the kept (raw) weights' score: the checkpoint's
+    assert f"- top-1: {best:.4f} on {run.overrides[2].split('=', 1)[1]} (the run's last evaluation" in card, card
+    assert f"top-1 {best:.4f} (the run's last evaluation)" in out, out
 
 
 @pytest.mark.slow
@@ -306,7 +311,7 @@ def test_export_replaces_an_export_only_when_asked(saved_teacher, tmp_path: Path
     checkpoint = str(saved_teacher("resnet10t", 10))
     out = tmp_path / "export"
     assert call(export_cli.main, DEMO, "--checkpoint", checkpoint, "--out", str(out))[0] == 0
-    (out / "README.md").write_text("mine")
+    (out / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, _, err = call(export_cli.main, DEMO, "data.image_size=48", "--checkpoint", checkpoint, "--out", str(out))
     assert code == 2 and "pass --overwrite to replace them" in one_error_line(err)
@@ -314,7 +319,8 @@ def test_export_replaces_an_export_only_when_asked(saved_teacher, tmp_path: Path
     args = ["data.image_size=48", "--checkpoint", checkpoint, "--out", str(out), "--overwrite"]
     assert call(export_cli.main, DEMO, *args)[0] == 0
     assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 48, 48]
-    assert (out / "README.md").read_text() == "mine", "other files kept"
+    assert (out / "notes.txt").read_text() == "mine", "other files kept"
+    assert "48 px" in (out / "README.md").read_text(), "the model card replaced too"
     modes = {(p.stat().st_mode & 0o777) for p in out.iterdir()}
     assert len(modes) == 1, "model.safetensors as readable as the files the umask makes (safetensors: 0600)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"], "no staging folder left"
@@ -342,5 +348,51 @@ def test_push_to_the_hub_offline_fails_in_one_line_after_the_export(saved_teache
     assert done.returncode == 1, done.stderr[-3000:]
     line = one_error_line(done.stderr)
     assert line.startswith(f"error: could not push {out} to the Hugging Face hub as someone/x (no connection"), line
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert f"exported resnet10t (10 classes) to {out}" in done.stdout
+
+
+# --------------------------------------------------------------------------- label names, the model card
+
+
+@pytest.mark.parametrize("data", ["folders", "mds"])
+def test_export_carries_the_label_names_and_a_model_card(
+    data: str, image_folders, mds_dataset, saved_teacher, tmp_path: Path
+) -> None:
+    """timm's convention: ``pretrained_cfg["label_names"]`` (the wnids, in label order) and
+    ``label_descriptions`` (wnid -> name, where the MDS root's classes.json has names), which timm's
+    ``CustomDatasetInfo`` reads; README.md says what the model is and how to evaluate it with timm."""
+    root = image_folders(5) if data == "folders" else mds_dataset(5)
+    where = [f"data.train_dir={root / 'train'}", "data.local=null"] if data == "folders" else [f"data.local={root}"]
+    weights, out = saved_teacher("resnet10t", 5), tmp_path / "export"
+    args = [*where, "data.num_classes=5", "data.image_size=64", "--checkpoint", str(weights), "--out", str(out)]
+    code, printed, err = call(export_cli.main, DEMO, *args)
+    assert code == 0, err
+    wnids = sorted(p.name for p in (image_folders(5) / "train").iterdir())
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert model.pretrained_cfg["label_names"] == wnids
+    descriptions = model.pretrained_cfg.get("label_descriptions")
+    if data == "mds":  # classes.json's names: timm's ImageNet descriptions
+        assert descriptions == {w: ImageNetInfo().label_name_to_description(w) for w in wnids}
+        info = CustomDatasetInfo(model.pretrained_cfg["label_names"], descriptions)
+        assert info.index_to_description(0) == "tench, Tinca tinca"
+    else:
+        assert descriptions is None, "folders name their classes only"
+    assert f"label names: 5 from {root / 'train' if data == 'folders' else root / 'classes.json'}" in printed
+    card = (out / "README.md").read_text()
+    assert card.startswith("# resnet10t, trained with USI\n")
+    assert "- student: `resnet10t`, 64 px\n- teacher: `resnet18` (" in card
+    assert "; 5 classes (label names from " in card
+    assert f"- weights: its state dict, from {weights}\n- top-1: not measured" in card, card
+    assert f"python validate.py VAL_DIR --model local-dir:{out} --pretrained" in card
+
+
+def test_export_without_the_data_writes_no_label_names(saved_teacher, tmp_path: Path) -> None:
+    """A data root that is not on this machine, or lists other classes: no names rather than wrong ones."""
+    weights = str(saved_teacher("resnet10t", 10))
+    out = tmp_path / "export"
+    code, printed, err = call(export_cli.main, DEMO, "data.local=nowhere", "--checkpoint", weights, "--out", str(out))
+    assert code == 0, err
+    assert "label_names" not in json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert "label names: none (no nowhere/classes.json)" in printed, printed
+    assert "no label names: no nowhere/classes.json" in (out / "README.md").read_text()

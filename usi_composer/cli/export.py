@@ -21,7 +21,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "Write the trained student of a run (its EMA weights where EMA ran; the raw weights where "
         "BestOfEMAAndRaw kept them) in timm's Hugging Face layout: FOLDER/model.safetensors and "
         "FOLDER/config.json, whose pretrained_cfg holds the input size, interpolation, crop_pct and mean/std the "
-        "recipe evaluated with. timm loads it with timm.create_model('local-dir:FOLDER', pretrained=True). "
+        "recipe evaluated with and the class names (label_names, label_descriptions), and FOLDER/README.md, a "
+        "model card. timm loads it with timm.create_model('local-dir:FOLDER', pretrained=True). "
         "Give the config and overrides the run was trained with (the model, the classes and the eval transform "
         "come from them).",
         overrides="the run's config overrides, in order",
@@ -33,7 +34,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, required=True, metavar="FOLDER", help="the folder to write")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace the model.safetensors and config.json FOLDER holds"
+        "--overwrite", action="store_true", help="replace the model.safetensors, config.json and README.md FOLDER holds"
     )
     parser.add_argument(
         "--push-to-hub",
@@ -63,6 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  eval transform: {size} px, crop_pct {pretrained['crop_pct']}, {pretrained['interpolation']}, "
         f"mean {list(pretrained['mean'])}, std {list(pretrained['std'])}"
     )
+    labels = export.labels
+    print(
+        f"  label names: {len(labels.names)} from {labels.source}"
+        if labels.names
+        else f"  label names: none ({labels.source})"
+    )
+    top1 = "not measured" if export.top1 is None else f"{export.top1:.4f} (the run's last evaluation)"
+    print(f"  model card: {export.folder / 'README.md'} (top-1 {top1})")
     print(f"  timm: timm.create_model('local-dir:{export.folder}', pretrained=True)")
     if args.push_to_hub:
         try:

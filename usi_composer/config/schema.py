@@ -253,7 +253,8 @@ class StreamingConfig:
     download_retry: int = free(2, NON_NEGATIVE)
     # auto: sha1 for data.remote (the converter stores sha1 per shard), none for a local root; null: never
     validate_hash: str | None = free("auto", check=_hash)
-    # reduced-size JPEG decode + one-call crop/resize (same views) for training crops; folders too
+    # reduced-size JPEG decode + one-call crop/resize (same views) for training crops, folders too;
+    # evaluation always decodes at full size (timm's eval pixels)
     fast_decode: bool = teacher_input(True, when=_cpu_pipeline)
 
 

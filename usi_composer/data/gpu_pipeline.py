@@ -18,7 +18,8 @@ CMYK/YCCK JPEGs (PIL's CMYK conversion differs from libjpeg's), PNGs and other f
 ``.JPEG`` name, and truncated files (no end-of-image marker after the last scan) are decoded in the
 worker with the CPU path's own PIL decode, and handed on as RGB pixels. A corrupt file therefore
 raises, in the worker, exactly what the CPU path raises for it. ``data.gpu_decode: false`` decodes
-every sample this way, at a reduced DCT size (PIL ``draft``), and leaves the rest to the device.
+every sample this way, a training crop at a reduced DCT size (PIL ``draft``), an evaluation image at
+full size (as the CPU path and timm's eval), and leaves the rest to the device.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ class EncodedSample:
     """The worker's sample transform: ``(encoded bytes, rng) -> (uint8 payload, float32 draw row)``.
 
     ``training``: draw the sample's view from ``spec`` (``draws.draw_sample``); else evaluation, the
-    whole image, no randomness. ``spec.image_size`` and ``spec.eval_size`` set the reduced decode size
-    of the samples decoded in the worker (the quirky ones, or all with ``decode_on_device=False``).
+    whole image, no randomness. ``spec.image_size`` sets the reduced decode size of the training samples
+    decoded in the worker (the quirky ones, or all with ``decode_on_device=False``); evaluation decodes
+    them at full size.
     """
 
     def __init__(self, spec: TransformSpec, training: bool, *, decode_on_device: bool = True) -> None:
@@ -106,16 +108,13 @@ class EncodedSample:
         return payload, torch.from_numpy(row)
 
     def _decode(self, img: Image.Image, row: np.ndarray) -> np.ndarray:
-        """The CPU path's PIL decode (``decode_rgb``'s conversion) at a reduced JPEG size (DCT scaling,
-        PIL ``draft``) that keeps both sides of the crop box >= twice the output: the device crops
-        whole pixels of the reduced image, and at 2x the rounded box is off by <= 1/4 output pixel."""
-        if img.format == "JPEG":
-            if self.training:
-                scale = 2 * self.spec.image_size / row[[CROP_WIDTH, CROP_HEIGHT]]
-                img.draft(None, (math.ceil(img.size[0] * scale[0]), math.ceil(img.size[1] * scale[1])))
-            else:  # as the CPU path: both sides >= twice the resize target
-                eval_size = self.spec.eval_size
-                img.draft(None, (2 * eval_size, 2 * eval_size))
+        """The CPU path's PIL decode (``decode_rgb``'s conversion); for a training crop at a reduced JPEG
+        size (DCT scaling, PIL ``draft``) that keeps both sides of the crop box >= twice the output: the
+        device crops whole pixels of the reduced image, and at 2x the rounded box is off by <= 1/4 output
+        pixel. Evaluation decodes at full size, as the CPU path and timm's eval do."""
+        if img.format == "JPEG" and self.training:
+            scale = 2 * self.spec.image_size / row[[CROP_WIDTH, CROP_HEIGHT]]
+            img.draft(None, (math.ceil(img.size[0] * scale[0]), math.ceil(img.size[1] * scale[1])))
         return np.array(img.convert("RGB"))  # HWC uint8; raises the CPU path's error for a corrupt file
 
     def __repr__(self) -> str:

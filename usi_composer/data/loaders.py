@@ -34,8 +34,8 @@ def build_dataloaders(cfg: Config, plan: RunPlan) -> tuple[DataSpec, DataSpec | 
     if gpu is not None:
         samples = (gpu.train_sample, gpu.eval_sample)
     else:
-        fast = d.streaming.fast_decode
-        samples = (BytesTransform(spec, training=True, fast=fast), BytesTransform(spec, training=False, fast=fast))
+        train = BytesTransform(spec, training=True, fast=d.streaming.fast_decode)  # reduced-size decode: crops only
+        samples = (train, BytesTransform(spec, training=False))  # evaluation decodes at full size, as timm
     loader_args: dict[str, Any] = dict(
         num_workers=d.num_workers,
         pin_memory=d.pin_memory and torch.cuda.is_available(),

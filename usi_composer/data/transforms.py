@@ -147,7 +147,7 @@ class BytesTransform:
     (:func:`build_transform`) with every random draw taken from ``rng``
     (:func:`~usi_composer.data.draws.sample_rng` of the sample's seed, epoch and index), so a sample's
     view is a pure function of those. Images over ``spec.max_image_pixels`` are refused from their
-    header (:func:`open_image`). The eval transform (``training=False``) ignores ``rng``.
+    header (:func:`open_image`). The eval transform (``training=False``) ignores ``rng`` and ``fast``.
 
     Training: the crop box, interpolation, flip and RandAugment ops are drawn by
     :func:`~usi_composer.data.draws.draw_sample` (timm's distributions) from the image header,
@@ -158,8 +158,9 @@ class BytesTransform:
     ``resized_crop``, timm's own call. Then flip, RandAugment (timm's PIL ops, ``apply_pil``) and
     the conversion to a uint8 tensor (timm's ``use_prefetcher`` output).
 
-    Eval: with ``fast=True`` the JPEG is decoded at the smallest DCT scale that still covers twice
-    the resize target (``spec.eval_size``), then timm's eval transform runs unchanged.
+    Eval: a full-size decode (:func:`decode_rgb`), then timm's eval transform unchanged, so the pixels
+    are those of timm's eval of an export (``create_transform(**resolve_data_config(model=m))``) at any
+    size: the numbers users compare. A reduced-size decode changes them (at 64 px, by up to 13/255).
 
     timm has no transform that starts from undecoded bytes or takes a generator, hence this class.
     """
@@ -173,11 +174,7 @@ class BytesTransform:
         spec = self.spec
         img = open_image(data, spec.max_image_pixels)
         if not self.training:
-            if self.fast and img.format == "JPEG":
-                # Both sides stay >= twice the resize target: the eval image is the reference, so the
-                # bicubic antialiasing does the last 2x (at 1x the DCT scaling's aliasing shows).
-                img.draft(None, (2 * spec.eval_size, 2 * spec.eval_size))
-            return self.eval_transform(_rgb(img))
+            return self.eval_transform(_rgb(img))  # full size: timm's pixels (the class doc)
         draws = draw_sample(rng, img.size, spec)
         img = self.resized_crop(img, draws.crop, draws.interpolation)
         if draws.flip:
