@@ -231,7 +231,7 @@ def test_train_cli_missing_local_mds_is_one_line_error(tmp_path: Path, capsys: p
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()], err
     where = tmp_path / "nothing" / "train" / "index.json"
-    assert err.startswith(f"error: data.streaming.train_split: no MDS split at {where} (write one with usi-convert"), err
+    assert err.startswith(f"error: data.streaming.train_split: no MDS split at {where} (write one with usi-"), err
 
 
 def test_sample_data_present() -> None:
