@@ -239,6 +239,23 @@ def default_cache_dir(remote: str) -> str:
     return os.path.join(tempfile.gettempdir(), "usi-streaming", digest)
 
 
+def _split_cache(remote: str | None, local: str | None, split: str, where: str) -> str | None:
+    """Where streaming keeps the split: a local root must hold its index; a remote split's cache holds
+    the remote's current index (:func:`refresh_cached_index`)."""
+    if remote is None:
+        if local is None or not (Path(local) / split / "index.json").is_file():
+            raise SetupError(
+                f"no MDS dataset at {where} (missing {where}/index.json; convert one with usi-convert-imagenet)"
+            )
+        return local
+    # A killed run leaves streaming's shared memory behind; streaming itself skips such
+    # registrations (their file locks remain), so a restarted run needs no cleanup here
+    # (tests/test_streaming_s3.py kills a run with SIGKILL and starts the next one).
+    local = local or default_cache_dir(remote)
+    refresh_cached_index(remote, local, split)
+    return local
+
+
 def streaming_dataloader(
     *,
     remote: str | None,
@@ -264,17 +281,7 @@ def streaming_dataloader(
     cache_limit, num_canonical_nodes, download_timeout, download_retry, validate_hash, ...).
     """
     where = f"{remote.rstrip('/')}/{split}" if remote else os.path.join(local or "", split)
-    if remote is None:
-        if local is None or not (Path(local) / split / "index.json").is_file():
-            raise SetupError(
-                f"no MDS dataset at {where} (missing {where}/index.json; convert one with usi-convert-imagenet)"
-            )
-    else:
-        # A killed run leaves streaming's shared memory behind; streaming itself skips such
-        # registrations (their file locks remain), so a restarted run needs no cleanup here
-        # (tests/test_streaming_s3.py kills a run with SIGKILL and starts the next one).
-        local = local or default_cache_dir(remote)
-        refresh_cached_index(remote, local, split)
+    local = _split_cache(remote, local, split, where)
     try:
         dataset = ImageNetMDS(
             transform=transform,
