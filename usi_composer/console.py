@@ -54,12 +54,18 @@ def _clock(seconds: float) -> str:
 class TrainingConsole(LoggerDestination):
     """The run's console (see the module's doc). ``label``: what the lines are about (the demo names its
     stages); ``log_interval``: a Composer time string for the plain lines, None for only the last line;
-    ``bar``: a progress bar where ``stream`` is a terminal. Rank 0 speaks; the other ranks stay quiet."""
+    ``bar``: a progress bar where ``stream`` is a terminal; ``losses``: show the loss and LR (not for
+    ``usi-cache-teacher``, which trains no student). Rank 0 speaks; the other ranks stay quiet."""
 
     def __init__(
-        self, label: str = "train", log_interval: str | None = "100ba", bar: bool = True, stream: TextIO | None = None
+        self,
+        label: str = "train",
+        log_interval: str | None = "100ba",
+        bar: bool = True,
+        stream: TextIO | None = None,
+        losses: bool = True,
     ) -> None:
-        self.label, self.stream = label, stream if stream is not None else sys.stdout
+        self.label, self.stream, self.losses = label, stream if stream is not None else sys.stdout, losses
         self._every: Callable[[State, Event], bool] | None = None
         if log_interval is not None:
             self._every = create_interval_scheduler(
@@ -139,7 +145,7 @@ class TrainingConsole(LoggerDestination):
 
     def _loss(self) -> str:
         total = self._values.get("loss/train/total")
-        if total is None:
+        if total is None or not self.losses:
             return ""
         parts = [
             f"{name} {self._values[f'loss/train/{name}']:.4f}"
@@ -149,7 +155,7 @@ class TrainingConsole(LoggerDestination):
         return f"loss {total:.4f}" + (f" ({', '.join(parts)})" if parts else "")
 
     def _lr(self) -> str:
-        rates = [value for name, value in self._values.items() if name.startswith("lr-")]
+        rates = [value for name, value in self._values.items() if name.startswith("lr-") and self.losses]
         return f"lr {rates[0]:.3g}" if rates else ""
 
     def _speed(self, state: State) -> str:

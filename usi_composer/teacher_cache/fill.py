@@ -16,6 +16,7 @@ from composer.utils import dist
 from torch import nn
 
 from usi_composer.config import Config
+from usi_composer.console import TrainingConsole
 from usi_composer.teacher_cache.writer import TeacherCacheWriter
 
 __all__ = ["NullStudent", "fill_cache", "teacher_only"]
@@ -50,7 +51,8 @@ def fill_cache(cfg: Config, out: str) -> str | None:
     from usi_composer.builders import build_trainer
 
     cfg = teacher_only(cfg, out)
-    trainer = build_trainer(cfg, student=NullStudent(cfg.data.num_classes))
+    console = TrainingConsole("teacher cache", cfg.trainer.log_interval, cfg.trainer.progress_bar, losses=False)
+    trainer = build_trainer(cfg, student=NullStudent(cfg.data.num_classes), loggers=[console])
     trainer.fit()
     writer = next(c for c in trainer.state.callbacks if isinstance(c, TeacherCacheWriter))
     trainer.close()
