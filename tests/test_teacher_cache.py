@@ -588,7 +588,7 @@ def test_two_processes_each_store_and_read_their_own_microbatches(
     assert differences(online, cached) == []
     # one process: another world size, another layout of the batches
     rc, err = _train_rc(capsys, *args, f"algorithms.distillation.cache={cache}")
-    assert rc == 2 and "world size = 2, this run has 1" in err, err
+    assert rc == 2 and "plan.world_size = 2, this run has 1" in err, err
 
 
 @pytest.mark.slow
