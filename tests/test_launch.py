@@ -3,7 +3,7 @@
 Each template is rendered as its scheduler would run it: its own shell command is executed with
 the environment that Slurm / the Kubeflow training operator / the MosaicML platform sets on each
 node, and a stand-in `composer` on PATH records the arguments it was given. Those arguments must
-pass Composer's own launcher parser (with its multi-node checks) and then `train.py ... --dry-run`
+pass Composer's own launcher parser (with its multi-node checks) and then `train.py ... --print-config`
 (our config validation). The PyTorchJob is validated against the training operator's models
 (kubeflow-training) and the mcli yaml against mosaicml-cli's RunConfig.
 """
@@ -96,18 +96,19 @@ def _composer_args(argv: list[str], env: dict[str, str]):
 
 
 def _dry_run(script: str, args: list[str], cwd: Path, capsys: pytest.CaptureFixture) -> dict[str, Any]:
-    """Run ``script args --dry-run`` (our train.py, in this process) and return the resolved config."""
+    """Run ``script args --print-config`` (our train.py, in this process) and return the resolved config (the
+    config and the run plan only: the cluster's data and weights are not here for ``--dry-run`` to check)."""
     capsys.readouterr()
-    with mock.patch.object(sys, "argv", [script, *args, "--dry-run"]), pytest.raises(SystemExit) as exit_info:
+    with mock.patch.object(sys, "argv", [script, *args, "--print-config"]), pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(cwd / script), run_name="__main__")
     out, err = capsys.readouterr()
-    assert exit_info.value.code == 0, f"{script} {' '.join(args)} --dry-run failed: {err}"
+    assert exit_info.value.code == 0, f"{script} {' '.join(args)} --print-config failed: {err}"
     return yaml.safe_load(out)
 
 
 def _check_nodes(calls: list[dict[str, Any]], node_envs: list[dict[str, str]], capsys: pytest.CaptureFixture) -> list:
     """One composer launcher per node, all agreeing on the rendezvous; each node's training command
-    passes `train.py --dry-run`. Returns Composer's parsed arguments, node by node."""
+    passes `train.py --print-config`. Returns Composer's parsed arguments, node by node."""
     assert len(calls) == NODES, calls
     parsed = [_composer_args(call["argv"], env) for call, env in zip(calls, node_envs, strict=True)]
     for node_rank, (call, args) in enumerate(zip(calls, parsed, strict=True)):

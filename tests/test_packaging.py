@@ -130,8 +130,8 @@ def test_the_installed_wheel_runs_without_a_checkout(wheel: Path, tmp_path: Path
     assert all(Path(f).is_relative_to(site) for f in where.stdout.split()), where.stdout  # the wheel's, not the repo's
     assert "--batches" in run(bin_dir / "usi-demo", "--help").stdout
     for name in ("usi.yaml", "yamls/usi.yaml"):
-        dry = run(bin_dir / "usi-train", name, "model.name=resnet18", "--dry-run")
-        assert "teacher:\n  name: tresnet_v2_l.miil_in21k_ft_in1k" in dry.stdout and "student resnet18" in dry.stderr
+        dry = run(bin_dir / "usi-train", name, "model.name=resnet18", "--print-config")
+        assert "teacher:\n  name: tresnet_v2_l.miil_in21k_ft_in1k" in dry.stdout and "\n# lr: 0.002\n" in dry.stdout
     demo = run(bin_dir / "usi-demo", "--workdir", empty / "demo", "--batches", "1", timeout=600)
     assert "3/3 student + USI distillation: 1 batch in" in demo.stdout and "KD gain over the baseline" in demo.stdout
     assert sorted(p.name for p in empty.iterdir()) == ["demo"]  # nothing written outside the workdir

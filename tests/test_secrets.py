@@ -37,7 +37,7 @@ def test_redact_text_hides_every_uri_inside_prose_and_secret_environment_values(
 
 
 def test_dry_run_prints_the_config_redacted(capsys: pytest.CaptureFixture[str]) -> None:
-    code = train_cli.main([DEMO, f"teacher.checkpoint={PRESIGNED}", f"data.remote={ENDPOINT}", "--dry-run"])
+    code = train_cli.main([DEMO, f"teacher.checkpoint={PRESIGNED}", f"data.remote={ENDPOINT}", "--print-config"])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert SIGNATURE not in out.out + out.err and "hunter2-password" not in out.out + out.err
