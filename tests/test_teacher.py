@@ -139,8 +139,56 @@ def test_pretrained_teacher_for_other_classes_stops_before_anything_is_built(dig
         "error: teacher.kwargs.pretrained_cfg_overlay.file: the pretrained weights of teacher test_resnet classify "
         "1000 classes, data.num_classes is 10: timm would give the teacher a new, untrained classifier, which knows "
         "nothing of these classes; fine-tune a teacher on this data as yamls/demo_teacher.yaml does, then set "
-        "teacher.checkpoint=PATH and teacher.pretrained=false"
+        "teacher.checkpoint=PATH and teacher.pretrained=false (or, for a subset of its classes, teacher.class_map)"
     )
+
+
+def test_a_1000_class_teacher_distils_a_subset_of_imagenet_through_its_class_map(
+    image_folders, saved_teacher, tmp_path
+) -> None:
+    """``teacher.class_map=imagenet``: the data's classes are ImageNet-1k wnids; the teacher's logits for them, in
+    the data's order, are what KD sees (softmax over the subset). A file of indices does the same."""
+    from timm.data import ImageNetInfo
+
+    from helpers import DEMO
+    from usi_composer.algorithms import KnowledgeDistillation
+    from usi_composer.config import ConfigError, load_config
+    from usi_composer.data.layout import find_classes
+    from usi_composer.plan import resolve
+    from usi_composer.training import train
+
+    root = image_folders(4)
+    wnids = find_classes(str(root / "train"))
+    expected = tuple(ImageNetInfo().label_names().index(w) for w in wnids)
+    in1k = saved_teacher("test_resnet", 1000)
+    run = [
+        "data.local=null",
+        f"data.train_dir={root / 'train'}",
+        "data.val_dir=null",
+        "data.num_classes=4",
+        "data.num_workers=0",
+        "trainer.global_batch_size=4",
+        "trainer.max_duration=1ba",
+        "trainer.progress_bar=false",
+        "teacher.name=test_resnet",
+        f"teacher.checkpoint={in1k}",
+        "teacher.evaluate_first=false",
+    ]
+    cfg = load_config(DEMO, [*run, "teacher.class_map=imagenet"])
+    assert resolve(cfg).teacher_outputs == expected and resolve(cfg).teacher_classes == 1000
+    trainer = train(cfg)
+    teacher = next(a for a in trainer.state.algorithms if isinstance(a, KnowledgeDistillation)).teacher
+    x = torch.randn(2, 3, 32, 32)
+    assert teacher.identity, "the demo's teacher sees the student's normalization"
+    with torch.no_grad():
+        assert torch.equal(teacher(x), teacher.model(x)[:, list(expected)])
+    trainer.close()
+    indices = tmp_path / "map.txt"
+    indices.write_text("\n".join(map(str, expected)))
+    assert resolve(load_config(DEMO, [*run, f"teacher.class_map={indices}"])).teacher_outputs == expected
+    with pytest.raises(ConfigError, match=r"teacher\.class_map: maps 3 classes to outputs .* needs data\.num_classes"):
+        indices.write_text("1\n2\n3")
+        resolve(load_config(DEMO, [*run, f"teacher.class_map={indices}"]))
 
 
 def test_pretrained_teacher_key_names_where_the_class_count_comes_from(digits) -> None:

@@ -112,7 +112,7 @@ def build_distillation(
         with checkpoint_key("teacher.checkpoint", "teacher.trust_checkpoint"):
             module = build_teacher(
                 teacher.name,
-                cfg.data.num_classes,
+                plan.teacher_classes or cfg.data.num_classes,
                 student=(plan.student_mean, plan.student_std),
                 teacher=(plan.teacher_mean, plan.teacher_std),
                 checkpoint=teacher.checkpoint,
@@ -122,6 +122,7 @@ def build_distillation(
                 compile=plan.compile,
                 img_size=plan.teacher_img_size,
                 trust_checkpoint=teacher.trust_checkpoint,
+                outputs=plan.teacher_outputs,
                 **teacher.kwargs,
             )
     return KnowledgeDistillation(

@@ -200,6 +200,14 @@ class TrainingConsole(LoggerDestination):
         return f"{weights}top-1 {ev.get(f'{prefix}/top1', float('nan')):.2%}{top5}"
 
 
+class _Stdout(logging.StreamHandler):
+    """A handler on whatever ``sys.stdout`` is when a line is written (a test's capture, a redirect)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 class _LibraryInfo(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         # the recipe's INFO lines; warnings and errors: the root's other handler, on stderr
@@ -218,7 +226,7 @@ def show_library_logs(stream: TextIO | None = None) -> None:
         if handler.level == logging.NOTSET:
             handler.setLevel(logging.WARNING)
     if not any(getattr(handler, "usi_console", False) for handler in root.handlers):
-        console = logging.StreamHandler(stream if stream is not None else sys.stdout)
+        console = logging.StreamHandler(stream) if stream is not None else _Stdout()
         console.setFormatter(logging.Formatter("%(message)s"))
         console.addFilter(_LibraryInfo())
         console.usi_console = True  # type: ignore[attr-defined]

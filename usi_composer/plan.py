@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from usi_composer.config import Config, ConfigError, leaf_fields
@@ -86,7 +87,8 @@ class RunPlan:
     teacher_img_size: int | None = teacher_input()
     teacher_mean: tuple[float, ...] | None = teacher_input()
     teacher_std: tuple[float, ...] | None = teacher_input()
-    teacher_classes: int | None = free()  # what its pretrained weights classify (timm's pretrained cfg)
+    teacher_classes: int | None = free()  # its outputs: the data's classes, or its weights' (teacher.class_map)
+    teacher_outputs: tuple[int, ...] | None = teacher_input()  # which of them are the data's (teacher.class_map)
     teacher_weights: str | None = free()  # where its weights come from (a cache compares their sha256)
     # the optimization
     lr: float = math()  # scaled: optimizer.lr * global batch / reference batch
@@ -256,7 +258,14 @@ def _teacher_plan(cfg: Config, mean: tuple[float, ...], std: tuple[float, ...]) 
     timm pretrained config's, else the student's), its weights' classes and source."""
     kd, teacher = cfg.algorithms.distillation, cfg.teacher
     if not kd.enabled or teacher.name is None:
-        none = ("teacher_img_size", "teacher_mean", "teacher_std", "teacher_classes", "teacher_weights")
+        none = (
+            "teacher_img_size",
+            "teacher_mean",
+            "teacher_std",
+            "teacher_classes",
+            "teacher_outputs",
+            "teacher_weights",
+        )
         return {"builds_teacher": False, **dict.fromkeys(none)}
     pretrained = teacher_pretrained_cfg(cfg)
     teacher_mean = teacher.mean or getattr(pretrained, "mean", None) or mean
@@ -272,9 +281,55 @@ def _teacher_plan(cfg: Config, mean: tuple[float, ...], std: tuple[float, ...]) 
         "teacher_img_size": teacher.img_size or cfg.data.image_size,
         "teacher_mean": tuple(map(float, teacher_mean)),
         "teacher_std": tuple(map(float, teacher_std)),
-        "teacher_classes": pretrained.num_classes if teacher.pretrained else cfg.data.num_classes,
+        "teacher_classes": pretrained.num_classes if teacher.pretrained or teacher.class_map else cfg.data.num_classes,
+        "teacher_outputs": _teacher_outputs(cfg, pretrained.num_classes),
         "teacher_weights": weights,
     }
+
+
+def data_classes(cfg: Config) -> tuple[list[str] | None, str]:
+    """The data's class names, in label order, and where they were read: the MDS root's ``classes.json``
+    (usi-convert-imagenet writes it; None where there is none) or the training folder's class folders."""
+    from usi_composer import storage
+    from usi_composer.data.layout import find_classes
+    from usi_composer.data.mds import read_classes_json
+
+    data = cfg.data
+    if _streams(cfg):
+        where = storage.join((data.remote or data.local or "").rstrip("/"), "classes.json")
+        return read_classes_json(data.remote, data.local), where
+    return find_classes(str(data.train_dir)), f"{data.train_dir}'s class folders"
+
+
+def _teacher_outputs(cfg: Config, teacher_classes: int) -> tuple[int, ...] | None:
+    """``teacher.class_map``: for each of the data's classes, the teacher's output that is that class."""
+    class_map, key = cfg.teacher.class_map, "teacher.class_map"
+    if class_map is None:
+        return None
+    if class_map == "imagenet":
+        from timm.data import ImageNetInfo
+
+        index = {wnid: i for i, wnid in enumerate(ImageNetInfo().label_names())}
+        names, where = data_classes(cfg)
+        if names is None:
+            raise ConfigError(key, f"imagenet needs the data's class names (wnids): {where} has none")
+        unknown = [name for name in names if name not in index]
+        if unknown:
+            raise ConfigError(
+                key, f"imagenet: {len(unknown)} of {where} are not ImageNet-1k wnids (first: {unknown[0]})"
+            )
+        outputs = [index[name] for name in names]
+    else:
+        try:
+            outputs = [int(line) for line in Path(class_map).read_text().split()]
+        except (OSError, ValueError) as e:
+            raise ConfigError(key, f"not a file of one output index per line: {class_map} ({e})") from None
+    if len(outputs) != cfg.data.num_classes or not all(0 <= i < teacher_classes for i in outputs):
+        message = f"maps {len(outputs)} classes to outputs {min(outputs, default=0)}..{max(outputs, default=0)}"
+        raise ConfigError(
+            key, f"{message}; it needs data.num_classes ({cfg.data.num_classes}) outputs of 0..{teacher_classes - 1}"
+        )
+    return tuple(outputs)
 
 
 def _warmup_from(cfg: Config, lr: float, notes: list[str]) -> float:

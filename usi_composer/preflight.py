@@ -24,7 +24,7 @@ from usi_composer import storage
 from usi_composer.checkpoints import checkpoint_problem, refuse_plain_http
 from usi_composer.config import Config, ConfigError
 from usi_composer.errors import CheckpointError, InputSizeError, UnsafeCheckpointError
-from usi_composer.plan import RunPlan, kwargs_key
+from usi_composer.plan import RunPlan, data_classes, kwargs_key
 
 __all__ = ["check_classes", "check_model_sizes", "checkpoint_key", "preflight"]
 
@@ -98,20 +98,14 @@ def check_classes(cfg: Config, plan: RunPlan) -> None:
     """The data's classes against ``data.num_classes``: the MDS root's ``classes.json`` (usi-convert-imagenet
     writes it) or the training folder's class folders. Labels are also checked per sample as they are read
     (``LabelError``), since a label out of range is an opaque assert on a GPU."""
-    from usi_composer.data.layout import find_classes
-    from usi_composer.data.mds import read_classes_json
-
     data = cfg.data
-    if plan.streams:
-        where = storage.join((data.remote or data.local or "").rstrip("/"), "classes.json")
-        wnids = read_classes_json(data.remote, data.local)
-        if wnids is None:
-            log.warning("no %s beside the shards: labels are checked sample by sample only", where)
-            return
-        found = f"{where} lists {len(wnids)} classes"
-    else:
-        wnids = find_classes(str(data.train_dir))
-        found = f"{data.train_dir} has {len(wnids)} class folders"
+    wnids, where = data_classes(cfg)
+    if wnids is None:
+        log.warning("no %s beside the shards: labels are checked sample by sample only", where)
+        return
+    found = (
+        f"{where} lists {len(wnids)} classes" if plan.streams else f"{data.train_dir} has {len(wnids)} class folders"
+    )
     if len(wnids) != data.num_classes:
         raise ConfigError("data.num_classes", f"is {data.num_classes}, but {found}: set data.num_classes={len(wnids)}")
 
@@ -126,8 +120,8 @@ def check_teacher_classes(cfg: Config, plan: RunPlan) -> None:
     from weights of another class count: that is ordinary fine-tuning.
     """
     teacher, n = cfg.teacher, cfg.data.num_classes
-    if not plan.builds_teacher or not teacher.pretrained or plan.teacher_classes == n:
-        return
+    if not plan.builds_teacher or not teacher.pretrained or plan.teacher_classes == n or plan.teacher_outputs:
+        return  # a class map picks the data's classes among the teacher's
     overlay = dict(teacher.kwargs.get("pretrained_cfg_overlay") or {})
     source = next((k for k in ("num_classes", "file", "url", "hf_hub_id") if overlay.get(k) is not None), None)
     key = f"teacher.kwargs.pretrained_cfg_overlay.{source}" if source else "teacher.pretrained"
@@ -136,7 +130,7 @@ def check_teacher_classes(cfg: Config, plan: RunPlan) -> None:
         f"the pretrained weights of teacher {teacher.name} classify {plan.teacher_classes} classes, data.num_classes "
         f"is {n}: timm would give the teacher a new, untrained classifier, which knows nothing of these classes; "
         "fine-tune a teacher on this data as yamls/demo_teacher.yaml does, then set teacher.checkpoint=PATH "
-        "and teacher.pretrained=false",
+        "and teacher.pretrained=false (or, for a subset of its classes, teacher.class_map)",
     )
 
 
@@ -159,13 +153,14 @@ def check_checkpoints(cfg: Config, plan: RunPlan) -> None:
     from composer.utils import is_tar
 
     model, teacher, trainer = cfg.model, cfg.teacher, cfg.trainer
-    weights = [("model", model, data_size := cfg.data.image_size)]
+    classes = cfg.data.num_classes
+    weights = [("model", model, data_size := cfg.data.image_size, classes)]
     if plan.builds_teacher:
-        weights.append(("teacher", teacher, plan.teacher_img_size or data_size))
-    for section, part, img_size in weights:
+        weights.append(("teacher", teacher, plan.teacher_img_size or data_size, plan.teacher_classes or classes))
+    for section, part, img_size, num_classes in weights:
         if part.checkpoint:
             with checkpoint_key(f"{section}.checkpoint", f"{section}.trust_checkpoint"):
-                _check_fits(str(part.name), part.checkpoint, cfg.data.num_classes, img_size, part)
+                _check_fits(str(part.name), part.checkpoint, num_classes, img_size, part)
     if trainer.load_path:
         with checkpoint_key("trainer.load_path", "trainer.trust_checkpoints"):
             refuse_plain_http(trainer.load_path)

@@ -29,6 +29,7 @@ class Renormalize(nn.Module):
     official USI code forgets to divide the mean shift by ``std_t``; this does not.)
     ``input_size``: where set and the batch has another size, the batch is resized to it
     (bicubic, antialiased, as timm's eval transform), for a teacher built for another size.
+    ``outputs``: the model's outputs that are the data's classes (softmax is then over those alone).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class Renormalize(nn.Module):
         teacher_std: Sequence[float],
         channels_last: bool = False,
         input_size: int | None = None,
+        outputs: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -53,6 +55,9 @@ class Renormalize(nn.Module):
         self.identity = bool(torch.equal(mean_s, mean_t) and torch.equal(std_s, std_t))
         self.register_buffer("scale", std_s / std_t, persistent=False)
         self.register_buffer("shift", (mean_s - mean_t) / std_t, persistent=False)
+        # ``outputs``: the model's logits that are the data's classes, in the data's order (teacher.class_map)
+        picked = torch.tensor(list(outputs), dtype=torch.long) if outputs is not None else None
+        self.register_buffer("outputs", picked, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.identity:
@@ -62,7 +67,8 @@ class Renormalize(nn.Module):
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        logits = self.model(x)
+        return logits if self.outputs is None else logits.index_select(-1, self.outputs)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -141,6 +147,7 @@ def build_teacher(
     compile: bool = False,
     img_size: int | None = None,
     trust_checkpoint: bool = False,
+    outputs: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A ready teacher for ``KnowledgeDistillation``: eval mode, no gradients, BN folded,
@@ -154,6 +161,7 @@ def build_teacher(
     ``compile``: ``torch.compile`` the prepared teacher in place (``nn.Module.compile``: it stays
     this module, and compiles at its first call).
     ``trust_checkpoint``: unpickle ``checkpoint`` in full (it may run code); else it is read as data.
+    ``outputs``: which of its ``num_classes`` outputs are the data's classes (``teacher.class_map``).
     """
     model = create_backbone(
         name,
@@ -170,7 +178,7 @@ def build_teacher(
         model = fold_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    prepared = Renormalize(model, *student, *teacher, channels_last, img_size).eval().requires_grad_(False)
+    prepared = Renormalize(model, *student, *teacher, channels_last, img_size, outputs).eval().requires_grad_(False)
     if compile:
         prepared.compile()
     return prepared

@@ -230,6 +230,10 @@ class TeacherConfig:
     # the inputs the teacher was trained on; None: its timm pretrained_cfg (resolved: the plan's)
     mean: list[float] | None = math(None, check=_rgb(positive=False))
     std: list[float] | None = math(None, check=_rgb(positive=True))
+    # A teacher of more classes than the data's (an ImageNet-1k teacher for a subset of ImageNet): which of its
+    # outputs are the data's classes. imagenet: the data's class names are ImageNet-1k wnids; or a file with one
+    # line per data class (in the data's class order) holding the teacher's output index. Resolved: the plan's.
+    class_map: str | None = math(None, check=_named)
     fold_bn: bool = teacher_input(True)  # fold BatchNorm into the preceding conv where that is exact
     evaluate_first: bool = free(False)  # score the teacher on the validation split once, before step 1 (a sanity check)
     channels_last: bool = teacher_input(True)
