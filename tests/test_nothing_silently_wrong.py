@@ -245,7 +245,7 @@ def test_every_console_script_exits_2_for_a_missing_data_folder(
     out, err = capsys.readouterr()
     if script == "usi-ablate":  # its point's own error line is in the point's row: "exit code 2: error: ..."
         assert "1 of 1 points failed (fix what the logs name, then rerun)" in err
-        assert f"FAILED (exit code 2: error: no folder at {missing / 'train'}" in out, out[-2000:]
+        assert f"FAILED (exit code 2: error: data.train_dir: no such folder: {missing / 'train'}" in out, out[-2000:]
     else:
         assert one_error_line(err).startswith("error: ") and str(missing) in err
 
@@ -262,7 +262,7 @@ def test_the_exit_code_says_whether_a_retry_can_help(capsys) -> None:
     no_answer = storage.failure("read", "s3://b/k", requests.ConnectionError("Max retries exceeded"))
     refused = storage.failure("read", "s3://b/k", PermissionError("An error occurred (403): Forbidden"))
     retry = [LostPeerError("rank 1 is gone"), no_answer, StreamingDataError("cannot read shard 3")]
-    final = [ConfigError("", "model.name", "unknown"), SetupError("no folder at x"), CheckpointError("x does not fit")]
+    final = [ConfigError("model.name", "unknown"), SetupError("no folder at x"), CheckpointError("x does not fit")]
     final += [refused, CorruptShardError("hash validation failed"), LabelError("label 7")]
     assert [fail(e) for e in retry] == [1] * len(retry) and [fail(e) for e in final] == [2] * len(final)
     # a loader worker's error comes back as type(e)(text): the class alone carries the answer

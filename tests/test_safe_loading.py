@@ -147,7 +147,7 @@ def test_safetensors_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.INFO, logger="usi_composer.models"):
         load_weights(model, str(path))
     assert_weights(model, weights(seed=3))
-    assert f"{path}: loading its state dict" in caplog.messages
+    assert f"ResNet: its state dict, from {path}" in caplog.messages
 
 
 def test_timm_train_checkpoint_loads_its_ema_weights(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -167,7 +167,7 @@ def test_timm_train_checkpoint_loads_its_ema_weights(tmp_path: Path, caplog: pyt
     with caplog.at_level(logging.INFO, logger="usi_composer.models"):
         load_weights(model, str(path))
     assert_weights(model, ema)
-    assert f"{path}: loading its 'state_dict_ema'" in caplog.messages
+    assert f"ResNet: its 'state_dict_ema', from {path}" in caplog.messages
 
 
 def test_composer_checkpoint_loads_as_model_checkpoint(digits: Path, composer_run: Path) -> None:

@@ -164,14 +164,18 @@ def check_checkpoints(cfg: Config, plan: RunPlan) -> None:
     if trainer.load_path:
         with checkpoint_key("trainer.load_path", "trainer.trust_checkpoints"):
             refuse_plain_http(trainer.load_path)
-            if not storage.is_remote(trainer.load_path):
-                if not os.path.isfile(trainer.load_path):
-                    raise CheckpointError(f"checkpoint not found: {trainer.load_path}")
-                if zipfile.is_zipfile(trainer.load_path) and (problem := checkpoint_problem(trainer.load_path)):
-                    raise CheckpointError(f"{trainer.load_path}: {problem}")
             if is_tar(trainer.load_path) and not trainer.trust_checkpoints:  # Composer 0.32.1: download_checkpoint
                 what = "extract a tar archive (Composer extracts it unfiltered: a member can write any file)"
                 raise UnsafeCheckpointError(trainer.load_path, what)
+            if not storage.is_remote(trainer.load_path):
+                _check_local_checkpoint(trainer.load_path)
+
+
+def _check_local_checkpoint(path: str) -> None:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if zipfile.is_zipfile(path) and (problem := checkpoint_problem(path)):
+        raise CheckpointError(f"{path}: {problem}")
 
 
 def _check_fits(name: str, checkpoint: str, num_classes: int, img_size: int, part: object) -> None:
