@@ -673,7 +673,7 @@ def test_overwrite_rewrites_a_complete_cache_and_its_files_follow_the_umask(tiny
         preexec_fn=lambda: os.umask(0o027),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith(f"teacher cache {cache}: 2 batches"), result.stdout
+    assert f"\nteacher cache {cache}: 2 batches (1 epochs)" in result.stdout, result.stdout
     after = _mtimes(cache)
     assert sorted(after) == sorted(before) and all(after[name] > before[name] for name in before)
     modes = {oct(p.stat().st_mode & 0o777) for p in cache.rglob("*") if p.is_file()}
