@@ -29,8 +29,8 @@ from helpers import (
     unlink_orphaned_shared_memory,
 )
 from usi_composer.cli import train as train_cli
-from usi_composer.config import ConfigError, DataConfig, load_config
 from usi_composer.cli.convert import main
+from usi_composer.config import ConfigError, DataConfig, load_config
 from usi_composer.data.draws import draw_sample, sample_rng
 from usi_composer.data.spec import TransformSpec
 from usi_composer.data.transforms import BytesTransform, build_transform, decode_rgb
