@@ -110,14 +110,23 @@ def s3() -> Iterator[MotoServer]:
 def s3_bucket(s3: MotoServer) -> Callable[..., str]:
     """Factory: ``s3_bucket(folder, url, shard_size="64mb", cli=False)`` converts the image folder
     ``folder`` (``train/``, ...) to MDS at ``url`` (``s3://<new bucket>/<prefix>``) on the module's
-    server, and returns ``url``. ``cli``: with ``python -m usi_composer.data.convert``, as a user would
+    server, and returns ``url``. ``cli``: with ``python -m usi_composer.cli.convert``, as a user would
     (its own workers), checking its exit code and report; else in this process, one converter."""
 
     def make(folder: Path, url: str, shard_size: str = "64mb", cli: bool = False) -> str:
         bucket, prefix = url.removeprefix("s3://").split("/", 1)
         s3.client().create_bucket(Bucket=bucket)
         if cli:
-            cmd = [sys.executable, "-m", "usi_composer.data.convert", str(folder), url, "--shard-size", shard_size]
+            cmd = [
+                sys.executable,
+                "-m",
+                "usi_composer.cli.convert",
+                str(folder),
+                "--out",
+                url,
+                "--shard-size",
+                shard_size,
+            ]
             proc = run([*cmd, "--no-progress"], env=s3.env(), timeout=150)
             assert proc.returncode == 0, proc.stderr[-2000:]
             images = sum(1 for f in (folder / "train").rglob("*") if f.is_file())

@@ -135,10 +135,11 @@ def keys_and_labels(root: Path | str, split: str = "train", cache: Path | None =
 
 
 def convert(capsys: Any, *args: Any) -> tuple[int, str, str]:
-    """``usi-convert-imagenet ARGS --no-progress`` in this process: exit code, stdout, stderr."""
-    from usi_composer.data.convert import main
+    """``usi-convert-imagenet SRC --out OUT ARGS --no-progress`` in this process: exit code, stdout, stderr."""
+    from usi_composer.cli.convert import main
 
-    code = main([*map(str, args), "--no-progress", "--workers", "1"])
+    src, out, *rest = map(str, args)
+    code = main([src, "--out", out, *rest, "--no-progress", "--workers", "1"])
     return code, *capsys.readouterr()
 
 

@@ -194,7 +194,7 @@ def test_runner_survives_a_failing_point_and_retries_it(
     monkeypatch.setattr(usi_composer.demo, "prepare_teacher", fake_prepare_teacher)
     run_args = tiny_run(tiny["data"], teacher_weights=tiny["teacher"], **DEMO_CPU)
     tiny_args = [o for o in run_args if not o.startswith(("data.", "teacher.ch"))]
-    args = [str(sweep), "--base", str(DEMO_YAML), "--out", str(tmp_path / "out"), "--demo-workdir", "wd"]
+    args = [str(sweep), "--base", str(DEMO_YAML), "--out", str(tmp_path / "out"), "--workdir", "wd"]
     args += [*tiny_args, f"data.num_classes={4}", "data.image_size=16", "data.num_workers=0"]
     args += ["data.local=null", f"data.train_dir={tiny['data'] / 'train'}"]  # the folder, where val_dir counts
 

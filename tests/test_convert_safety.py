@@ -177,7 +177,8 @@ def held(path, max_pixels):
         threading.Event().wait()
     return check(path, max_pixels)
 convert._read_and_check = held
-sys.exit(convert.main(sys.argv[2:]))
+from usi_composer.cli.convert import main
+sys.exit(main(sys.argv[2:]))
 """
 BLOCK_AT = 20
 
@@ -225,7 +226,7 @@ def test_a_killed_local_overwrite_leaves_the_previoussplit_complete(tmp_path: Pa
     old_samples, before = keys_and_labels(out), tree_hash(out)
     _kill_source(src, copies=6)  # 12 more images, same classes: the new split is told apart by its size
     _kill_when(
-        [str(src), str(out), "--overwrite", "--shard-size", "128kb"],
+        [str(src), "--out", str(out), "--overwrite", "--shard-size", "128kb"],
         lambda: any(os.fsencode(p.relative_to(out)) not in before for p in out.glob("train/gen-*/shard.00000.mds")),
         tmp_path / "child.err",
     )
@@ -265,7 +266,10 @@ def test_a_killed_s3_overwrite_leaves_the_previoussplit_complete(tmp_path: Path,
             return any(k.endswith("/shard.00000.mds") and k not in before for k in keys)
 
         _kill_when(
-            [str(src), out, "--overwrite", "--shard-size", "128kb"], first_new_shard, tmp_path / "child.err", s3.env()
+            [str(src), "--out", out, "--overwrite", "--shard-size", "128kb"],
+            first_new_shard,
+            tmp_path / "child.err",
+            s3.env(),
         )
         after = _objects(s3, "kill-test")
         assert {k: v for k, v in after.items() if k in before} == before

@@ -231,7 +231,7 @@ def test_every_console_script_exits_2_for_a_missing_data_folder(
     args = {
         "usi-train": [str(DEMO_YAML), *data],
         "usi-demo": ["--workdir", str(tmp_path / "demo"), *data],
-        "usi-convert-imagenet": [str(missing), str(tmp_path / "mds"), "--no-progress"],
+        "usi-convert-imagenet": [str(missing), "--out", str(tmp_path / "mds"), "--no-progress"],
         "usi-ablate": [str(_sweep(tmp_path)), "--base", USI_YAML, "--out", str(tmp_path), *data, "--no-teacher-cache"],
         "usi-benchmark-backbones": ["--wandb-dir", str(missing), "--out", str(tmp_path / "pareto")],
         "usi-export": [str(DEMO_YAML), "--checkpoint", str(missing / "run"), "--out", str(tmp_path / "export")],

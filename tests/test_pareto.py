@@ -121,7 +121,7 @@ def _top1(mean: float, std: float = 0.0, runs: int = 1) -> Top1:
 
 def test_markdown_table_marks_the_frontier_and_models_without_runs() -> None:
     def t(model: str, speed: float) -> Throughput:
-        return Throughput(model, speed, 1.0, 0.1, 3, 8, 32, "cpu", "none", True, 5, 1.0)
+        return Throughput(model, speed, 1.0, 0.1, 3, 8, 32, "cpu", "fp32", True, 5, 1.0)
 
     md = markdown_table(
         [t("a", 100), t("b", 50), t("c", 80), t("d", 10)],
@@ -136,7 +136,7 @@ def test_plot_draws_each_models_spread(tmp_path: Path, monkeypatch: pytest.Monke
     import matplotlib.pyplot as plt
 
     def t(model: str, speed: float) -> Throughput:
-        return Throughput(model, speed, 1.0, 0.1, 3, 8, 32, "cpu", "none", True, 5, 1.0)
+        return Throughput(model, speed, 1.0, 0.1, 3, 8, 32, "cpu", "fp32", True, 5, 1.0)
 
     drawn = {}
     real_savefig = plt.Figure.savefig
@@ -184,3 +184,61 @@ def test_cli_bad_input_is_one_line_and_exit_2(
     assert benchmark_cli.main([*args, "--out", str(tmp_path), "--warmup", "0", "--min-run-time", "0.01"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
+
+
+def _row(point: str, model: str, top1: float, **params: object) -> dict:
+    params = {"model.name": model, **params}
+    return {"status": "ok", "model": model, "point": point, "params": params, "metrics": {"metrics/eval/top1": top1}}
+
+
+def test_runs_of_different_sweep_points_are_not_pooled(tmp_path: Path) -> None:
+    results = tmp_path / "results.jsonl"
+    rows = [
+        _row("a0", "lcnet_050", 0.5, **{"trainer.seed": 0, "optimizer.lr": 0.1}),
+        _row("a1", "lcnet_050", 0.6, **{"trainer.seed": 1, "optimizer.lr": 0.1}),  # its seeds: pooled
+        _row("b0", "lcnet_050", 0.9, **{"trainer.seed": 0, "optimizer.lr": 0.2}),
+        _row("c0", "resnet10t", 0.7, **{"trainer.seed": 0, "optimizer.lr": 0.1}),
+    ]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UsiError, match=r"lcnet_050: its runs come from 2 different sweep points \(optimizer.lr = 0.1 "):
+        load_top1([results])
+    top1 = load_top1([results], where=["optimizer.lr=0.1"])
+    assert (top1["lcnet_050"].runs, top1["lcnet_050"].mean) == (2, pytest.approx(0.55)) and top1["resnet10t"].runs == 1
+    assert load_top1([results], where=["optimizer.lr=0.2"])["lcnet_050"].runs == 1 and "resnet10t" not in load_top1(
+        [results], where=["optimizer.lr=0.2"]
+    )
+    with pytest.raises(UsiError, match="--where: expected KEY=VALUE"):
+        load_top1([results], where=["optimizer.lr"])
+
+
+def test_the_table_says_what_each_column_holds() -> None:
+    t = Throughput("a", 100.0, 1.25, 0.5, 3, 8, 32, "cpu", "fp32", True, 5, 1.0)
+    lines = markdown_table([t], {"a": _top1(0.7, 0.01, 3)}).splitlines()
+    assert "| ms/batch (median) | ms/batch (IQR) |" in lines[0] and "| 1.25 | 0.50 |" in lines[2]
+    assert "±" not in lines[2].split("|")[3] and "precision=fp32" in lines[-1]
+
+
+def test_a_model_name_typo_gets_a_suggestion(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert benchmark_cli.main(["resnet10", "--out", str(tmp_path), *FAST]) == 2
+    assert "did you mean 'resnet10t'" in capsys.readouterr().err
+
+
+def test_the_cli_reads_the_runs_yaml_and_prints_no_stray_line(tmp_path: Path) -> None:
+    """In a fresh interpreter: torch.utils.cpp_extension's "No CUDA runtime is found" line is printed
+    once, at its import, which a test process may have done already."""
+    table = tmp_path / "t.csv"
+    table.write_text("model,top1\nresnet10t,0.5\n")
+    fast = ["--batch-size", "2", "--warmup", "1", "--min-run-time", "0.05", "--device", "cpu"]
+    command = [sys.executable, "-m", "usi_composer.cli.benchmark", "--config", "yamls/demo.yaml", "data.image_size=16"]
+    command += ["--csv", str(table), "--out", str(tmp_path / "out"), *fast]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("yamls/demo.yaml: 16 px, 10 classes\n[1/1] resnet10t: timing ... ")
+    (speed,) = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    assert (speed["image_size"], speed["precision"]) == (16, "fp32")
+
+
+def test_overrides_need_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        benchmark_cli.main(["resnet10t", "data.image_size=16", "--out", str(tmp_path)])
+    assert "key=value overrides need --config YAML" in capsys.readouterr().err

@@ -29,8 +29,8 @@ from helpers import (
     unlink_orphaned_shared_memory,
 )
 from usi_composer.cli import train as train_cli
+from usi_composer.cli.convert import main
 from usi_composer.config import ConfigError, DataConfig, load_config
-from usi_composer.data.convert import main
 from usi_composer.data.draws import draw_sample, sample_rng
 from usi_composer.data.spec import TransformSpec
 from usi_composer.data.transforms import BytesTransform, decode_rgb
@@ -61,7 +61,7 @@ def test_the_suites_release_of_streaming_shared_memory_closes_a_datasets_descrip
     """The autouse fixture in conftest.py keeps the suite under CI's descriptor limit: this fails
     where a streaming release makes its blocks some other way (then the fixture records nothing)."""
     out = tmp_path / "mds"
-    assert main([str(make_imagenet(tmp_path / "src", n_classes=2)), str(out), "--no-progress"]) == 0
+    assert main([str(make_imagenet(tmp_path / "src", n_classes=2)), "--out", str(out), "--no-progress"]) == 0
     before = shared_memory_descriptors()
     with record_shared_memory() as made:
         assert len(_read_split(out)) == 2
@@ -84,7 +84,7 @@ def test_orphaned_streaming_blocks_go_and_held_ones_stay() -> None:
 
 def test_convert_keeps_bytes_labels_classes_and_decodes_odd_files_to_rgb(odd_imagenet: Path, tmp_path: Path) -> None:
     out = tmp_path / "mds"
-    assert main([str(odd_imagenet), str(out), "--shard-size", "256kb", "--no-progress"]) == 0
+    assert main([str(odd_imagenet), "--out", str(out), "--shard-size", "256kb", "--no-progress"]) == 0
     classes = json.loads((out / "classes.json").read_text())
     wnids = sorted(p.name for p in (odd_imagenet / "train").iterdir())
     assert classes["wnids"] == wnids
@@ -112,13 +112,13 @@ def test_corrupt_files_fail_listing_every_one_or_are_skipped(odd_imagenet: Path,
     garbage = bad_dir / "garbage.JPEG"
     garbage.write_bytes(b"not an image at all" * 10)
     out = tmp_path / "mds"
-    assert main([str(odd_imagenet), str(out), "--no-progress"]) == 2
+    assert main([str(odd_imagenet), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: 2 file(s) in train cannot be converted") and len(err.strip().splitlines()) == 1
     assert str(truncated) in err and str(garbage) in err
     assert not (out / "train" / "index.json").exists()  # nothing that looks complete
 
-    assert main([str(odd_imagenet), str(out), "--no-progress", "--skip-corrupt"]) == 0
+    assert main([str(odd_imagenet), "--out", str(out), "--no-progress", "--skip-corrupt"]) == 0
     captured = capsys.readouterr()
     assert "skipped 2 file(s) that cannot be converted" in captured.err
     assert str(truncated) in captured.err and str(garbage) in captured.err
@@ -131,9 +131,9 @@ def test_restart_rewrites_incomplete_split_and_skips_complete(tmp_path: Path, ca
     out = tmp_path / "mds"
     (out / "train").mkdir(parents=True)
     (out / "train" / "shard.00000.mds").write_bytes(b"half-written by a killed run")  # no index.json
-    assert main([str(src), str(out), "--no-progress"]) == 0
+    assert main([str(src), "--out", str(out), "--no-progress"]) == 0
     assert len(_read_split(out)) == 5
-    assert main([str(src), str(out), "--no-progress"]) == 0
+    assert main([str(src), "--out", str(out), "--no-progress"]) == 0
     assert "already complete" in capsys.readouterr().out
 
 
@@ -153,8 +153,9 @@ def test_flat_validation_with_labels_csv_and_python_m(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "usi_composer.data.convert",
+            "usi_composer.cli.convert",
             str(src),
+            "--out",
             str(tmp_path / "mds"),
             "--val-labels",
             str(tmp_path / "val.csv"),

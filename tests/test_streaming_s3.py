@@ -160,8 +160,9 @@ def test_server_stopped_mid_epoch_is_a_clear_error_not_a_hang(bucket: str, tmp_p
             [
                 sys.executable,
                 "-m",
-                "usi_composer.data.convert",
+                "usi_composer.cli.convert",
                 str(src),
+                "--out",
                 "s3://stopping/mds",
                 "--shard-size",
                 "256kb",

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import DEMO_CPU, NUM_CLASSES, USI_CPU, MotoServer, one_error_line, run, tiny_run
+from helpers import DEMO_CPU, NUM_CLASSES, REPO, USI_CPU, MotoServer, one_error_line, run, tiny_run
 from usi_composer.algorithms import KnowledgeDistillation, MixUpCutMix, kd_loss
 from usi_composer.checkpoints import first_math_change
 from usi_composer.cli import cache_teacher
@@ -615,3 +615,66 @@ def test_benchmark_prints_one_json_line_of_consistent_figures() -> None:
     assert [r[f"topk{k}_bytes_per_sample"] for k in (1, 2, 5)] == [10.0, 16.0, 34.0]
     errors = [r[f"topk{k}_kd_rel_error_T{t}"] for k in (1, 2, 5) for t in (1, 4)]
     assert all(0 <= e < 1 for e in errors), errors
+
+
+# --------------------------------------------------------------------------- usi-cache-teacher run again
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_complete_cache_is_skipped_and_a_longer_run_is_not(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny["cache"], cache)
+    before = _mtimes(cache)
+    capsys.readouterr()
+    assert cache_teacher.main([DEMO, *tiny["args"], "--out", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert out == f"teacher cache {cache}: done before, skipped (it holds this run; --overwrite rewrites it)\n"
+    assert _mtimes(cache) == before
+    # another run's teacher inputs: not this run's cache, so not skipped (the writer refuses it instead)
+    assert cache_teacher.main([DEMO, *tiny["args"], "trainer.seed=5", "--out", str(cache)]) == 2
+    assert "holds the teacher outputs of another run (trainer.seed" in capsys.readouterr().err
+    # a longer run than the cache holds: filled on
+    assert cache_teacher.main([DEMO, *tiny["args"], "trainer.max_duration=2ep", "--out", str(cache)]) == 0
+    assert "done before" not in capsys.readouterr().out
+    assert CacheStore(str(cache)).read_json("rank0/written.json") == {"batches": [[0, 4]]}
+
+
+def test_overwrite_deletes_only_the_caches_own_files(tiny: dict, tmp_path: Path) -> None:
+    from usi_composer.teacher_cache.fill import remove_cache
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny["cache"], cache)
+    (cache / "notes.txt").write_text("keep me")
+    (cache / "rank0" / "mine.txt").write_text("keep me")
+    (cache / "rank0" / "ep0" / ".tmp-0123456789ab-ba2.safetensors").write_bytes(b"left by a killed writer")
+    assert remove_cache(str(cache)) == 5  # cache.json, written.json, 2 batches, the temporary file
+    assert sorted(_mtimes(cache)) == ["notes.txt", "rank0/mine.txt"]
+
+
+def test_overwrite_rewrites_a_complete_cache_and_its_files_follow_the_umask(tiny: dict, tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny["cache"], cache)
+    before = _mtimes(cache)
+    command = [sys.executable, "-m", "usi_composer.cli.cache_teacher", DEMO, *tiny["args"], "--out", str(cache)]
+    result = subprocess.run(
+        [*command, "--overwrite"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(0o027),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"\nteacher cache {cache}: 2 batches (1 epochs)" in result.stdout, result.stdout
+    after = _mtimes(cache)
+    assert sorted(after) == sorted(before) and all(after[name] > before[name] for name in before)
+    modes = {oct(p.stat().st_mode & 0o777) for p in cache.rglob("*") if p.is_file()}
+    assert modes == {oct(0o640)}  # 0o666 less the umask, as open() would make them

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import statistics
@@ -31,7 +32,10 @@ __all__ = [
 ]
 
 DEFAULT_METRICS = ("metrics/eval_best/top1", "metrics/eval/top1")
-AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# trainer.precision's names (usi-benchmark-backbones --precision) -> the autocast dtype
+PRECISION_DTYPES = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
+# what a model's runs may differ in and still be pooled into one point of the figure
+POOLED = ("model.name", "trainer.seed")
 
 
 @dataclass
@@ -44,7 +48,7 @@ class Throughput:
     batch_size: int
     image_size: int
     device: str
-    amp: str
+    precision: str  # trainer.precision's name: fp32, amp_fp16, amp_bf16
     channels_last: bool
     bn_folded: int  # BatchNorm layers folded into convolutions
     params_m: float
@@ -61,7 +65,7 @@ def measure_throughput(
     image_size: int = 224,
     num_classes: int = 1000,
     device: str = "cpu",
-    amp: str = "none",
+    precision: str = "fp32",
     channels_last: bool = True,
     fold_bn: bool = True,
     warmup: int = 5,
@@ -70,12 +74,11 @@ def measure_throughput(
     """Images per second of timm's ``name`` built for ``image_size`` (random weights: speed does not
     depend on them) in eval mode, BN folded, after ``warmup`` batches; the median over the blocks that
     ``torch.utils.benchmark`` times in ``min_run_time`` seconds (it synchronizes CUDA)."""
-    from torch.utils import benchmark
-
     from usi_composer.teacher import fold_batchnorm
 
-    if amp not in AMP_DTYPES:
-        raise UsiError(f"--amp: must be one of {', '.join(AMP_DTYPES)}, got '{amp}'")
+    if precision not in PRECISION_DTYPES:
+        raise UsiError(f"--precision: must be one of {', '.join(PRECISION_DTYPES)}, got '{precision}'")
+    benchmark = _torch_benchmark()
     model = _backbone(name, image_size, num_classes)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     before = _count_bn(model)
@@ -84,7 +87,7 @@ def measure_throughput(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).to(memory_format=memory_format)
-    dtype = AMP_DTYPES[amp]
+    dtype = PRECISION_DTYPES[precision]
     device_type = torch.device(device).type
 
     def step() -> torch.Tensor:
@@ -106,11 +109,19 @@ def measure_throughput(
         batch_size=batch_size,
         image_size=image_size,
         device=device,
-        amp=amp,
+        precision=precision,
         channels_last=channels_last,
         bn_folded=folded,
         params_m=params_m,
     )
+
+
+def _torch_benchmark() -> Any:
+    """``torch.utils.benchmark``, imported without its stray line: it imports ``torch.utils.cpp_extension``,
+    which prints "No CUDA runtime is found, using CUDA_HOME=..." on a machine without CUDA."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        from torch.utils import benchmark
+    return benchmark
 
 
 def _backbone(name: str, image_size: int, num_classes: int) -> torch.nn.Module:
@@ -118,10 +129,12 @@ def _backbone(name: str, image_size: int, num_classes: int) -> torch.nn.Module:
     recipe trains it; a name or a size it cannot run is one line, not a traceback."""
     import timm
 
+    from usi_composer.config.schema import suggest
     from usi_composer.models import check_input_size, create_backbone
 
     if not timm.is_model(name):
-        raise UsiError(f"{name}: not a timm model (timm.list_models('*part-of-name*') lists them)")
+        hint = suggest(name, timm.list_models()) or " (timm.list_models('*part-of-name*') lists them)"
+        raise UsiError(f"{name}: not a timm model{hint}")
     try:
         check_input_size(name, image_size, num_classes)
         return create_backbone(name, num_classes, img_size=image_size)
@@ -154,26 +167,31 @@ def load_top1(
     wandb_dirs: Iterable[str | os.PathLike] = (),
     csvs: Iterable[str | os.PathLike] = (),
     metrics: Sequence[str] = DEFAULT_METRICS,
+    where: Sequence[str] = (),
 ) -> dict[str, Top1]:
     """Top-1 per model name, mean and standard deviation over its finished runs.
 
     A run's top-1 is the first of ``metrics`` it has (by default USI's better-of-EMA-and-raw
     ``metrics/eval_best/top1``, else ``metrics/eval/top1``). Pass the runs of one recipe per
-    model (e.g. ``usi-ablate ... --seeds 0,1,2``): every run of a model counts.
+    model (e.g. ``usi-ablate ... --seeds 0,1,2``): every run of a model counts, and a model whose
+    results.jsonl rows come from different sweep points (another base, overrides or swept value than
+    :data:`POOLED`) is refused, naming the first difference; ``where`` (``KEY=VALUE``) keeps the rows
+    and W&B runs with that value (a swept parameter of a row, a config key of a W&B run).
 
     ``results``: the local runner's results.jsonl files (the latest row of each point); ``wandb_dirs``:
     W&B run directories or folders holding them (offline or synced runs; the model is the logged
     ``model.name``); ``csvs``: files with a ``model`` column and a ``top1`` column, one row per run.
     A run found both in a results.jsonl and in a W&B folder (the same W&B run id) counts once.
     """
-    runs: dict[tuple[str, ...], tuple[str, float, str]] = {}  # run key -> (model, top-1, where from)
+    runs: dict[tuple[str, ...], _Run] = {}  # run key -> the run
+    wanted = _where(where)
 
     def pick(values: dict[str, Any]) -> Any:
         return next((values[m] for m in metrics if values.get(m) is not None), None)
 
-    def offer(key: tuple[str, ...], model: str | None, value: Any, source: str) -> None:
+    def offer(key: tuple[str, ...], model: str | None, value: Any, source: str, setting: str | None = None) -> None:
         if model and isinstance(value, int | float) and not isinstance(value, bool):
-            runs[key] = (model, float(value), source)
+            runs[key] = _Run(model, float(value), source, setting)
 
     for path in map(Path, results):
         if not path.is_file():
@@ -182,10 +200,11 @@ def load_top1(
         # (after a failure) counts once
         latest = {row["point"]: row for row in read_rows(path) if "point" in row}
         for point, row in latest.items():
-            if row.get("status") == "ok":
+            params = row.get("params", {})
+            if row.get("status") == "ok" and all(_shown(params.get(k, _ABSENT)) == v for k, v in wanted.items()):
                 run_dir = row.get("wandb_run_dir")
                 key = ("wandb", Path(run_dir).name.rsplit("-", 1)[-1]) if run_dir else ("results", str(path), point)
-                offer(key, row.get("model"), pick(row.get("metrics", {})), f"{path}: {point}")
+                offer(key, row.get("model"), pick(row.get("metrics", {})), f"{path}: {point}", _setting(row))
     for root in map(Path, wandb_dirs):
         if not root.exists():
             raise UsiError(f"{root}: no such W&B folder")
@@ -193,8 +212,9 @@ def load_top1(
 
         for run_dir in _wandb_runs(root):
             run = read_wandb_run(run_dir)
-            model = run["config"].get("model", {}).get("name")
-            offer(("wandb", str(run.get("id"))), model, pick(run["summary"]), f"W&B run {run.get('id')}")
+            if all(_shown(_config_value(run["config"], k)) == v for k, v in wanted.items()):
+                model = run["config"].get("model", {}).get("name")
+                offer(("wandb", str(run.get("id"))), model, pick(run["summary"]), f"W&B run {run.get('id')}")
     for path in map(Path, csvs):
         if not path.is_file():
             raise UsiError(f"{path}: no such CSV file")
@@ -207,17 +227,75 @@ def load_top1(
     return _per_model(runs.values())
 
 
-def _per_model(runs: Iterable[tuple[str, float, str]]) -> dict[str, Top1]:
-    """``(model, top-1, where from)`` of each run -> each model's :class:`Top1`."""
-    by_model: dict[str, list[tuple[float, str]]] = {}
-    for model, value, source in runs:
-        by_model.setdefault(model, []).append((value, source))
+@dataclass(frozen=True)
+class _Run:
+    model: str
+    top1: float
+    source: str
+    setting: str | None  # a results.jsonl row's sweep point but for POOLED (JSON); None: not known
+
+
+_ABSENT = object()
+
+
+def _where(pairs: Sequence[str]) -> dict[str, str]:
+    wanted = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsiError(f"--where: expected KEY=VALUE, got '{pair}'")
+        wanted[key] = value
+    return wanted
+
+
+def _shown(value: Any) -> str | None:
+    """A value as written on a command line (yaml's spelling of booleans and null)."""
+    if value is _ABSENT:
+        return None
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+
+def _config_value(config: dict[str, Any], key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
+def _setting(row: dict[str, Any]) -> str:
+    params = {k: v for k, v in row.get("params", {}).items() if k not in POOLED}
+    return json.dumps({"base": row.get("base"), "overrides": row.get("overrides"), **params}, sort_keys=True)
+
+
+def _first_difference(a: str, b: str) -> str:
+    x, y = json.loads(a), json.loads(b)
+    key = next(k for k in sorted({*x, *y}) if x.get(k, _ABSENT) != y.get(k, _ABSENT))
+    return f"{key} = {_shown(x.get(key, _ABSENT))} and {_shown(y.get(key, _ABSENT))}"
+
+
+def _per_model(runs: Iterable[_Run]) -> dict[str, Top1]:
+    """Each model's :class:`Top1`; a model with runs of different sweep points is refused."""
+    by_model: dict[str, list[_Run]] = {}
+    for run in runs:
+        by_model.setdefault(run.model, []).append(run)
+    for model, found in by_model.items():
+        settings = sorted({r.setting for r in found if r.setting is not None})
+        if len(settings) > 1:
+            raise UsiError(
+                f"{model}: its runs come from {len(settings)} different sweep points "
+                f"({_first_difference(settings[0], settings[1])}): one figure would pool them; "
+                "pick one with --where KEY=VALUE"
+            )
     return {
         model: Top1(
-            mean=statistics.fmean(v for v, _ in found),
-            std=statistics.stdev(v for v, _ in found) if len(found) > 1 else 0.0,
+            mean=statistics.fmean(r.top1 for r in found),
+            std=statistics.stdev(r.top1 for r in found) if len(found) > 1 else 0.0,
             runs=len(found),
-            sources=tuple(source for _, source in found),
+            sources=tuple(r.source for r in found),
         )
         for model, found in by_model.items()
     }
@@ -248,20 +326,22 @@ def markdown_table(speeds: list[Throughput], top1: dict[str, Top1]) -> str:
         )
     )
     lines = [
-        "| model | images/s | ms/batch (median, IQR) | params (M) | BN folded | top-1 (mean ± std) | Pareto |",
-        "|---|---:|---:|---:|---:|---:|:---:|",
+        "| model | images/s | ms/batch (median) | ms/batch (IQR) | params (M) | BN folded | top-1 (mean ± std) "
+        "| Pareto |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for s in sorted(speeds, key=lambda s: -s.images_per_s):
         acc = _top1(top1, s.model) if s.model in top1 else "no run"
         lines.append(
-            f"| {s.model} | {s.images_per_s:.1f} | {s.median_ms:.2f} ± {s.iqr_ms:.2f} | {s.params_m:.2f} "
+            f"| {s.model} | {s.images_per_s:.1f} | {s.median_ms:.2f} | {s.iqr_ms:.2f} | {s.params_m:.2f} "
             f"| {s.bn_folded} | {acc} | {'★' if front.get(s.model) else ''} |"
         )
     s0 = speeds[0]
     lines.append(
-        f"\nThroughput: batch {s0.batch_size}, {s0.image_size}px, {s0.device}, amp={s0.amp}, "
-        f"channels_last={s0.channels_last}, BatchNorm folded; top-1: mean ± standard deviation over each "
-        "model's finished runs; the frontier is drawn through the means."
+        f"\nThroughput: batch {s0.batch_size}, {s0.image_size}px, {s0.device}, precision={s0.precision}, "
+        f"channels_last={s0.channels_last}, BatchNorm folded; ms/batch: the median and the interquartile "
+        "range over the timed blocks; top-1: mean ± standard deviation over each model's finished runs; "
+        "the frontier is drawn through the means."
     )
     return "\n".join(lines)
 
@@ -305,7 +385,8 @@ def plot_pareto(speeds: list[Throughput], top1: dict[str, Top1], path: Path, met
         placed.append(box.translated(0, -line * lines))
     s0 = joined[0]
     ax.set_xlabel(
-        f"inference throughput (images/s; {s0.device}, batch {s0.batch_size}, {s0.image_size}px, amp={s0.amp})"
+        f"inference throughput (images/s; {s0.device}, batch {s0.batch_size}, {s0.image_size}px, "
+        f"precision={s0.precision})"
     )
     ax.set_ylabel(metric)
     ax.set_title("speed-accuracy Pareto (BatchNorm folded; (n): runs per model)")

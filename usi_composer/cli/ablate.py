@@ -26,19 +26,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction
-from usi_composer.ablate.report import plot, reference_point, report
-from usi_composer.ablate.results import finished_rows
-from usi_composer.ablate.run import run_sweep
-from usi_composer.ablate.sweep import load_sweep, replace_values
-from usi_composer.cli._common import fail
-from usi_composer.config import find_yaml, load_config
-from usi_composer.demo import demo_overrides
+from usi_composer.cli._common import fail, new_parser
 from usi_composer.errors import UsiError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _resolve_base(base: Path | None, sweep_base: Path | None) -> Path:
+    from usi_composer.config import find_yaml
+
     path = base or sweep_base
     if path is None:
         raise UsiError("the sweep's command names no yaml: pass --base YAML")
@@ -56,9 +52,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="usi-ablate", description="Run a W&B sweep file's grid locally, one training run per point, no W&B server."
-    )
+    parser = new_parser("usi-ablate", "Run a W&B sweep file's grid locally, one training run per point, no W&B server.")
     parser.add_argument("sweep", type=Path, help="W&B sweep file, e.g. yamls/sweeps/temperature.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every point")
     parser.add_argument("--base", type=Path, help="training yaml (default: the one in the sweep's command)")
@@ -68,9 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=V1,V2",
-        help="replace a swept parameter's values (repeatable), e.g. trainer.max_duration=3ep,6ep,12ep",
+        help="replace a swept parameter's values (repeatable), e.g. trainer.max_duration=3ep,6ep,12ep "
+        "(default: the sweep file's values)",
     )
-    parser.add_argument("--seeds", type=_seeds, default=[], help="repeat each point with these trainer.seed values")
+    parser.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=[],
+        metavar="S1,S2",
+        help="repeat each point with these trainer.seed values (default: the base config's seed only)",
+    )
     parser.add_argument(
         "--reference",
         action="append",
@@ -84,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run nothing: write the table and plot from the points already in results.jsonl",
     )
     parser.add_argument(
-        "--demo-workdir", type=Path, default=Path(".cache/usi-demo"), help="demo data and teacher (base demo.yaml)"
+        "--workdir",
+        type=Path,
+        default=Path(".cache/usi-demo"),
+        help="with the demo's yaml as base: the demo's data and teacher, as usi-demo --workdir",
     )
     parser.add_argument(
         "--teacher-cache",
@@ -100,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     redaction.install()
     args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after the flags
+    # heavy imports after --help
+    from usi_composer.ablate.report import plot, reference_point, report
+    from usi_composer.ablate.results import finished_rows
+    from usi_composer.ablate.run import run_sweep
+    from usi_composer.ablate.sweep import load_sweep, replace_values
+    from usi_composer.config import load_config
+    from usi_composer.demo import demo_overrides
+
     try:
         sweep = replace_values(load_sweep(args.sweep), args.values)
         base = _resolve_base(args.base, sweep.base)
@@ -108,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report_only:
             rows = finished_rows(sweep, out)
         else:
-            overrides = [*demo_overrides(base, args.demo_workdir), *args.overrides]
+            overrides = [*demo_overrides(base, args.workdir), *args.overrides]
             cache = None if args.no_teacher_cache else args.teacher_cache or str(out / "teacher-cache")
             rows = run_sweep(sweep, base, overrides, out, seeds=args.seeds, teacher_cache=cache)
     except UsiError as e:

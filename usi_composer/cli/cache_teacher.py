@@ -12,32 +12,62 @@ student and without EMA, evaluation, checkpoints or W&B, storing the teacher's o
 microbatch, keyed by (epoch, batch, rank, microbatch). Launch it with the processes the training
 runs will have (the world size is part of the cache's fingerprint). A training run then reads them
 with ``algorithms.distillation.cache=URI``. Prints the bytes stored per sample per epoch.
+
+A cache at URI that holds this run's outputs for the whole duration already is skipped ("done
+before, skipped"); ``--overwrite`` writes it again (locally, its own files are deleted first: no
+other file in the folder is touched). Its files follow the umask, as every file the recipe writes.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from usi_composer import redaction
-from usi_composer.cli._common import config_parser, fail
-from usi_composer.config import ConfigError, load_config
+from usi_composer.cli._common import add_no_progress, config_parser, fail
 from usi_composer.errors import UsiError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = config_parser("usi-cache-teacher", __doc__.splitlines()[0], overrides="the training run's overrides")
+    parser.add_argument("--out", required=True, metavar="URI", help="the cache: a local folder or object-store URI")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write the cache again even where it is complete (locally its own files are deleted first)",
+    )
+    add_no_progress(parser)  # = trainer.progress_bar=false
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     redaction.install()
-    parser = config_parser("usi-cache-teacher", __doc__.splitlines()[0], overrides="the training run's overrides")
-    parser.add_argument("--out", required=True, metavar="URI", help="the cache: a local folder or object-store URI")
-    args = parser.parse_intermixed_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
+    from usi_composer.config import ConfigError, load_config  # heavy imports after --help
+
+    overrides = [*args.overrides, *(["trainer.progress_bar=false"] if args.no_progress else [])]
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
         if not cfg.algorithms.distillation.enabled:
             raise ConfigError("algorithms.distillation.enabled", "is false: the run has no teacher to cache")
-        from usi_composer.teacher_cache.fill import fill_cache  # heavy imports only when filling
+        from usi_composer.teacher_cache.fill import complete_cache, fill_cache, remove_cache
 
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.overwrite:
+            if world_size > 1:  # another process could read the old manifest while it goes
+                raise UsiError(
+                    f"--overwrite runs in one process, this launch has {world_size}: delete the cache's files "
+                    f"(cache.json and rank*/ in {args.out}) and launch again without --overwrite"
+                )
+            remove_cache(args.out)
+        elif complete_cache(cfg, args.out):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"teacher cache {args.out}: done before, skipped (it holds this run; --overwrite rewrites it)")
+            return 0
         summary = fill_cache(cfg, args.out)
     except UsiError as e:
         return fail(e)

@@ -12,23 +12,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction
-from usi_composer.cli._common import fail
-from usi_composer.demo import run_demo
+from usi_composer.cli._common import add_no_progress, fail, new_parser
 from usi_composer.errors import UsiError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    redaction.install()
-    parser = argparse.ArgumentParser(prog="usi-demo", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("usi-demo", __doc__.splitlines()[0])
     parser.add_argument(
         "--workdir",
         type=Path,
         default=Path(".cache/usi-demo"),
         help="where the digits and the teacher's weights go (reused when present)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="trainer.seed of the runs")
     parser.add_argument(
         "--yamls",
         type=Path,
@@ -39,12 +37,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         metavar="N",
         help="train each of the three runs for N batches only: a quick check that an install works "
-        "(the accuracies then mean nothing; its teacher is kept apart from the real one)",
+        "(the accuracies then mean nothing; its teacher is kept apart from the real one; default: full runs)",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for the two student runs")
-    args = parser.parse_args(argv)
+    add_no_progress(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    redaction.install()
+    args = build_parser().parse_args(argv)
+    from usi_composer.demo import run_demo  # heavy imports after --help
+
     try:
-        result = run_demo(args.workdir, args.yamls, args.seed, args.overrides, batches=args.batches)
+        result = run_demo(
+            args.workdir, args.yamls, args.seed, args.overrides, progress=not args.no_progress, batches=args.batches
+        )
     except UsiError as e:
         return fail(e)
     print(result.table())

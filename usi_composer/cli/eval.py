@@ -8,14 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction
-from usi_composer.cli._common import add_checkpoint_options, config_parser, fail
-from usi_composer.config import load_config
+from usi_composer.cli._common import add_checkpoint_options, add_no_progress, config_parser, fail
 from usi_composer.errors import UsiError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = config_parser(
         "usi-eval",
         "Evaluate trained weights on the config's validation split (data.val_dir, or the MDS split "
@@ -34,16 +33,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         metavar="JSON",
         help="also write the metrics (metrics/eval/top1, metrics/eval/top5), the sample count and which "
-        "weights were evaluated to this JSON file",
+        "weights were evaluated to this JSON file (default: none written)",
     )
-    return parser.parse_intermixed_args(argv)  # options may sit among the key=value overrides
+    add_no_progress(parser)  # = trainer.progress_bar=false
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     redaction.install()
-    args = parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # options may sit among the key=value overrides
+    from usi_composer.config import load_config  # heavy imports after --help
+
+    overrides = [*args.overrides, *(["trainer.progress_bar=false"] if args.no_progress else [])]
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
         from usi_composer.evaluation import evaluate  # heavy imports
 
         result = evaluate(cfg, args.checkpoint, trust=args.trust_checkpoint)

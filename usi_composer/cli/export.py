@@ -9,13 +9,12 @@ from pathlib import Path
 
 from usi_composer import redaction
 from usi_composer.cli._common import add_checkpoint_options, config_parser, fail
-from usi_composer.config import load_config
 from usi_composer.errors import UsiError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = config_parser(
         "usi-export",
         "Write the trained student of a run (its EMA weights where EMA ran; the raw weights where "
@@ -40,15 +39,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--push-to-hub",
         metavar="REPO_ID",
         help="also upload it to the Hugging Face hub with timm's push_to_hf_hub (needs network and a token: "
-        "HF_TOKEN or huggingface-cli login)",
+        "HF_TOKEN or huggingface-cli login; default: no upload)",
     )
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
-    return parser.parse_intermixed_args(argv)  # options may sit among the key=value overrides
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     redaction.install()
-    args = parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # options may sit among the key=value overrides
+    from usi_composer.config import load_config  # heavy imports after --help
+
     try:
         cfg = load_config(args.config, args.overrides)
         from usi_composer.export import export_for_timm, push_to_hub  # heavy imports

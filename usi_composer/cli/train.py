@@ -10,20 +10,24 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from usi_composer import redaction
-from usi_composer.cli._common import config_parser, fail
-from usi_composer.config import Config, dump_config, load_config
+from usi_composer.cli._common import add_no_progress, config_parser, fail
 from usi_composer.errors import UsiError
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from usi_composer.config import Config
+
+__all__ = ["build_parser", "main"]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = config_parser(
-        "train.py",
+        "usi-train",
         "Train any timm backbone with the USI scheme (knowledge distillation, EMA, "
         "MixUp/CutMix). Overrides use dot paths, e.g. model.name=resnet50 trainer.max_duration=100ep.",
+        script="train.py",
     )
     parser.add_argument(
         "--dry-run",
@@ -42,16 +46,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--metrics-out",
         type=Path,
         metavar="JSON",
-        help="after training, write the final eval metrics (metrics/eval/top1, ...) to this JSON file",
+        help="after training, write the final eval metrics (metrics/eval/top1, ...) to this JSON file "
+        "(default: none written)",
     )
-    return parser.parse_intermixed_args(argv)  # options may sit among the key=value overrides
+    add_no_progress(parser)  # = trainer.progress_bar=false
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     redaction.install()
-    args = parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # options may sit among the key=value overrides
+    from usi_composer.config import load_config  # heavy imports after --help
+
+    overrides = [*args.overrides, *(["trainer.progress_bar=false"] if args.no_progress else [])]
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except UsiError as e:
         return fail(e)
     if args.dry_run or args.print_config:
@@ -79,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dry_run(cfg: Config, check: bool) -> int:
     """Print the resolved config and the run plan (as YAML comments, so the output loads back as a config);
     ``check``: first run the pre-flight, and print on stderr what each model is built for."""
+    from usi_composer.config import dump_config
     from usi_composer.plan import describe, resolve
     from usi_composer.preflight import preflight
 

@@ -1,8 +1,8 @@
-"""``usi-convert-imagenet SRC OUT``: an ImageNet folder -> MDS shards, locally or in object storage.
+"""``usi-convert-imagenet SRC --out OUT``: an ImageNet folder -> MDS shards, locally or in object storage.
 
-    usi-convert-imagenet /data/imagenet s3://my-bucket/imagenet          # SRC/train/<wnid>/*.JPEG [+ SRC/val]
-    usi-convert-imagenet /data/imagenet /fast/imagenet-mds --val-labels val.csv   # flat SRC/val/*.JPEG
-    python -m usi_composer.data.convert --help
+    usi-convert-imagenet /data/imagenet --out s3://my-bucket/imagenet          # SRC/train/<wnid>/*.JPEG [+ SRC/val]
+    usi-convert-imagenet /data/imagenet --out /fast/imagenet-mds --val-labels val.csv   # flat SRC/val/*.JPEG
+    python -m usi_composer.cli.convert --help      # the command's arguments: usi_composer/cli/convert.py
 
 Writes ``OUT/classes.json`` (label -> wnid and description; sorted wnids give the standard
 0..999) and one MDS dataset per split, ``OUT/train`` and ``OUT/val``, with the original file
@@ -57,7 +57,6 @@ converted: all listed, ``--skip-corrupt``); 1 anything else (an object store tha
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import io
@@ -79,14 +78,13 @@ from PIL import Image
 from streaming import MDSWriter
 from tqdm import tqdm
 
-from usi_composer import redaction, storage
-from usi_composer.cli._common import fail
+from usi_composer import storage
 from usi_composer.data.generations import Generation, clear_stale, new_generation, output_lock, read_index
 from usi_composer.data.layout import IMG_EXTENSIONS, describe_problems, list_images
 from usi_composer.data.mds import MDS_COLUMNS
 from usi_composer.errors import BadFilesError, SetupError, UnreachableError, UsiError, reason
 
-__all__ = ["ConvertStats", "convert_imagenet", "main"]
+__all__ = ["ConvertStats", "convert_imagenet"]
 
 HASH = "sha1"  # per-shard hash stored in index.json: enables StreamingDataset(validate_hash='sha1')
 
@@ -399,83 +397,7 @@ def _list_split(
     return samples, problems
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+if __name__ == "__main__":  # the command lives in usi_composer.cli.convert (its --help imports nothing heavy)
+    import runpy
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    redaction.install()
-    parser = argparse.ArgumentParser(
-        prog="usi-convert-imagenet",
-        description="Convert an ImageNet folder (SRC/train/<wnid>/*.JPEG, optional SRC/val) to MDS shards "
-        "at OUT: a local path or a remote (s3://, gs://, oci://, azure://, ...). "
-        "For a local S3-compatible server set S3_ENDPOINT_URL. A split becomes visible only once complete: "
-        "a failed or killed run leaves the previous split as it was.",
-        epilog="exit status: 0 done; 2 refused, a rerun would fail the same way (arguments, paths, the source's "
-        "layout, an output that overlaps a source split, complete splits kept with other classes, source files "
-        "that cannot be converted: listed, --skip-corrupt leaves them out); 1 anything else (the network).",
-    )
-    parser.add_argument("src", help="ImageNet root holding train/ (and optionally val/)")
-    parser.add_argument("out", help="output root: local path or s3://bucket/prefix etc.; not inside a source split")
-    parser.add_argument("--splits", nargs="+", help="splits to convert (default: train and val where present)")
-    parser.add_argument("--val-labels", help="CSV 'file,wnid-or-label' for a flat val/ folder")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="decode-check processes")
-    parser.add_argument("--shard-size", default="64mb", help="shard size limit (default 64mb)")
-    parser.add_argument(
-        "--skip-corrupt",
-        action="store_true",
-        help="leave out the files that cannot be converted (undecodable, over --max-pixels, names not UTF-8, "
-        "symlink loops) and list them",
-    )
-    parser.add_argument(
-        "--max-pixels",
-        type=_positive_int,
-        default=Image.MAX_IMAGE_PIXELS,
-        help="refuse images with more pixels than this, read from their header (default: PIL's "
-        "decompression-bomb threshold, %(default)s)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="rewrite splits that are already complete")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the training samples' write order")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        all_stats = convert_imagenet(
-            args.src,
-            args.out,
-            splits=args.splits,
-            val_labels=args.val_labels,
-            workers=max(1, args.workers),
-            shard_size=args.shard_size,
-            skip_corrupt=args.skip_corrupt,
-            overwrite=args.overwrite,
-            seed=args.seed,
-            progress=not args.no_progress,
-            max_pixels=args.max_pixels,
-        )
-    except UsiError as e:
-        return fail(e)
-    for stats in all_stats:
-        _report(stats, args.out)
-    return 0
-
-
-def _report(s: ConvertStats, out: str) -> None:
-    """What one split's conversion did, for the person who ran it."""
-    where = storage.join(out, s.split)
-    if s.already_complete:
-        print(f"{s.split}: already complete at {where} (pass --overwrite to rewrite)")
-    else:
-        rate = f"{s.seconds:.1f} s ({s.images_per_second:.0f} images/s)"
-        print(f"{s.split}: {s.written} images in {rate} -> {where}")
-    for note in s.notes:
-        print(f"{s.split}: {note}")
-    if s.skipped:
-        skipped = describe_problems(s.skipped)
-        print(f"{s.split}: skipped {len(s.skipped)} file(s) that cannot be converted: {skipped}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("usi_composer.cli.convert", run_name="__main__", alter_sys=True)

@@ -7,7 +7,10 @@ transforms, MixUp/CutMix and teacher, in the same precision and compile setting)
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import re
 from typing import Any
 
 import torch
@@ -15,11 +18,18 @@ from composer.models import ComposerModel
 from composer.utils import dist
 from torch import nn
 
+from usi_composer import storage
 from usi_composer.config import Config
 from usi_composer.console import TrainingConsole
+from usi_composer.teacher_cache.format import MANIFEST
+from usi_composer.teacher_cache.store import CacheStore
 from usi_composer.teacher_cache.writer import TeacherCacheWriter
 
-__all__ = ["NullStudent", "fill_cache", "teacher_only"]
+__all__ = ["NullStudent", "complete_cache", "fill_cache", "remove_cache", "teacher_only"]
+
+# A cache's own files inside its folder (format.py's names; a killed writer's temporary files too)
+_OWN_FILE = re.compile(rf"{re.escape(MANIFEST)}|rank\d+/(written\.json|ep\d+/ba\d+\.safetensors)")
+_OWN_TEMP = re.compile(rf"(rank\d+/(ep\d+/)?)?{re.escape(storage.TEMP_PREFIX)}.*")
 
 
 def teacher_only(cfg: Config, out: str) -> Config:
@@ -35,6 +45,51 @@ def teacher_only(cfg: Config, out: str) -> Config:
     trainer.save_folder, trainer.autoresume, trainer.load_path = None, False, None
     cfg.loggers.wandb = None
     return cfg
+
+
+def complete_cache(cfg: Config, out: str) -> bool:
+    """Whether ``out`` holds ``cfg``'s teacher outputs for the whole run already: a manifest of the same
+    format, world size and fingerprint (the config's and this machine's plan's teacher inputs and the
+    teacher weights; the data's identity needs the loader: a run reading the cache compares it), and
+    ``written.json`` files covering ``trainer.max_duration``."""
+    from usi_composer.plan import resolve
+    from usi_composer.teacher_cache.fingerprint import DATA_CONTENT, fingerprint, first_difference, weights_identity
+    from usi_composer.teacher_cache.opening import cache_covers, read_manifest
+
+    manifest = read_manifest(CacheStore(out, "--out"))
+    if manifest is None:
+        return False
+    cfg = teacher_only(cfg, out)
+    plan, kd = resolve(cfg), cfg.algorithms.distillation
+    weights = weights_identity(plan)
+    current = fingerprint(cfg, plan, data={}, teacher_weights=weights)
+    skip = ["data", DATA_CONTENT, *(() if weights else ("teacher weights",))]
+    same = (
+        (manifest.format, manifest.k) == (kd.cache_format, kd.cache_topk if kd.cache_format == "topk" else None)
+        and manifest.world_size == plan.world_size
+        and first_difference(manifest.fingerprint, current, skip=skip) is None
+    )
+    return same and cache_covers(out, cfg.trainer.max_duration, cfg.trainer.global_batch_size)
+
+
+def remove_cache(out: str) -> int:
+    """Delete the teacher cache's own files in the local folder ``out`` (``cache.json``, ``rank*/written.json``,
+    ``rank*/ep*/ba*.safetensors``, a killed writer's temporary files) and the folders that leaves empty;
+    never another file. Return how many files went. For ``usi-cache-teacher --overwrite``, in one process."""
+    if storage.is_remote(out):
+        return 0  # objects cannot be deleted from here: the writer rewrites each batch's object in place
+    removed = 0
+    for folder, _, files in os.walk(out, topdown=False, followlinks=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, out).replace(os.sep, "/")
+            if (_OWN_FILE.fullmatch(relative) or _OWN_TEMP.fullmatch(relative)) and not os.path.islink(path):
+                os.remove(path)
+                removed += 1
+        if folder != out and re.fullmatch(r"rank\d+(/ep\d+)?", os.path.relpath(folder, out).replace(os.sep, "/")):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only where it is empty now
+    return removed
 
 
 def _size(n: float) -> str:

@@ -38,7 +38,7 @@ __all__ = [
 
 VERSION = 2  # 2: batch files carry a checksum of their tensors
 MANIFEST = "cache.json"
-REPAIR = "write the cache again (usi-cache-teacher with the run's config and --out at it rewrites every batch)"
+REPAIR = "write the cache again (usi-cache-teacher with the run's config, --out at it and --overwrite)"
 
 
 class CorruptCacheError(CorruptFileError):
