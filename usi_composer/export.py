@@ -253,7 +253,7 @@ def _write_atomically(folder: Path, module: nn.Module, model_args: dict[str, Any
     from timm.models import save_for_hf
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".tmp-{uuid.uuid4().hex[:12]}-{folder.name}"  # the same file system: renames
+    staging = folder.parent / f"{storage.TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{folder.name}"  # same file system
     staging.mkdir()
     try:
         save_for_hf(module, str(staging), model_args=model_args, safe_serialization=True)

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from usi_composer import redaction
+from usi_composer import redaction, storage
 from usi_composer.cli._common import fail, new_parser
 from usi_composer.errors import UsiError
 
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted: finished points are in results.jsonl; rerun the same command to resume", file=sys.stderr)
         return 130
     text = report(sweep, rows, reference)
-    (out / f"{args.sweep.stem}.md").write_text(text)
+    storage.atomic_write(out / f"{args.sweep.stem}.md", text.encode())
     png = plot(sweep, rows, out / f"{args.sweep.stem}.png", reference)
     print(f"\n{text}\ntable: {out / (args.sweep.stem + '.md')}\nplot:  {png}")
     return _exit_code(rows)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from usi_composer import redaction
+from usi_composer import redaction, storage
 from usi_composer.cli._common import PRECISIONS, fail, new_parser
 from usi_composer.errors import UsiError
 
@@ -146,9 +146,9 @@ def _write(out: Path, speeds: list, top1: dict, metrics: list[str]) -> tuple[str
     from usi_composer.pareto import markdown_table, plot_pareto, throughput_json
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(throughput_json(speeds) + "\n")
+    storage.atomic_write(out / "throughput.json", (throughput_json(speeds) + "\n").encode())
     report = markdown_table(speeds, top1)
-    (out / "pareto.md").write_text(f"# Speed-accuracy Pareto\n\n{report}\n")
+    storage.atomic_write(out / "pareto.md", f"# Speed-accuracy Pareto\n\n{report}\n".encode())
     return report, plot_pareto(speeds, top1, out / "pareto.png", "top-1 (" + " or ".join(metrics) + ")")
 
 
