@@ -216,15 +216,20 @@ def load_top1(
                 model = run["config"].get("model", {}).get("name")
                 offer(("wandb", str(run.get("id"))), model, pick(run["summary"]), f"W&B run {run.get('id')}")
     for path in map(Path, csvs):
-        if not path.is_file():
-            raise UsiError(f"{path}: no such CSV file")
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if not {"model", "top1"} <= set(reader.fieldnames or []):
-                raise UsiError(f"{path}: needs columns 'model' and 'top1', has {reader.fieldnames}")
-            for i, row in enumerate(reader):
-                offer(("csv", str(path), str(i)), row["model"], float(row["top1"]), str(path))
+        for i, (model, top1) in enumerate(_csv_rows(path)):
+            offer(("csv", str(path), str(i)), model, top1, str(path))
     return _per_model(runs.values())
+
+
+def _csv_rows(path: Path) -> Iterable[tuple[str, float]]:
+    """``(model, top1)`` of each row of a CSV file with those columns."""
+    if not path.is_file():
+        raise UsiError(f"{path}: no such CSV file")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"model", "top1"} <= set(reader.fieldnames or []):
+            raise UsiError(f"{path}: needs columns 'model' and 'top1', has {reader.fieldnames}")
+        return [(row["model"], float(row["top1"])) for row in reader]
 
 
 @dataclass(frozen=True)

@@ -366,6 +366,9 @@ def _checkpoints_to_keep(cfg: Config) -> int:
 
 
 def describe(plan: RunPlan) -> Iterator[str]:
-    """The plan as ``key: value`` lines (``--dry-run`` prints them after the config)."""
-    for key, value in plan.as_dict().items():
+    """The plan as ``key: value`` lines, secrets redacted (``--dry-run`` prints them after the config; a
+    teacher checkpoint's pre-signed URL is among the values)."""
+    from usi_composer.redaction import redact
+
+    for key, value in redact(plan.as_dict()).items():
         yield f"{key}: {value}"
