@@ -23,6 +23,7 @@ __all__ = [
     "new_parser",
     "plain",
     "program",
+    "seed_list",
     "version",
 ]
 
@@ -84,6 +85,14 @@ def add_no_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar on a terminal: plain lines, as in a log file"
     )
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2`` (``usi-ablate``, ``usi-demo``): comma-separated trainer.seed values."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
 def config_parser(

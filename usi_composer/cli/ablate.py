@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usi_composer import redaction, storage
-from usi_composer.cli._common import fail, new_parser
+from usi_composer.cli._common import fail, new_parser, seed_list
 from usi_composer.errors import UsiError
 
 __all__ = ["build_parser", "main"]
@@ -42,13 +42,6 @@ def _resolve_base(base: Path | None, sweep_base: Path | None) -> Path:
     if not path.is_file():
         raise UsiError(f"{path}: no such base config")
     return path
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seeds",
-        type=_seeds,
+        type=seed_list,
         default=[],
         metavar="S1,S2",
         help="repeat each point with these trainer.seed values (default: the base config's seed only)",
