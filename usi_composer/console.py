@@ -192,7 +192,8 @@ class TrainingConsole(LoggerDestination):
             kept = "EMA" if ev.get("metrics/eval_best/is_ema", 1.0) else "raw"
             rows.append(f"best {ev['metrics/eval_best/top1']:.2%} ({kept})")
         self._last_top1 = ev.get("metrics/eval_best/top1", ev.get("metrics/eval/top1"))
-        self._say(f"eval after {when}: {'; '.join(rows)}")
+        if self._every is not None:  # log_interval None: only the run's last line, which carries this top-1
+            self._say(f"eval after {when}: {'; '.join(rows)}")
 
     @staticmethod
     def _scores(ev: dict[str, float], prefix: str, weights: str) -> str:
