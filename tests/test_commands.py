@@ -117,6 +117,7 @@ VOCABULARY = {
     "--no-progress": ["usi-train", "usi-eval", "usi-cache-teacher", "usi-demo", "usi-convert-imagenet"],
     "--metrics-out": ["usi-train", "usi-eval"],
     "--config": ["usi-benchmark-backbones"],
+    "--seeds": ["usi-demo", "usi-ablate"],
 }
 # their other spellings, in no command
 RETIRED = ["--amp", "--demo-workdir", "--output", "--output-dir", "--force", "--trust", "--no-progress-bar"]
