@@ -78,3 +78,12 @@ def report(name: str, args: argparse.Namespace, **figures: Any) -> None:
     rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
     config = {k: v for k, v in vars(args).items() if k not in ("runs", "steps", "warmup", "threads")}
     print(json.dumps({"benchmark": name, **config, "threads": torch.get_num_threads(), **rounded}), flush=True)
+
+
+def console_on_stderr() -> Any:
+    """The recipe's console for a benchmark's runs: its lines on stderr, so stdout is the one JSON line."""
+    import sys
+
+    from usi_composer.console import TrainingConsole
+
+    return TrainingConsole(log_interval=None, stream=sys.stderr)

@@ -284,7 +284,9 @@ def train_figures(args: argparse.Namespace, mds: Path, device: torch.device) -> 
             argparse.Namespace(**{**vars(step_args), "set": step_args.set + real_data}), checkpoint
         )
         meter = train_step.Meter(step_args)
-        trainer = builders.build_trainer(cfg, callbacks=[train_step._MeterCallback(meter)])
+        trainer = builders.build_trainer(
+            cfg, callbacks=[train_step._MeterCallback(meter)], loggers=[train_step.console_on_stderr()]
+        )
         meter.step_end()  # the first step's start
         trainer.fit()
         trainer.close()

@@ -36,7 +36,7 @@ from typing import Any
 
 import timm
 import torch
-from _common import StepTimer, report, setup
+from _common import StepTimer, console_on_stderr, report, setup
 from composer.core import Callback, State
 from composer.loggers import Logger
 
@@ -90,7 +90,7 @@ def fit(cfg: Config, *callbacks: Callback) -> tuple[float, Any]:
     from usi_composer.training import train
 
     start = time.perf_counter()
-    trainer = train(cfg, callbacks=list(callbacks))
+    trainer = train(cfg, callbacks=list(callbacks), loggers=[console_on_stderr()])
     trainer.close()
     return time.perf_counter() - start, trainer
 

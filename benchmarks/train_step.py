@@ -53,6 +53,7 @@ from unittest import mock
 
 import timm
 import torch
+from _common import console_on_stderr  # the script's folder is on sys.path
 from composer.core import Callback, DataSpec, Event, State
 from composer.loggers import Logger
 from timm.data import Mixup
@@ -258,7 +259,7 @@ def run_ours(args: argparse.Namespace, cfg: Config) -> Meter:
     # synthetic data: no folder or classes.json to check (the pre-flight's data checks are skipped)
     no_data = [mock.patch.object(preflight, name, lambda cfg, plan: None) for name in ("check_data", "check_classes")]
     with mock.patch.object(builders, "build_dataloaders", synthetic_dataloaders), no_data[0], no_data[1]:
-        trainer = builders.build_trainer(cfg, callbacks=[_MeterCallback(meter)])
+        trainer = builders.build_trainer(cfg, callbacks=[_MeterCallback(meter)], loggers=[console_on_stderr()])
     meter.optimizer = trainer.state.optimizers[0]
     meter.step_end()  # the first step's start
     trainer.fit()

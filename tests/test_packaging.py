@@ -132,8 +132,9 @@ def test_the_installed_wheel_runs_without_a_checkout(wheel: Path, tmp_path: Path
     for name in ("usi.yaml", "yamls/usi.yaml"):
         dry = run(bin_dir / "usi-train", name, "model.name=resnet18", "--print-config")
         assert "teacher:\n  name: tresnet_v2_l.miil_in21k_ft_in1k" in dry.stdout and "\n# lr: 0.002\n" in dry.stdout
-    demo = run(bin_dir / "usi-demo", "--workdir", empty / "demo", "--batches", "1", timeout=600)
-    assert "3/3 student + USI distillation: 1 batch in" in demo.stdout and "KD gain over the baseline" in demo.stdout
+    demo = run(bin_dir / "usi-demo", "--workdir", empty / "demo", "--batches", "1", "--seeds", "0", timeout=600)
+    assert "3/3 student + USI distillation, seed 0: 1 batch in" in demo.stdout, demo.stdout
+    assert "KD gain (USI - baseline, paired by seed)" in demo.stdout
     assert sorted(p.name for p in empty.iterdir()) == ["demo"]  # nothing written outside the workdir
 
 
