@@ -41,6 +41,8 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path, sav
         "loggers.wandb.project=usi-test",
         "loggers.wandb.group=g1",
         "loggers.wandb.tags=[ablation,tiny]",
+        "loggers.wandb.log_images=1ba",  # Composer's ImageVisualizer: the batch the student sees
+        "teacher.evaluate_first=true",  # the teacher's top-1 before step 1
         f"loggers.wandb.notes=bucket creds {AWS_SECRET}",  # a secret pasted into the config by mistake
         f"loggers.wandb.dir={tmp / 'wb'}",
         "--metrics-out",
@@ -63,9 +65,13 @@ def test_offline_run_holds_the_resolved_config_and_the_metrics(offline_run: dict
     assert config["loggers"]["wandb"]["project"] == "usi-test"
     assert config["loggers"]["wandb"]["notes"] == f"bucket creds {REDACTED}"
     assert config["composer_version"]  # Composer's own hyperparameters go in too
+    plan = config["plan"]  # what the recipe derived: the scaled LR, the EMA smoothing per step, the batch layout
+    assert plan["lr"] == pytest.approx(2e-3 * 8 / 64) and plan["per_process_batch"] == 8
+    assert plan["ema_smoothing"] == pytest.approx(0.95 ** (8 / 64))
     assert (run["project"], run["group"], run["tags"]) == ("usi-test", "g1", ["ablation", "tiny"])
-    for key in ("loss/train/total", "loss/train/ce", "loss/train/kd", "metrics/eval/top1", "metrics/eval/top5"):
-        assert key in run["history_keys"]
+    logged = ("loss/train/total", "loss/train/ce", "loss/train/kd", "metrics/eval/top1", "metrics/eval/top5")
+    for key in (*logged, "metrics/teacher/top1", "Images/Train Table/_type"):  # the table of mixed images
+        assert key in run["history_keys"], key
     assert run["summary"]["metrics/eval/top1"] == pytest.approx(offline_run["metrics"]["metrics/eval/top1"])
     assert offline_run["metrics"]["wandb_run_dir"] == str(offline_run["dir"])
 
