@@ -139,6 +139,7 @@ def test_two_point_grid_runs_logs_to_wandb_and_is_skipped_when_rerun(
         run = read_wandb_run(row["wandb_run_dir"])
         assert run["config"]["algorithms"]["distillation"]["temperature"] == row["params"][sweep_key(sweep)]
         assert run["group"] == "usi-temperature"
+        assert run["name"] == row["point"], "each W&B run is named after its point"
         assert run["summary"]["metrics/eval/top1"] == pytest.approx(row["metrics"]["metrics/eval/top1"])
 
     lines.clear()
