@@ -21,7 +21,6 @@ other file in the folder is touched). Its files follow the umask, as every file 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -54,9 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if not cfg.algorithms.distillation.enabled:
             raise ConfigError("algorithms.distillation.enabled", "is false: the run has no teacher to cache")
+        from usi_composer.console import show_library_logs
+        from usi_composer.plan import Env
         from usi_composer.teacher_cache.fill import complete_cache, fill_cache, remove_cache
 
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        show_library_logs()  # which teacher weights were loaded, one line (stdout)
+        env = Env.current()
+        world_size = env.world_size
         if args.overwrite:
             if world_size > 1:  # another process could read the old manifest while it goes
                 raise UsiError(
@@ -65,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             remove_cache(args.out)
         elif complete_cache(cfg, args.out):
-            if os.environ.get("RANK", "0") == "0":
+            if env.global_rank == 0:
                 print(f"teacher cache {args.out}: done before, skipped (it holds this run; --overwrite rewrites it)")
             return 0
         summary = fill_cache(cfg, args.out)
