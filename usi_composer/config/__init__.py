@@ -10,7 +10,7 @@ Nothing heavy (models, data, processes) is built here; what is derived from the 
 environment is the run plan's (``usi_composer/plan.py``).
 """
 
-from usi_composer.config.fields import FREE, MATH, ROLES, TEACHER_INPUT, keys_with_role, leaf_fields, value_at
+from usi_composer.config.fields import FREE, MATH, ROLES, TEACHER_INPUT, leaf_fields, value_at
 from usi_composer.config.loading import config_to_dict, dump_config, find_yaml, load_config, packaged_yamls
 from usi_composer.config.rules import RULES, validate
 from usi_composer.config.schema import (
@@ -55,7 +55,6 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "find_yaml",
-    "keys_with_role",
     "leaf_fields",
     "load_config",
     "packaged_yamls",

@@ -11,7 +11,7 @@ Every leaf field of the schema says, next to its type and default, which of thre
   they apply) plus the run plan's fields of the same role. It is training math too.
 
 Which keys autoresume accepts and which a teacher cache compares are queries on these roles
-(:func:`keys_with_role`, :func:`leaf_fields`), never lists kept by hand; ``tests/test_config.py``
+(:func:`leaf_fields`, each leaf's ``role`` and ``applies``), never lists kept by hand; ``tests/test_preflight.py``
 walks the schema and fails on a field without a role.
 """
 
@@ -33,7 +33,6 @@ __all__ = [
     "Check",
     "Leaf",
     "free",
-    "keys_with_role",
     "leaf_fields",
     "math",
     "teacher_input",
@@ -134,11 +133,6 @@ def _section_types(schema: Any) -> dict[str, type]:
 def undeclared(schema: Any) -> list[str]:
     """The key paths of ``schema``'s leaves that declare no role (a test holds this empty)."""
     return [leaf.key for leaf in leaf_fields(schema) if leaf.role not in ROLES]
-
-
-def keys_with_role(schema: Any, role: Role) -> tuple[str, ...]:
-    """The key paths of ``schema``'s leaves that declare ``role``."""
-    return tuple(leaf.key for leaf in leaf_fields(schema) if leaf.role == role)
 
 
 def value_at(cfg: Any, key: str) -> Any:
